@@ -1,0 +1,444 @@
+"""CartPole, equal step for step to Gymnasium's CartPole-v1, batched over tasks.
+
+What it implements
+  * ``CartPoleEnv``: one environment with Gymnasium's API (``reset``/``step``,
+    ``observation_space``/``action_space``) and CartPole-v1's behaviour,
+    ``gymnasium.make("CartPole-v1")`` included: the 500-step time limit sets
+    ``truncated``, and ``step`` before ``reset`` is an error. For the same seed
+    and actions its observations are bit-identical to Gymnasium 1.x's.
+  * ``VecCartPole``: ``num_envs`` environments stepped together with NumPy
+    array operations, each with its own physics (every parameter a scalar or
+    an array of shape ``(num_envs,)``), resetting itself when an episode ends.
+  * ``sample_tasks``: a distribution over physics for meta-RL.
+
+What it leaves out: rendering, and the warning Gymnasium logs when one steps
+past termination (we return the same rewards, silently).
+
+The equations are those of Barto, Sutton & Anderson (1983) as corrected by
+Florian (2007), "Correct equations for the dynamics of the cart-pole system",
+eqs. (23)-(24) with friction set to zero, written in Gymnasium's order:
+    temp     = (F + m_p l thetadot^2 sin theta) / (m_c + m_p)
+    thetaacc = (g sin theta - cos theta temp) / (l (4/3 - m_p cos^2 theta / (m_c + m_p)))
+    xacc     = temp - m_p l thetaacc cos theta / (m_c + m_p)
+where l is half the pole's length. The order of the floating-point operations
+is Gymnasium's own, which is what makes the trajectories bit-identical.
+"""
+
+import math
+
+import numpy as np
+
+# Default physics: CartPole-v1 (Gymnasium, classic_control/cartpole.py).
+GRAVITY = 9.8  # m/s^2
+MASSCART = 1.0  # kg
+MASSPOLE = 0.1  # kg
+LENGTH = 0.5  # m, half the pole's length
+FORCE_MAG = 10.0  # N, pushed left or right
+TAU = 0.02  # s between state updates
+INTEGRATORS = ("euler", "semi-implicit euler")
+
+# Termination: the pole beyond 12 degrees, or the cart beyond 2.4 m.
+THETA_THRESHOLD_RADIANS = 12 * 2 * math.pi / 360
+X_THRESHOLD = 2.4
+# Initial state: each of the 4 variables uniform in [RESET_LOW, RESET_HIGH).
+RESET_LOW, RESET_HIGH = -0.05, 0.05
+MAX_EPISODE_STEPS = 500  # CartPole-v1's TimeLimit
+
+# Observation bounds, twice the termination bounds so a failing state is inside.
+_OBS_HIGH = np.array([X_THRESHOLD * 2, np.inf, THETA_THRESHOLD_RADIANS * 2, np.inf], dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------
+# Spaces: the two parts of Gymnasium's spaces that CartPole uses.
+# ----------------------------------------------------------------------------
+class Discrete:
+    """The integers {0, ..., n-1}, as ``gymnasium.spaces.Discrete(n)``."""
+
+    def __init__(self, n, seed=None):
+        self.n, self.shape, self.dtype = int(n), (), np.dtype(np.int64)
+        self.np_random = np.random.default_rng(seed)
+
+    def sample(self):
+        return np.int64(self.np_random.integers(self.n))
+
+    def contains(self, x):
+        if isinstance(x, (bool, int, np.integer)) or (isinstance(x, np.ndarray) and x.shape == () and x.dtype.kind in "biu"):
+            return 0 <= int(x) < self.n
+        return False
+
+    def __repr__(self):
+        return f"Discrete({self.n})"
+
+
+class Box:
+    """A box ``low <= x <= high`` of float32 vectors, as ``gymnasium.spaces.Box``."""
+
+    def __init__(self, low, high, seed=None):
+        self.low, self.high = np.asarray(low, np.float32), np.asarray(high, np.float32)
+        self.shape, self.dtype = self.low.shape, np.dtype(np.float32)
+        self.np_random = np.random.default_rng(seed)
+
+    def sample(self):
+        # Unbounded coordinates are drawn from a standard normal, as Gymnasium does.
+        bounded = np.isfinite(self.low) & np.isfinite(self.high)
+        x = self.np_random.standard_normal(self.shape)
+        x[bounded] = self.np_random.uniform(self.low[bounded], self.high[bounded])
+        return x.astype(np.float32)
+
+    def contains(self, x):
+        x = np.asarray(x)
+        return x.shape == self.shape and bool(np.all((x >= self.low) & (x <= self.high)))
+
+    def __repr__(self):
+        return f"Box({self.low}, {self.high}, {self.shape}, float32)"
+
+
+# ----------------------------------------------------------------------------
+# Checks shared by both environments.
+# ----------------------------------------------------------------------------
+def _check_physics(num_envs=None, **physics):
+    """Return the physics as floats or float64 arrays of shape (num_envs,).
+
+    Masses, length, tau and gravity must be finite and positive; force_mag
+    finite and non-zero (negative reverses the actuator)."""
+    out = {}
+    for name, value in physics.items():
+        if isinstance(value, (str, bytes)) or value is None:
+            raise TypeError(f"{name} must be a number or an array of numbers, got {value!r}")
+        arr = np.asarray(value, dtype=np.float64)
+        if num_envs is None and arr.ndim != 0:
+            raise ValueError(f"{name} must be a scalar for CartPoleEnv, got shape {arr.shape}")
+        if arr.ndim not in (0, 1) or (arr.ndim == 1 and arr.shape[0] != num_envs):
+            raise ValueError(f"{name} must be a scalar or an array of shape ({num_envs},), got shape {arr.shape}")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{name} must be finite, got {value!r}")
+        if name == "force_mag":
+            if np.any(arr == 0):
+                raise ValueError(f"force_mag must be non-zero (negative reverses the actuator), got {value!r}")
+        elif np.any(arr <= 0):
+            raise ValueError(f"{name} must be positive, got {value!r}")
+        out[name] = float(arr) if arr.ndim == 0 else arr.copy()
+    return out
+
+
+def _check_options(kinematics_integrator, max_episode_steps):
+    if kinematics_integrator not in INTEGRATORS:
+        raise ValueError(f"kinematics_integrator must be one of {INTEGRATORS}, got {kinematics_integrator!r}")
+    if isinstance(max_episode_steps, bool) or not isinstance(max_episode_steps, (int, np.integer)) or max_episode_steps < 1:
+        raise ValueError(f"max_episode_steps must be an integer >= 1, got {max_episode_steps!r}")
+
+
+def _make_rng(seed):
+    """Gymnasium's seeding: Generator(PCG64(SeedSequence(seed)))."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise ValueError(f"seed must be None or a non-negative integer, got {seed!r}")
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed)))
+
+
+def _reset_bounds(options):
+    """Gymnasium's reset options: {"low": float, "high": float}, default +-0.05."""
+    if options is None:
+        return RESET_LOW, RESET_HIGH
+    if not isinstance(options, dict):
+        raise TypeError(f"options must be None or a dict with keys 'low'/'high', got {type(options).__name__}")
+    try:
+        low, high = float(options.get("low", RESET_LOW)), float(options.get("high", RESET_HIGH))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"options 'low' and 'high' must be numbers, got {options!r}") from e
+    if low > high:
+        raise ValueError(f"options: low ({low}) must not exceed high ({high})")
+    return low, high
+
+
+class _Physics:
+    """The physical parameters and the quantities derived from them.
+
+    ``total_mass`` and ``polemass_length`` are properties, so they follow any
+    change to ``masspole``, ``masscart`` or ``length``."""
+
+    @property
+    def total_mass(self):
+        return self.masspole + self.masscart
+
+    @property
+    def polemass_length(self):
+        return self.masspole * self.length
+
+
+# ----------------------------------------------------------------------------
+# One environment.
+# ----------------------------------------------------------------------------
+class CartPoleEnv(_Physics):
+    """CartPole-v1 with Gymnasium's API; physics given as keyword arguments.
+
+    Actions: 0 pushes the cart left, 1 right (with ``force_mag < 0``, reversed).
+    Observation: float32 [x, x_dot, theta, theta_dot]; ``.state`` is float64.
+    Reward: +1 per step, the terminating one included, then 0 for steps taken
+    after termination; with ``sutton_barto_reward``, 0 per step and -1 from
+    termination on."""
+
+    def __init__(self, gravity=GRAVITY, masscart=MASSCART, masspole=MASSPOLE, length=LENGTH, force_mag=FORCE_MAG,
+                 tau=TAU, kinematics_integrator="euler", max_episode_steps=MAX_EPISODE_STEPS, sutton_barto_reward=False):
+        physics = _check_physics(gravity=gravity, masscart=masscart, masspole=masspole, length=length,
+                                 force_mag=force_mag, tau=tau)
+        _check_options(kinematics_integrator, max_episode_steps)
+        self.gravity, self.masscart, self.masspole = physics["gravity"], physics["masscart"], physics["masspole"]
+        self.length, self.force_mag, self.tau = physics["length"], physics["force_mag"], physics["tau"]
+        self.kinematics_integrator = kinematics_integrator
+        self.max_episode_steps = int(max_episode_steps)
+        self.sutton_barto_reward = bool(sutton_barto_reward)
+        self.action_space = Discrete(2)
+        self.observation_space = Box(-_OBS_HIGH, _OBS_HIGH)
+        self.np_random = None  # made by the first reset
+        self._state = None
+        self._elapsed_steps = 0
+        self.steps_beyond_terminated = None
+
+    @property
+    def state(self):
+        return self._state
+
+    @state.setter
+    def state(self, value):
+        value = np.array(value, dtype=np.float64)  # a copy: the caller's array stays theirs
+        if value.shape != (4,):
+            raise ValueError(f"state must have shape (4,), got {value.shape}")
+        self._state = value
+
+    def reset(self, *, seed=None, options=None):
+        """Start an episode; the RNG carries on across resets unless a seed is given."""
+        if seed is not None or self.np_random is None:
+            self.np_random = _make_rng(seed)
+        low, high = _reset_bounds(options)
+        self._state = self.np_random.uniform(low=low, high=high, size=(4,))
+        self._elapsed_steps = 0
+        self.steps_beyond_terminated = None
+        return np.array(self._state, dtype=np.float32), {}
+
+    def step(self, action):
+        if not isinstance(action, (bool, int, np.integer)) and not (
+                isinstance(action, np.ndarray) and action.shape == () and action.dtype.kind in "biu"):
+            raise TypeError(f"action must be an integer in {{0, 1}}, got {action!r} ({type(action).__name__})")
+        if not self.action_space.contains(action):
+            raise ValueError(f"action must be 0 (push left) or 1 (push right), got {action!r}")
+        if self._state is None:
+            raise RuntimeError("Call reset() before step().")
+        force = self.force_mag if action == 1 else -self.force_mag
+        s = self._state.reshape(4, 1).copy()  # a new array each step, as Gymnasium's
+        cartpole_dynamics(s, force, self)
+        self._state = s.reshape(4)
+        terminated = bool(_terminated(s)[0])
+        if not terminated:
+            reward = 0.0 if self.sutton_barto_reward else 1.0
+        elif self.steps_beyond_terminated is None:  # the pole just fell
+            self.steps_beyond_terminated = 0
+            reward = -1.0 if self.sutton_barto_reward else 1.0
+        else:  # stepping past termination: undefined in Gymnasium, rewarded as it does
+            self.steps_beyond_terminated += 1
+            reward = -1.0 if self.sutton_barto_reward else 0.0
+        self._elapsed_steps += 1
+        truncated = self._elapsed_steps >= self.max_episode_steps
+        return np.array(self._state, dtype=np.float32), reward, terminated, truncated, {}
+
+
+def cartpole_dynamics(s, force, p, work=None):
+    """One integration step of the cart-pole equations (module docstring), in place.
+
+    s: (4, N) float64 rows x, x_dot, theta, theta_dot, overwritten with the
+    next state; force: (N,) in newtons; p: the physics (scalars or (N,)
+    arrays). ``work``, if given, is a (4, N) float64 scratch array, so that a
+    step allocates nothing. Each line keeps the order of Gymnasium's floating-
+    point operations (a*b == b*a exactly, (a*b)*c != a*(b*c)): that order is
+    what makes the trajectories bit-identical."""
+    x, x_dot, theta, theta_dot = s
+    cos, sin, temp, acc = np.empty_like(s) if work is None else work
+    total_mass, polemass_length = p.total_mass, p.polemass_length
+    np.cos(theta, out=cos)
+    np.sin(theta, out=sin)
+    # temp = (F + m_p l thetadot^2 sin) / (m_c + m_p)
+    np.square(theta_dot, out=temp)
+    temp *= polemass_length
+    temp *= sin
+    temp += force
+    temp /= total_mass
+    # thetaacc = (g sin - cos temp) / (l (4/3 - m_p cos^2 / (m_c + m_p)))
+    thetaacc = np.multiply(cos, temp, out=acc)
+    np.subtract(np.multiply(sin, p.gravity, out=sin), thetaacc, out=thetaacc)  # sin no longer needed
+    denom = np.square(cos, out=sin)
+    denom *= p.masspole
+    denom /= total_mass
+    np.subtract(4.0 / 3.0, denom, out=denom)
+    denom *= p.length
+    thetaacc /= denom
+    # xacc = temp - m_p l thetaacc cos / (m_c + m_p)
+    xacc = np.multiply(thetaacc, polemass_length, out=sin)
+    xacc *= cos
+    xacc /= total_mass
+    np.subtract(temp, xacc, out=xacc)
+    step = temp  # temp no longer needed: step holds tau * (a rate)
+    if p.kinematics_integrator == "euler":  # positions move with the old velocities
+        x += np.multiply(x_dot, p.tau, out=step)
+        x_dot += np.multiply(xacc, p.tau, out=step)
+        theta += np.multiply(theta_dot, p.tau, out=step)
+        theta_dot += np.multiply(thetaacc, p.tau, out=step)
+    else:  # semi-implicit Euler: velocities first, positions with the new ones
+        x_dot += np.multiply(xacc, p.tau, out=step)
+        x += np.multiply(x_dot, p.tau, out=step)
+        theta_dot += np.multiply(thetaacc, p.tau, out=step)
+        theta += np.multiply(theta_dot, p.tau, out=step)
+
+
+def _terminated(s):
+    """|x| > 2.4 or |theta| > 12 degrees, for the (4, N) state (|a| > b is a < -b or a > b)."""
+    return (np.abs(s[0]) > X_THRESHOLD) | (np.abs(s[2]) > THETA_THRESHOLD_RADIANS)
+
+
+# ----------------------------------------------------------------------------
+# Many environments at once.
+# ----------------------------------------------------------------------------
+class VecCartPole(_Physics):
+    """``num_envs`` CartPoles stepped together, each with its own physics.
+
+    Each physics keyword (as ``CartPoleEnv``'s) is a scalar or an array of
+    shape ``(num_envs,)``. ``.state`` has shape ``(num_envs, 4)``, float64.
+
+    Autoreset (Gymnasium's "same-step" mode): when an environment terminates
+    or is truncated, ``step`` returns its reward, ``terminated`` and
+    ``truncated`` for that last step, but the observation of the *new*
+    episode, drawn at once from this env's RNG. The last observation of the
+    ended episode is in ``info["final_obs"]`` (shape (num_envs, 4); rows where
+    ``info["_final_obs"]`` is False equal the returned observation). So every
+    ``step`` is a real environment step and no action is ever ignored.
+
+    Reward: +1 every step (the terminating step included); with
+    ``sutton_barto_reward``, -1 on the terminating step and 0 otherwise."""
+
+    def __init__(self, num_envs, gravity=GRAVITY, masscart=MASSCART, masspole=MASSPOLE, length=LENGTH,
+                 force_mag=FORCE_MAG, tau=TAU, kinematics_integrator="euler", max_episode_steps=MAX_EPISODE_STEPS,
+                 sutton_barto_reward=False):
+        if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
+            raise ValueError(f"num_envs must be an integer >= 1, got {num_envs!r}")
+        self.num_envs = int(num_envs)
+        physics = _check_physics(self.num_envs, gravity=gravity, masscart=masscart, masspole=masspole,
+                                 length=length, force_mag=force_mag, tau=tau)
+        _check_options(kinematics_integrator, max_episode_steps)
+        self.gravity, self.masscart, self.masspole = physics["gravity"], physics["masscart"], physics["masspole"]
+        self.length, self.force_mag, self.tau = physics["length"], physics["force_mag"], physics["tau"]
+        self.kinematics_integrator = kinematics_integrator
+        self.max_episode_steps = int(max_episode_steps)
+        self.sutton_barto_reward = bool(sutton_barto_reward)
+        self.single_action_space = Discrete(2)
+        self.single_observation_space = Box(-_OBS_HIGH, _OBS_HIGH)
+        self.np_random = None
+        self._s = None  # (4, N): rows x, x_dot, theta, theta_dot, each contiguous
+        self.steps = np.zeros(self.num_envs, dtype=np.int64)  # steps in the current episode
+        self._low, self._high = RESET_LOW, RESET_HIGH
+        self._work = np.empty((4, self.num_envs))  # scratch for cartpole_dynamics
+        self._force = np.empty(self.num_envs)
+
+    @property
+    def state(self):
+        return None if self._s is None else self._s.T  # (N, 4), a view
+
+    @state.setter
+    def state(self, value):
+        value = np.asarray(value, dtype=np.float64)
+        if value.shape != (self.num_envs, 4):
+            raise ValueError(f"state must have shape ({self.num_envs}, 4), got {value.shape}")
+        self._s = np.ascontiguousarray(value.T)  # a copy, laid out (4, N)
+
+    def reset(self, *, seed=None, options=None):
+        """Reset every environment. The draws are Gymnasium's: uniform, shape (4, N)."""
+        if seed is not None or self.np_random is None:
+            self.np_random = _make_rng(seed)
+        self._low, self._high = _reset_bounds(options)
+        self._s = self.np_random.uniform(low=self._low, high=self._high, size=(4, self.num_envs))
+        self.steps[:] = 0
+        return self._s.T.astype(np.float32), {}
+
+    def step(self, actions):
+        """Step every env. actions: (N,) integers in {0, 1}.
+
+        Returns obs (N, 4) float32, reward (N,) float32, terminated (N,) bool,
+        truncated (N,) bool, info {"final_obs", "_final_obs"}."""
+        actions = np.asarray(actions)
+        if actions.shape != (self.num_envs,):
+            raise ValueError(f"actions must have shape ({self.num_envs},), got {actions.shape}")
+        if actions.dtype.kind not in "biu":
+            raise TypeError(f"actions must be integers in {{0, 1}}, got dtype {actions.dtype}")
+        # Viewed as unsigned, a negative action is huge: one comparison checks both ends.
+        if actions.dtype.kind != "b" and actions.view(f"u{actions.itemsize}").max() > 1:
+            raise ValueError("actions must be 0 (push left) or 1 (push right); got other values")
+        if self._s is None:
+            raise RuntimeError("Call reset() before step().")
+        s, work = self._s, self._work
+        # F = +force_mag for action 1, -force_mag for 0: a * 2f - f is exact in floating point.
+        force = np.multiply(actions, 2.0 * self.force_mag, out=self._force)
+        force -= self.force_mag
+        cartpole_dynamics(s, force, self, work)
+        self.steps += 1
+
+        terminated = _terminated(s)
+        truncated = self.steps >= self.max_episode_steps
+        reward = -terminated.astype(np.float32) if self.sutton_barto_reward else np.ones(self.num_envs, np.float32)
+        obs = s.T.astype(np.float32)  # (N, 4), Fortran-ordered as Gymnasium's: no transposing copy
+
+        done = terminated | truncated
+        final_obs = obs
+        if done.any():  # same-step autoreset of the ended episodes
+            final_obs = obs.copy(order="K")
+            idx = np.flatnonzero(done)
+            new = self.np_random.uniform(low=self._low, high=self._high, size=(4, idx.size))  # Gymnasium's draw
+            for row in range(4):
+                s[row, idx] = new[row]
+                obs[idx, row] = new[row]
+            self.steps[idx] = 0
+        return obs, reward, terminated, truncated, {"final_obs": final_obs, "_final_obs": done}
+
+
+# ----------------------------------------------------------------------------
+# Tasks for meta-RL: a distribution over physics.
+# ----------------------------------------------------------------------------
+# Sunblaze's "random" CartPole ranges (Packer et al. 2018, "Assessing
+# Generalization in Deep Reinforcement Learning", Table 1: RandomCartPole).
+SUNBLAZE_RANGES = {"force_mag": (5.0, 15.0), "length": (0.25, 0.75), "masspole": (0.05, 0.5)}
+# CARL's CartPole context bounds (Benjamins et al. 2023, "Contextualize Me",
+# carl/envs/gymnax/classic_control/carl_gymnax_cartpole.py: CONTEXT_BOUNDS).
+CARL_RANGES = {"gravity": (5.0, 15.0), "masscart": (0.5, 2.0), "masspole": (0.05, 0.2), "length": (0.25, 1.0),
+               "force_mag": (5.0, 15.0), "tau": (0.01, 0.05)}
+REVERSE_PROB = 0.5  # fraction of "reversed" tasks whose actuator pushes the other way
+
+TASK_FAMILIES = {
+    # Robustness: physics vary, the sign of control does not. One fixed policy
+    # balances nearly all of these, so adaptation is barely needed.
+    "sunblaze": SUNBLAZE_RANGES,
+    # CARL's wider context space, the time step included; some tasks are hard.
+    "carl": CARL_RANGES,
+    # Meta-RL (the default): sunblaze physics, and with probability
+    # REVERSE_PROB force_mag < 0, so action 1 pushes left. A fixed policy can
+    # balance at most one of the two halves: the agent has to find out which
+    # way its actuator pushes, from its own experience.
+    "reversed": SUNBLAZE_RANGES,
+}
+
+
+def sample_tasks(rng, n, family="reversed", reverse_prob=REVERSE_PROB):
+    """Physics of ``n`` tasks: a dict of float64 arrays of shape (n,), ready
+    for ``VecCartPole(n, **tasks)``. Parameters a family does not vary keep
+    CartPole-v1's defaults."""
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    if family not in TASK_FAMILIES:
+        raise ValueError(f"family must be one of {tuple(TASK_FAMILIES)}, got {family!r}")
+    if not 0.0 <= reverse_prob <= 1.0:
+        raise ValueError(f"reverse_prob must be in [0, 1], got {reverse_prob!r}")
+    tasks = {"gravity": GRAVITY, "masscart": MASSCART, "masspole": MASSPOLE, "length": LENGTH,
+             "force_mag": FORCE_MAG, "tau": TAU}
+    tasks = {k: np.full(n, v) for k, v in tasks.items()}
+    for name, (low, high) in TASK_FAMILIES[family].items():
+        tasks[name] = rng.uniform(low, high, size=n)
+    if family == "reversed":
+        tasks["force_mag"] *= np.where(rng.random(n) < reverse_prob, -1.0, 1.0)
+    return tasks
