@@ -1,22 +1,471 @@
-"""metarl-min: meta-reinforcement learning in one NumPy file.
+"""metarl-min: meta-learning with the exact second-order MAML gradient, in NumPy.
 
-The command line's frame; the algorithms arrive in the next commits.
+What it implements, top to bottom
+  1. An MLP with hand-written backprop, and exact Hessian-vector products by
+     Pearlmutter's R-operator (Pearlmutter 1994, "Fast exact multiplication by
+     the Hessian", eqs. 4-5): a forward and a backward pass of directional
+     derivatives, never a Hessian matrix, never finite differences.
+  2. Losses, each with its value, gradient and second-order product: "mse",
+     "pg" (the REINFORCE surrogate of a categorical policy) and "gauss" (the
+     same for a Gaussian policy).
+  3. MAML (Finn, Abbeel & Levine 2017, Algorithm 1 and eq. 1) with the exact
+     meta-gradient: the product of (I - inner_lr H_j) backwards through every
+     inner step, batched over a leading task axis T; first-order MAML (sec.
+     5.2); Meta-SGD (Li et al. 2017, eq. 2), whose learning rates get their
+     gradient from the same backward pass; Reptile (Nichol, Achiam & Schulman
+     2018, Algorithm 2); one optimiser, Adam (Kingma & Ba 2015, Algorithm 1).
+  4. The sinusoid regression benchmark of the MAML paper (sec. 5.1, appendix C).
+  5. The command line: ``python metarl_min.py --help``.
+
+Shapes: a batch of tasks is ``x`` of shape (T, K, in): T tasks, K samples.
+Params are a plain list ``[W1, b1, W2, b2, ...]`` with ``W`` of shape
+(in, out) and ``b`` (out,), shared by all tasks; once tasks have diverged
+(after an inner step) they carry a leading task axis, ``W`` (T, in, out) and
+``b`` (T, out). Every function here accepts both.
+
+What it leaves out: convolutional networks, batch norm, and any autograd.
 """
 
 import argparse
+import dataclasses
+import json
+import math
+import os
 import sys
+import tempfile
+import time
+
+import numpy as np
+
+# ============================================================================
+# 1. The model: an MLP, its backward pass, and its R-operator.
+# ============================================================================
+# Each activation comes with its first and second derivative, written as
+# functions of the activation's *output* h = f(z), which the forward pass keeps.
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(prog="metarl_min.py", description=__doc__.splitlines()[0])
-    parser.add_subparsers(dest="command", metavar="COMMAND")
-    return parser
+def tanh(z):
+    return np.tanh(z)
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    return 0
+def tanh_d1(h):  # d tanh / dz = 1 - tanh^2
+    return 1.0 - h * h
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def tanh_d2(h):  # d^2 tanh / dz^2 = -2 tanh (1 - tanh^2)
+    return -2.0 * h * (1.0 - h * h)
+
+
+def relu(z):
+    return np.maximum(z, 0.0)
+
+
+def relu_d1(h):  # 1 where z > 0 (and h > 0), else 0
+    return (h > 0).astype(h.dtype)
+
+
+def relu_d2(h):  # 0 almost everywhere: a scalar, so the R-operator skips the term
+    return 0.0
+
+
+ACTIVATIONS = {"tanh": (tanh, tanh_d1, tanh_d2), "relu": (relu, relu_d1, relu_d2)}
+
+
+def init_mlp(sizes, rng, activation="tanh", dtype=np.float32):
+    """Params [W1, b1, ...] for layer sizes e.g. (1, 40, 40, 1).
+
+    W and b uniform in +-1/sqrt(fan_in) (PyTorch's nn.Linear default), scaled
+    by sqrt(2) for ReLU (He et al. 2015) so activations keep their scale."""
+    _check_activation(activation)
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    if len(sizes) < 2 or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in sizes):
+        raise ValueError(f"sizes must be at least 2 positive integers, got {sizes!r}")
+    gain = math.sqrt(2.0) if activation == "relu" else 1.0
+    params = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        bound = gain / math.sqrt(n_in)
+        params.append(rng.uniform(-bound, bound, size=(n_in, n_out)).astype(dtype))
+        params.append(rng.uniform(-bound, bound, size=(n_out,)).astype(dtype) / gain)
+    return params
+
+
+def _T(W):  # transpose of the last two axes: (in, out) -> (out, in), (T, in, out) -> (T, out, in)
+    return np.swapaxes(W, -1, -2)
+
+
+def _mm(h, W):
+    """h (T, K, in) @ W, with W shared (in, out) or per task (T, in, out).
+
+    A shared W is one (T*K, in) @ (in, out) product: a single BLAS call
+    instead of T small ones."""
+    if W.ndim == 2 and h.ndim == 3:
+        return (h.reshape(-1, h.shape[-1]) @ W).reshape(h.shape[:-1] + W.shape[-1:])
+    return h @ W
+
+
+def mlp_forward(params, x, activation="tanh"):
+    """out (T, K, n_out) and hs, the inputs of each layer: hs[0] = x, hs[l] = f(z_{l-1}).
+
+    z_l = h_l W_l + b_l;  h_{l+1} = f(z_l);  the last layer is linear."""
+    f = ACTIVATIONS[activation][0]
+    hs = [x]
+    n_layers = len(params) // 2
+    for l in range(n_layers):
+        W, b = params[2 * l], params[2 * l + 1]
+        z = _mm(hs[l], W) + b[..., None, :]  # (T, K, in) @ ((T,) in, out) -> (T, K, out)
+        if l == n_layers - 1:
+            return z, hs
+        hs.append(f(z))
+
+
+def mlp_backward(params, hs, d_out, activation="tanh"):
+    """Per-task gradient of the loss, given d_out = dL/d out (T, K, n_out).
+
+    Returns grads [(T, in, out), (T, out), ...] and the backward cache
+    (deltas, ghs) that the R-operator needs: deltas[l] = dL/dz_l and
+    ghs[l] = dL/dh_l."""
+    d1 = ACTIVATIONS[activation][1]
+    n_layers = len(params) // 2
+    grads, deltas, ghs = [None] * len(params), [None] * n_layers, [None] * n_layers
+    delta = d_out
+    for l in reversed(range(n_layers)):
+        deltas[l] = delta
+        grads[2 * l] = _T(hs[l]) @ delta  # dL/dW_l = h_l^T delta_l:  (T, in, K) @ (T, K, out)
+        grads[2 * l + 1] = delta.sum(axis=-2)  # dL/db_l = sum_k delta_l
+        if l > 0:
+            ghs[l] = _mm(delta, _T(params[2 * l]))  # dL/dh_l = delta_l W_l^T
+            delta = ghs[l] * d1(hs[l])  # through h_l = f(z_{l-1}):  dL/dz_{l-1}
+    return grads, (deltas, ghs)
+
+
+def mlp_rop(params, hs, back, v, r_d_out_fn, activation="tanh"):
+    """Pearlmutter's R-operator: the Hessian-vector product H v, per task.
+
+    R{.} is the directional derivative d/dr (.)(theta + r v) at r = 0. A
+    forward pass carries R{z_l}; the loss turns R{out} into R{dL/d out}; a
+    backward pass carries R{delta_l} and yields R{grad} = H v.
+      hs, back: the forward and backward caches at theta (mlp_forward/backward)
+      v: a direction, a list shaped as the per-task grads
+      r_d_out_fn: R{out} -> R{dL/d out}, the loss's Hessian times R{out}."""
+    _, d1, d2 = ACTIVATIONS[activation]
+    n_layers = len(params) // 2
+    deltas, ghs = back
+    # Forward:  R{z_l} = R{h_l} W_l + h_l V_l + Vb_l,   R{h_{l+1}} = f'(z_l) R{z_l}   (R{h_0} = R{x} = 0)
+    r_hs, r_zs = [None] * n_layers, [None] * n_layers
+    for l in range(n_layers):
+        r_z = hs[l] @ v[2 * l] + v[2 * l + 1][..., None, :]
+        if l > 0:
+            r_z += _mm(r_hs[l], params[2 * l])
+        r_zs[l] = r_z
+        if l < n_layers - 1:
+            r_hs[l + 1] = d1(hs[l + 1]) * r_z
+    # Backward:  R{delta_L} = (d^2 L / d out^2) R{out}
+    r_delta = r_d_out_fn(r_zs[-1])
+    hv = [None] * len(params)
+    for l in reversed(range(n_layers)):
+        # R{dL/dW_l} = h_l^T R{delta_l} + R{h_l}^T delta_l   (one matmul: [h_l, R{h_l}]^T [R{delta_l}; delta_l])
+        if l == 0:
+            hv[0] = _T(hs[0]) @ r_delta
+        else:
+            hv[2 * l] = _T(np.concatenate([hs[l], r_hs[l]], axis=-2)) @ np.concatenate([r_delta, deltas[l]], axis=-2)
+        hv[2 * l + 1] = r_delta.sum(axis=-2)  # R{dL/db_l} = sum_k R{delta_l}
+        if l > 0:
+            # R{dL/dh_l} = R{delta_l} W_l^T + delta_l V_l^T
+            r_gh = _mm(r_delta, _T(params[2 * l])) + deltas[l] @ _T(v[2 * l])
+            # R{delta_{l-1}} = f''(z_{l-1}) R{z_{l-1}} dL/dh_l + f'(z_{l-1}) R{dL/dh_l}
+            r_delta = d1(hs[l]) * r_gh
+            curvature = d2(hs[l])
+            if np.ndim(curvature) or curvature != 0:  # ReLU has none
+                r_delta += curvature * r_zs[l - 1] * ghs[l]
+    return hv
+
+
+# ============================================================================
+# 2. Losses: value per task (T,), gradient dL/d out, and Hessian product.
+# ============================================================================
+# "mse": L_t = mean over samples and outputs of (out - y)^2.
+
+
+def mse_loss(out, y):
+    return np.mean(np.square(out - y), axis=(-2, -1))
+
+
+def mse_grad(out, y):  # 2 (out - y) / (K n_out)
+    return (2.0 / (out.shape[-2] * out.shape[-1])) * (out - y)
+
+
+def mse_hvp(out, y, r_out):  # the Hessian is 2 / (K n_out) I
+    return (2.0 / (out.shape[-2] * out.shape[-1])) * r_out
+
+
+# "pg": L_t = -sum_k w_k log softmax(out_k)[a_k], target = (actions (T, K) int, weights (T, K)).
+# The weights carry advantages and any normalisation; a weight of 0 masks a sample.
+
+
+def log_softmax(z):
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def pg_loss(out, target):
+    actions, weights = target
+    logp = np.take_along_axis(log_softmax(out), actions[..., None], axis=-1)[..., 0]  # (T, K)
+    return -(weights * logp).sum(axis=-1)
+
+
+def pg_grad(out, target):  # w_k (softmax(out_k) - onehot(a_k))
+    actions, weights = target
+    g = np.exp(log_softmax(out))
+    np.put_along_axis(g, actions[..., None], np.take_along_axis(g, actions[..., None], axis=-1) - 1.0, axis=-1)
+    return weights[..., None] * g
+
+
+def pg_hvp(out, target, r_out):  # w_k (diag(p) - p p^T) r
+    _, weights = target
+    p = np.exp(log_softmax(out))
+    return weights[..., None] * p * (r_out - (p * r_out).sum(axis=-1, keepdims=True))
+
+
+# "gauss": a diagonal Gaussian policy whose network outputs [mean (d), log_std (d)]:
+# L_t = -sum_k w_k log N(a_k; mu_k, sigma_k^2)
+#     =  sum_k w_k sum_i [ (a - mu)^2 exp(-2 s) / 2 + s ] + const,   s = log sigma.
+# target = (actions (T, K, d), weights (T, K)). The log-std is an output of the
+# network (state-dependent), so it adapts in the inner loop like any weight.
+
+
+def _gauss_parts(out, target):
+    actions, weights = target
+    d = out.shape[-1] // 2
+    mu, s = out[..., :d], out[..., d:]
+    return actions - mu, np.exp(-2.0 * s), s, weights[..., None]
+
+
+def gauss_loss(out, target):
+    diff, prec, s, w = _gauss_parts(out, target)
+    return (w * (0.5 * diff * diff * prec + s + 0.5 * math.log(2 * math.pi))).sum(axis=(-2, -1))
+
+
+def gauss_grad(out, target):  # dl/dmu = -(a - mu) e^{-2s};  dl/ds = 1 - (a - mu)^2 e^{-2s}
+    diff, prec, _, w = _gauss_parts(out, target)
+    return np.concatenate([-w * diff * prec, w * (1.0 - diff * diff * prec)], axis=-1)
+
+
+def gauss_hvp(out, target, r_out):
+    # d2l/dmu2 = e^{-2s};  d2l/dmu ds = 2 (a - mu) e^{-2s};  d2l/ds2 = 2 (a - mu)^2 e^{-2s}
+    diff, prec, _, w = _gauss_parts(out, target)
+    d = out.shape[-1] // 2
+    r_mu, r_s = r_out[..., :d], r_out[..., d:]
+    cross = 2.0 * diff * prec
+    return np.concatenate([w * (prec * r_mu + cross * r_s), w * (cross * r_mu + cross * diff * r_s)], axis=-1)
+
+
+LOSSES = {"mse": (mse_loss, mse_grad, mse_hvp), "pg": (pg_loss, pg_grad, pg_hvp),
+          "gauss": (gauss_loss, gauss_grad, gauss_hvp)}
+
+
+def loss_and_grad(params, batch, loss="mse", activation="tanh", scale=1.0):
+    """Per-task loss (T,) and per-task gradients of scale * loss at params, plus
+    the caches the R-operator needs."""
+    x, target = batch
+    value_fn, grad_fn, _ = LOSSES[loss]
+    out, hs = mlp_forward(params, x, activation)
+    d_out = grad_fn(out, target)
+    grads, back = mlp_backward(params, hs, d_out if scale == 1.0 else scale * d_out, activation)
+    return value_fn(out, target), grads, (out, hs, back)
+
+
+def hvp(params, batch, v, loss="mse", activation="tanh", cache=None):
+    """Exact per-task Hessian-vector product H_t v_t of the loss at params."""
+    x, target = batch
+    if cache is None:
+        _, _, cache = loss_and_grad(params, batch, loss, activation)
+    out, hs, back = cache
+    hess_fn = LOSSES[loss][2]
+    return mlp_rop(params, hs, back, v, lambda r_out: hess_fn(out, target, r_out), activation)
+
+
+# ============================================================================
+# 3. Meta-learning: MAML (second- and first-order), Meta-SGD, Reptile, Adam.
+# ============================================================================
+def _check_activation(activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+
+
+def _check_params(params):
+    if not isinstance(params, (list, tuple)) or len(params) < 2 or len(params) % 2:
+        raise TypeError("params must be a list [W1, b1, W2, b2, ...] of arrays")
+    for i, p in enumerate(params):
+        if not isinstance(p, np.ndarray) or p.dtype not in (np.float32, np.float64):
+            raise TypeError(f"params[{i}] must be a float32 or float64 numpy array")
+        if not np.isfinite(p).all():
+            raise ValueError(f"params[{i}] contains NaN or inf")
+
+
+def _check_batch(params, batch, loss, name):
+    """Validate a batch (x, target) against params and the loss; return it cast to the params' dtype."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(f"{name} must be a pair (x, target)")
+    dtype = params[0].dtype
+    n_in, n_out = params[0].shape[-2], params[-1].shape[-1]
+    x = np.asarray(batch[0], dtype=dtype)
+    if x.ndim != 3 or x.shape[-1] != n_in:
+        raise ValueError(f"{name} x must have shape (T, K, {n_in}), got {x.shape}")
+    T, K = x.shape[:2]
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} x contains NaN or inf")
+    if loss == "mse":
+        y = np.asarray(batch[1], dtype=dtype)
+        if y.shape != (T, K, n_out):
+            raise ValueError(f"{name} y must have shape ({T}, {K}, {n_out}), got {y.shape}")
+        finite = [y]
+        target = y
+    else:
+        if not isinstance(batch[1], (tuple, list)) or len(batch[1]) != 2:
+            raise TypeError(f"{name} target for loss {loss!r} must be a pair (actions, weights)")
+        actions, weights = np.asarray(batch[1][0]), np.asarray(batch[1][1], dtype=dtype)
+        if weights.shape != (T, K):
+            raise ValueError(f"{name} weights must have shape ({T}, {K}), got {weights.shape}")
+        if loss == "pg":
+            if actions.shape != (T, K) or actions.dtype.kind not in "iu":
+                raise ValueError(f"{name} actions must be integers of shape ({T}, {K}), got {actions.dtype} {actions.shape}")
+            if actions.size and (actions.min() < 0 or actions.max() >= n_out):
+                raise ValueError(f"{name} actions must be in [0, {n_out}), the network's outputs")
+            finite = [weights]
+        else:
+            if n_out % 2:
+                raise ValueError(f"loss 'gauss' needs an even number of outputs [mean, log_std], got {n_out}")
+            actions = actions.astype(dtype)
+            if actions.shape != (T, K, n_out // 2):
+                raise ValueError(f"{name} actions must have shape ({T}, {K}, {n_out // 2}), got {actions.shape}")
+            finite = [actions, weights]
+        target = (actions, weights)
+    for arr in finite:
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{name} target contains NaN or inf")
+    return x, target
+
+
+def _check_meta_args(params, support, query, loss, inner_steps, activation):
+    _check_params(params)
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {tuple(LOSSES)}, got {loss!r}")
+    _check_activation(activation)
+    if isinstance(inner_steps, bool) or not isinstance(inner_steps, (int, np.integer)) or inner_steps < 0:
+        raise ValueError(f"inner_steps must be an integer >= 0, got {inner_steps!r}")
+    support = _check_batch(params, support, loss, "support")
+    query = _check_batch(params, query, loss, "query")
+    if support[0].shape[0] != query[0].shape[0]:
+        raise ValueError(f"support and query must have the same number of tasks, got "
+                         f"{support[0].shape[0]} and {query[0].shape[0]}")
+    return support, query
+
+
+def adapt(params, support, loss="mse", inner_lr=0.01, inner_steps=1, activation="tanh"):
+    """The inner loop: theta_t <- theta_t - inner_lr * grad L_support,t(theta_t), inner_steps times.
+
+    Returns per-task params (leading axis T) and, for the meta-backward, the
+    params and caches at every step. inner_lr is a float, or a list shaped as
+    params (Meta-SGD's per-parameter rates)."""
+    lrs = inner_lr if isinstance(inner_lr, list) else [inner_lr] * len(params)
+    thetas, caches, inner_grads = [list(params)], [], []
+    for _ in range(inner_steps):
+        _, grads, cache = loss_and_grad(thetas[-1], support, loss, activation)
+        thetas.append([p - lr * g for p, g, lr in zip(thetas[-1], grads, lrs)])  # (T, ...) from here on
+        caches.append(cache)
+        inner_grads.append(grads)
+    return thetas, caches, inner_grads
+
+
+def _maml(params, support, query, loss, inner_lr, inner_steps, first_order, activation):
+    """Meta-loss and its gradient w.r.t. params (and w.r.t. inner_lr when it is a list)."""
+    thetas, caches, inner_grads = adapt(params, support, loss, inner_lr, inner_steps, activation)
+    # v = d meta_loss / d theta'_t, per task; meta_loss = mean_t L_query,t(theta'_t)
+    losses, v, _ = loss_and_grad(thetas[-1], query, loss, activation, scale=1.0 / support[0].shape[0])
+    meta_lr = isinstance(inner_lr, list)
+    lrs = inner_lr if meta_lr else [inner_lr] * len(params)
+    lr_grads = [np.zeros_like(p) for p in params] if meta_lr else None
+
+    # ===================== Differentiating through the inner update =====================
+    # theta_{j+1} = theta_j - alpha * g_j(theta_j)   (alpha a scalar, or a vector for Meta-SGD)
+    #   => d theta_{j+1} / d theta_j = I - diag(alpha) H_j,    H_j = Hessian of L_support at theta_j
+    #   => dL/d theta_j = (I - H_j diag(alpha)) dL/d theta_{j+1}  (H_j symmetric):
+    #        v <- v - H_j (alpha * v),  one exact Hessian-vector product per step, backwards.
+    #   and for Meta-SGD:  dL/d alpha += -g_j * dL/d theta_{j+1}, summed over tasks.
+    # First-order MAML drops H_j: v passes through unchanged.
+    for j in reversed(range(inner_steps)):
+        if meta_lr:
+            for i, (g, vi) in enumerate(zip(inner_grads[j], v)):
+                lr_grads[i] = lr_grads[i] - (g * vi).sum(axis=0)
+        if not first_order:
+            hv = hvp(thetas[j], support, [lr * vi for lr, vi in zip(lrs, v)], loss, activation, cache=caches[j])
+            v = [vi - h for vi, h in zip(v, hv)]
+    # ====================================================================================
+
+    grads = [(vi.sum(axis=0) if vi.ndim > p.ndim else vi).astype(p.dtype, copy=False)  # shared: sum over tasks
+             for vi, p in zip(v, params)]
+    return float(losses.mean()), grads, lr_grads
+
+
+def maml_grad(params, support, query, loss="mse", inner_lr=0.01, inner_steps=1, first_order=False,
+              activation="tanh"):
+    """MAML's meta-loss and its exact gradient w.r.t. params (never modified).
+
+    support, query: (x (T, K, in), target) for T tasks; target is y
+    (T, K, out) for "mse", (actions, weights) for "pg" and "gauss". Per task,
+    theta'_t = theta - inner_lr grad L_support,t, inner_steps times; then
+      meta_loss = mean_t L_query,t(theta'_t)
+      grads     = d meta_loss / d theta  (through every inner step, Hessians included)
+    first_order=True drops the Hessian terms (first-order MAML)."""
+    support, query = _check_meta_args(params, support, query, loss, inner_steps, activation)
+    if not isinstance(inner_lr, (int, float, np.floating)) or isinstance(inner_lr, bool) or not math.isfinite(inner_lr):
+        raise ValueError(f"inner_lr must be a finite number, got {inner_lr!r}")
+    meta_loss, grads, _ = _maml(params, support, query, loss, float(inner_lr), inner_steps, first_order, activation)
+    return meta_loss, grads
+
+
+def meta_sgd_grad(params, inner_lrs, support, query, loss="mse", inner_steps=1, first_order=False,
+                  activation="tanh"):
+    """Meta-SGD: MAML with a learned learning rate per parameter (inner_lrs, shaped as params).
+
+    Returns (meta_loss, grads w.r.t. params, grads w.r.t. inner_lrs), both
+    from the one backward pass of ``maml_grad``."""
+    support, query = _check_meta_args(params, support, query, loss, inner_steps, activation)
+    if not isinstance(inner_lrs, (list, tuple)) or len(inner_lrs) != len(params) or any(
+            np.shape(a) != p.shape for a, p in zip(inner_lrs, params)):
+        raise ValueError("inner_lrs must be a list of arrays shaped as params")
+    lrs = [np.asarray(a, dtype=p.dtype) for a, p in zip(inner_lrs, params)]
+    meta_loss, grads, lr_grads = _maml(params, support, query, loss, lrs, inner_steps, first_order, activation)
+    return meta_loss, grads, [g.astype(p.dtype) for g, p in zip(lr_grads, params)]
+
+
+def reptile_grad(params, support, query, loss="mse", inner_lr=0.01, inner_steps=5, activation="tanh"):
+    """Reptile's direction as a gradient: theta - mean_t theta'_t, with theta'_t
+    after inner_steps SGD steps on the task's support data, then its query
+    data (Nichol et al. 2018, Algorithm 2, batched). Returns the mean query
+    loss before adaptation (for monitoring) and the direction."""
+    support, query = _check_meta_args(params, support, query, loss, inner_steps, activation)
+    both = (np.concatenate([support[0], query[0]], axis=1),
+            np.concatenate([support[1], query[1]], axis=1) if loss == "mse" else
+            tuple(np.concatenate([s, q], axis=1) for s, q in zip(support[1], query[1])))
+    losses, _, _ = loss_and_grad(params, query, loss, activation)
+    thetas, _, _ = adapt(params, both, loss, inner_lr, inner_steps, activation)
+    return float(losses.mean()), [(p - t.mean(axis=0) if t.ndim > p.ndim else p - t).astype(p.dtype, copy=False)
+                                  for p, t in zip(params, thetas[-1])]
+
+
+def adam_init(params):
+    """Adam's state: first and second moments, and the step count."""
+    return {"m": [np.zeros_like(p) for p in params], "v": [np.zeros_like(p) for p in params], "t": 0}
+
+
+def adam_step(params, grads, state, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
+    """One Adam step (Kingma & Ba 2015, Algorithm 1). Returns new params and state; the inputs stay as they are."""
+    t = state["t"] + 1
+    m = [beta1 * m + (1 - beta1) * g for m, g in zip(state["m"], grads)]
+    v = [beta2 * v + (1 - beta2) * g * g for v, g in zip(state["v"], grads)]
+    # theta <- theta - lr m_hat / (sqrt(v_hat) + eps),  m_hat = m / (1 - beta1^t),  v_hat = v / (1 - beta2^t)
+    new = [(p - lr * (mi / (1 - beta1 ** t)) / (np.sqrt(vi / (1 - beta2 ** t)) + eps)).astype(p.dtype)
+           for p, mi, vi in zip(params, m, v)]
+    return new, {"m": m, "v": v, "t": t}

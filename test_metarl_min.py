@@ -338,5 +338,235 @@ class TestTasks(unittest.TestCase):
             cp.sample_tasks(rng, 3, reverse_prob=1.5)
 
 
+
+# ----------------------------------------------------------------------------
+# The model, the losses and MAML, against central finite differences (float64).
+# ----------------------------------------------------------------------------
+import metarl_min as mm  # noqa: E402
+
+
+def _batch(rng, loss, T, K, n_in, n_out):
+    x = rng.normal(size=(T, K, n_in))
+    if loss == "mse":
+        return x, rng.normal(size=(T, K, n_out))
+    if loss == "pg":
+        return x, (rng.integers(0, n_out, (T, K)), rng.normal(size=(T, K)))
+    return x, (rng.normal(size=(T, K, n_out // 2)), rng.uniform(0.1, 0.5, size=(T, K)))
+
+
+def _fd_grad(f, params, eps=1e-6):
+    """Central finite differences of a scalar function of params (float64)."""
+    grads = []
+    for p in params:
+        g = np.zeros_like(p)
+        for i in np.ndindex(p.shape):
+            old = p[i]
+            p[i] = old + eps
+            up = f(params)
+            p[i] = old - eps
+            down = f(params)
+            p[i] = old
+            g[i] = (up - down) / (2 * eps)
+        grads.append(g)
+    return grads
+
+
+def _rel_err(a, b):
+    return max(float(np.abs(x - y).max() / (1e-4 + np.abs(y).max())) for x, y in zip(a, b))
+
+
+# Made with torch 2.13.0 (float64) in a scratch virtualenv: torch.func.grad of
+# vmap over tasks of the one-step MAML query loss, for the inputs of
+# TestGradients.test_matches_pytorch_autograd; and torch.optim.Adam(lr=0.1).
+TORCH_META_LOSS = 0.04195936895910396
+TORCH_GRADS = [np.array([[-0.16852556724368228, 0.09162317741126519, -0.048250572063138306]]),
+               np.array([0.029855774769272654, -0.01223941620837021, -0.0045771352815627215]),
+               np.array([[-0.07710741692699849], [0.12421116796345034], [-0.18392776676222622]]),
+               np.array([0.02055902264785802])]
+TORCH_ADAM_3_STEPS = [0.7015862729460302, -1.7006233915360325]
+
+class TestGradients(unittest.TestCase):
+    def setUp(self):
+        self.rng = np.random.default_rng(0)
+
+    def test_activation_derivatives(self):
+        z = np.linspace(-2, 2, 41) + 0.013  # away from ReLU's kink
+        for name, (f, d1, d2) in mm.ACTIVATIONS.items():
+            h, eps = f(z), 1e-6
+            np.testing.assert_allclose(d1(h), (f(z + eps) - f(z - eps)) / (2 * eps), atol=1e-8, err_msg=name)
+            np.testing.assert_allclose(d2(h) + 0 * z, (d1(f(z + eps)) - d1(f(z - eps))) / (2 * eps), atol=1e-6,
+                                       err_msg=name)
+
+    def test_backward_and_hvp_against_finite_differences(self):
+        for loss in mm.LOSSES:
+            for activation in mm.ACTIVATIONS:
+                with self.subTest(loss=loss, activation=activation):
+                    n_out = 4 if loss == "gauss" else 3
+                    params = mm.init_mlp((2, 5, 4, n_out), self.rng, activation, dtype=np.float64)
+                    batch = _batch(self.rng, loss, 3, 4, 2, n_out)
+                    values, grads, _ = mm.loss_and_grad(params, batch, loss, activation)
+                    self.assertEqual(values.shape, (3,))
+                    for t in range(3):  # per-task gradients, task by task
+                        sub = (batch[0][t:t + 1], batch[1][t:t + 1] if loss == "mse" else
+                               tuple(a[t:t + 1] for a in batch[1]))
+                        fd = _fd_grad(lambda P: mm.loss_and_grad(P, sub, loss, activation)[0][0], params)
+                        self.assertLess(_rel_err([g[t] for g in grads], fd), 1e-6)
+                    # H v per task: the directional derivative of the gradient along v.
+                    v = [self.rng.normal(size=(3,) + p.shape) for p in params]
+                    hv = mm.hvp(params, batch, v, loss, activation)
+                    eps = 1e-6
+                    plus = [p + eps * vi for p, vi in zip(params, v)]
+                    minus = [p - eps * vi for p, vi in zip(params, v)]
+                    fd = [(a - b) / (2 * eps) for a, b in zip(mm.loss_and_grad(plus, batch, loss, activation)[1],
+                                                              mm.loss_and_grad(minus, batch, loss, activation)[1])]
+                    self.assertLess(_rel_err(hv, fd), 1e-6)
+
+    def test_maml_grad_against_finite_differences(self):
+        for loss in mm.LOSSES:
+            for activation in mm.ACTIVATIONS:
+                for steps in (1, 2, 3):
+                    with self.subTest(loss=loss, activation=activation, inner_steps=steps):
+                        n_out = 4 if loss == "gauss" else 3
+                        lr = 0.02 if loss == "gauss" else 0.1
+                        params = mm.init_mlp((2, 5, 4, n_out), self.rng, activation, dtype=np.float64)
+                        support = _batch(self.rng, loss, 3, 4, 2, n_out)
+                        query = _batch(self.rng, loss, 3, 5, 2, n_out)
+                        meta_loss, grads = mm.maml_grad(params, support, query, loss, lr, steps, False, activation)
+                        fd = _fd_grad(lambda P: mm.maml_grad(P, support, query, loss, lr, steps, False, activation)[0],
+                                      params)
+                        self.assertLess(_rel_err(grads, fd), 1e-6)
+                        # The second-order term matters: first-order MAML differs.
+                        _, fo = mm.maml_grad(params, support, query, loss, lr, steps, True, activation)
+                        self.assertGreater(_rel_err(fo, fd), 1e-4)
+
+    def test_first_order_is_mean_query_gradient_at_adapted_params(self):
+        params = mm.init_mlp((1, 8, 1), self.rng, "tanh", dtype=np.float64)
+        support, query = _batch(self.rng, "mse", 4, 5, 1, 1), _batch(self.rng, "mse", 4, 6, 1, 1)
+        _, grads = mm.maml_grad(params, support, query, "mse", 0.05, 2, True, "tanh")
+        adapted = [p.copy() for p in params]
+        for t in range(4):  # a naive loop over tasks, one at a time
+            theta = [p.copy() for p in params]
+            sub = lambda b: (b[0][t:t + 1], b[1][t:t + 1])
+            for _ in range(2):
+                g = mm.loss_and_grad(theta, sub(support), "mse", "tanh")[1]
+                theta = [th - 0.05 * gi[0] for th, gi in zip(theta, g)]
+            qg = mm.loss_and_grad(theta, sub(query), "mse", "tanh")[1]
+            adapted = [a + gi[0] / 4 for a, gi in zip(adapted, qg)]
+        self.assertLess(_rel_err(grads, [a - p for a, p in zip(adapted, params)]), 1e-12)
+
+    def test_batched_equals_loop_over_tasks(self):
+        params = mm.init_mlp((2, 6, 3), self.rng, "relu", dtype=np.float64)
+        support, query = _batch(self.rng, "pg", 5, 4, 2, 3), _batch(self.rng, "pg", 5, 4, 2, 3)
+        meta_loss, grads = mm.maml_grad(params, support, query, "pg", 0.1, 2)
+        one = lambda b, t: (b[0][t:t + 1], tuple(a[t:t + 1] for a in b[1]))
+        per_task = [mm.maml_grad(params, one(support, t), one(query, t), "pg", 0.1, 2) for t in range(5)]
+        self.assertAlmostEqual(meta_loss, np.mean([r[0] for r in per_task]), places=12)
+        for i, g in enumerate(grads):
+            np.testing.assert_allclose(g, np.mean([r[1][i] for r in per_task], axis=0), atol=1e-12)
+
+    def test_zero_inner_steps_is_the_plain_gradient(self):
+        params = mm.init_mlp((1, 4, 1), self.rng, dtype=np.float64)
+        support, query = _batch(self.rng, "mse", 3, 5, 1, 1), _batch(self.rng, "mse", 3, 5, 1, 1)
+        meta_loss, grads = mm.maml_grad(params, support, query, inner_steps=0)
+        values, per_task, _ = mm.loss_and_grad(params, query)
+        self.assertAlmostEqual(meta_loss, values.mean())
+        for g, p in zip(grads, per_task):
+            np.testing.assert_allclose(g, p.mean(axis=0))
+
+    def test_meta_sgd_gradients(self):
+        params = mm.init_mlp((1, 5, 1), self.rng, "tanh", dtype=np.float64)
+        lrs = [np.full(p.shape, 0.05) + 0.01 * self.rng.random(p.shape) for p in params]
+        support, query = _batch(self.rng, "mse", 3, 4, 1, 1), _batch(self.rng, "mse", 3, 4, 1, 1)
+        for steps in (1, 2):
+            meta_loss, grads, lr_grads = mm.meta_sgd_grad(params, lrs, support, query, "mse", steps)
+            f = lambda P, L: mm.meta_sgd_grad(P, L, support, query, "mse", steps)[0]
+            self.assertLess(_rel_err(grads, _fd_grad(lambda P: f(P, lrs), params)), 1e-6)
+            self.assertLess(_rel_err(lr_grads, _fd_grad(lambda L: f(params, L), lrs)), 1e-6)
+        # A uniform learning rate is MAML.
+        same = mm.meta_sgd_grad(params, [np.full(p.shape, 0.05) for p in params], support, query)
+        maml = mm.maml_grad(params, support, query, "mse", 0.05, 1)
+        self.assertAlmostEqual(same[0], maml[0])
+        self.assertLess(_rel_err(same[1], maml[1]), 1e-12)
+
+    def test_reptile_direction(self):
+        params = mm.init_mlp((1, 5, 1), self.rng, dtype=np.float64)
+        support, query = _batch(self.rng, "mse", 2, 4, 1, 1), _batch(self.rng, "mse", 2, 4, 1, 1)
+        _, direction = mm.reptile_grad(params, support, query, "mse", 0.1, 1)
+        both = (np.concatenate([support[0], query[0]], 1), np.concatenate([support[1], query[1]], 1))
+        g = mm.loss_and_grad(params, both)[1]
+        for d, gi in zip(direction, g):  # one step: theta - mean theta' = lr * mean grad
+            np.testing.assert_allclose(d, 0.1 * gi.mean(axis=0), atol=1e-12)
+
+    def test_matches_pytorch_autograd(self):
+        # Reference: torch 2.13.0, torch.func.grad of the vmapped second-order
+        # MAML loss (1 step, inner_lr 0.1, tanh) for these exact inputs, float64.
+        params = [np.array([[0.3, -0.5, 0.8]]), np.array([0.1, 0.0, -0.2]),
+                  np.array([[0.7], [-0.4], [0.25]]), np.array([0.05])]
+        xs = np.array([[[0.5], [-1.0]], [[1.5], [0.2]]])
+        xq = np.array([[[0.1], [0.9]], [[-0.7], [1.2]]])
+        meta_loss, grads = mm.maml_grad(params, (xs, np.sin(xs)), (xq, np.sin(xq)), "mse", 0.1, 1)
+        self.assertAlmostEqual(meta_loss, TORCH_META_LOSS, places=12)
+        for g, ref in zip(grads, TORCH_GRADS):
+            np.testing.assert_allclose(g, ref, rtol=1e-10, atol=1e-12)
+
+
+class TestMamlContract(unittest.TestCase):
+    def setUp(self):
+        rng = np.random.default_rng(1)
+        self.params = mm.init_mlp((1, 8, 1), rng, "relu")
+        self.support = _batch(rng, "mse", 3, 5, 1, 1)
+        self.query = _batch(rng, "mse", 3, 5, 1, 1)
+
+    def test_params_unchanged_dtype_kept_deterministic(self):
+        before = [p.copy() for p in self.params]
+        a = mm.maml_grad(self.params, self.support, self.query, inner_steps=2, activation="relu")
+        b = mm.maml_grad(self.params, self.support, self.query, inner_steps=2, activation="relu")
+        for p, q in zip(self.params, before):
+            np.testing.assert_array_equal(p, q)
+        self.assertEqual(a[0], b[0])
+        for g, h, p in zip(a[1], b[1], self.params):
+            np.testing.assert_array_equal(g, h)
+            self.assertEqual((g.dtype, g.shape), (np.float32, p.shape))
+        self.assertEqual(mm.maml_grad([p.astype(np.float64) for p in self.params], self.support,
+                                      self.query)[1][0].dtype, np.float64)
+
+    def test_errors(self):
+        p, s, q = self.params, self.support, self.query
+        cases = [
+            (dict(loss="hinge"), ValueError, "loss must be one of"),
+            (dict(activation="gelu"), ValueError, "activation must be one of"),
+            (dict(inner_steps=-1), ValueError, "inner_steps"),
+            (dict(inner_steps=1.5), ValueError, "inner_steps"),
+            (dict(inner_lr=float("nan")), ValueError, "inner_lr"),
+            (dict(support=(s[0][..., :0], s[1])), ValueError, r"support x must have shape \(T, K, 1\)"),
+            (dict(query=(q[0], q[1][:, :2])), ValueError, "query y must have shape"),
+            (dict(query=(q[0][:2], q[1][:2])), ValueError, "same number of tasks"),
+            (dict(support=(np.full_like(s[0], np.nan), s[1])), ValueError, "NaN or inf"),
+            (dict(query=(q[0], np.full_like(q[1], np.inf))), ValueError, "NaN or inf"),
+            (dict(params=[p[0]]), TypeError, "params must be a list"),
+            (dict(params=[p[0].astype(int), p[1], p[2], p[3]]), TypeError, "float32 or float64"),
+            (dict(params=[p[0] * np.nan, p[1], p[2], p[3]]), ValueError, "NaN or inf"),
+            (dict(loss="pg", query=(q[0], (np.zeros((3, 5), int), np.ones((3, 5))))), TypeError, "pair"),
+            (dict(loss="pg", support=(s[0], (np.full((3, 5), 3), np.ones((3, 5)))),
+                  query=(q[0], (np.zeros((3, 5), int), np.ones((3, 5))))), ValueError, "actions must be in"),
+        ]
+        for override, err, pattern in cases:
+            kwargs = dict(params=p, support=s, query=q)
+            kwargs.update(override)
+            with self.subTest(override=list(override)), self.assertRaisesRegex(err, pattern):
+                mm.maml_grad(**kwargs)
+
+    def test_adam_matches_reference_and_leaves_inputs(self):
+        # Reference: torch.optim.Adam(lr=0.1), 3 steps on f(w) = sum(w^2 * [1, 3]) from w = [1, -2].
+        w = [np.array([1.0, -2.0])]
+        state = mm.adam_init(w)
+        for _ in range(3):
+            g = [2 * w[0] * np.array([1.0, 3.0])]
+            before = w[0].copy()
+            w, state = mm.adam_step(w, g, state, lr=0.1)
+            self.assertFalse(np.array_equal(before, w[0]))
+        np.testing.assert_allclose(w[0], TORCH_ADAM_3_STEPS, rtol=1e-12)
+
+
 if __name__ == "__main__":
     unittest.main()
