@@ -568,5 +568,97 @@ class TestMamlContract(unittest.TestCase):
         np.testing.assert_allclose(w[0], TORCH_ADAM_3_STEPS, rtol=1e-12)
 
 
+
+# ----------------------------------------------------------------------------
+# The sinusoid experiment and the command line.
+# ----------------------------------------------------------------------------
+import contextlib  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _run_main(argv):
+    """Run metarl_min.main in-process, its output captured; return (status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = mm.main(argv)
+        except SystemExit as e:
+            status = e.code
+    return status, out.getvalue(), err.getvalue()
+
+
+def _cli(*args):
+    """Run the command line in a fresh process."""
+    return subprocess.run([sys.executable, os.path.join(HERE, "metarl_min.py"), *args], capture_output=True,
+                          text=True, cwd=HERE, timeout=120)
+
+
+class TestSine(unittest.TestCase):
+    SHORT = ["sine", "--iterations", "300", "--log-every", "100", "--eval-tasks", "50", "--eval-points", "20",
+             "--meta-lr", "0.005"]
+
+    def test_short_run_improves_post_adaptation_mse(self):
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "out.json")
+            status, out, _ = _run_main(self.SHORT + ["--json", path])
+            self.assertEqual(status, 0)
+            self.assertIn("iter    100/300", out)
+            self.assertIn("ETA", out)
+            result = json.load(open(path))
+        self.assertEqual(set(result["mse"]), {"0", "1", "5", "10"})
+        self.assertEqual(set(result), {"shots", "mse", "mse_ci95", "pretrained_mse", "pretrained_mse_ci95",
+                                       "pretrained_lr", "seconds", "config"})
+        self.assertLess(result["mse"]["10"], 0.8 * result["mse"]["0"])
+        self.assertLess(result["mse"]["1"], result["pretrained_mse"]["1"])
+
+    def test_resume_ends_where_a_straight_run_ends(self):
+        with tempfile.TemporaryDirectory() as d:
+            ck, a, b = (os.path.join(d, n) for n in ("ck.npz", "a.json", "b.json"))
+            short = [x if x != "300" else "200" for x in self.SHORT]
+            self.assertEqual(_run_main(self.SHORT + ["--json", a])[0], 0)
+            self.assertEqual(_run_main(short + ["--save", ck])[0], 0)
+            self.assertEqual(_run_main(self.SHORT + ["--load", ck, "--json", b])[0], 0)
+            ra, rb = json.load(open(a)), json.load(open(b))
+            self.assertEqual(ra["mse"], rb["mse"])
+            self.assertEqual(ra["pretrained_mse"], rb["pretrained_mse"])
+            self.assertEqual([n for n in os.listdir(d) if n.startswith(".tmp")], [])
+            # Other hyperparameters than the checkpoint's: one clear line.
+            status, _, err = _run_main(self.SHORT + ["--load", ck, "--inner-lr", "0.02"])
+            self.assertEqual(status, 2)
+            self.assertIn("--inner-lr 0.01", err)
+
+    def test_bad_flags_and_files_give_one_line(self):
+        with tempfile.TemporaryDirectory() as d:
+            corrupt = os.path.join(d, "bad.npz")
+            with open(corrupt, "wb") as f:
+                f.write(b"not a checkpoint")
+            cases = [(["sine", "--shots", "0"], "--shots must be >= 1"),
+                     (["sine", "--shots", "five"], "invalid int value"),
+                     (["sine", "--no-such-flag"], "unrecognized arguments"),
+                     (["sine", "--load", os.path.join(d, "missing.npz")], "No such file"),
+                     (["sine", "--load", corrupt], "not a readable metarl-min checkpoint"),
+                     (["nonsense"], "invalid choice")]
+            for args, message in cases:
+                with self.subTest(args=args):
+                    proc = _cli(*args)
+                    self.assertNotEqual(proc.returncode, 0)
+                    self.assertEqual(len(proc.stderr.strip().splitlines()), 1, proc.stderr)
+                    self.assertIn(message, proc.stderr)
+                    self.assertNotIn("Traceback", proc.stderr)
+
+    def test_help(self):
+        proc = _cli("sine", "--help")
+        self.assertEqual(proc.returncode, 0)
+        self.assertIn("--inner-lr", proc.stdout)
+        self.assertIn("--first-order", proc.stdout)
+
+
 if __name__ == "__main__":
     unittest.main()
