@@ -714,6 +714,143 @@ def run_sine(config, json_path=None, save=None, load=None):
     return result
 
 
+@dataclasses.dataclass
+class BenchConfig:
+    """Speed, measured side by side in one run: env steps/s and meta-gradient time."""
+    quick: bool = hparam(False, "small sizes and few repeats: seconds, for a smoke test")
+    rounds: int = hparam(7, "timing rounds; each alternative's best round is reported", 1)
+    seed: int = hparam(0, "seed of the random inputs", 0)
+
+
+def _time_alternatives(fns, calls, rounds):
+    """Seconds per call of each function, the best of `rounds` rounds; the
+    alternatives take turns within each round, so machine noise hits all alike."""
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - t0) / calls[name])
+    return best
+
+
+def _optional(module):
+    """Import an optional comparison library inside bench only; None if it is not installed."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+def bench_env(config, rng):
+    """Env steps per second: VecCartPole at several N, a Python loop of CartPoleEnv,
+    and Gymnasium's CartPoleVectorEnv when it is installed. Random actions, so
+    episodes end and autoreset is part of the figure."""
+    import cartpole
+    sizes = (256,) if config.quick else (1024, 16384)
+    gym_cartpole = _optional("gymnasium.envs.classic_control.cartpole")
+    fns, calls, steps = {}, {}, {}
+    for n in sizes:
+        actions = [rng.integers(0, 2, n) for _ in range(16)]
+        envs = {f"VecCartPole N={n}": cartpole.VecCartPole(n)}
+        if gym_cartpole is not None:
+            envs[f"gymnasium CartPoleVectorEnv N={n}"] = gym_cartpole.CartPoleVectorEnv(num_envs=n)
+        for name, env in envs.items():
+            env.reset(seed=config.seed)
+            counter = iter(range(1 << 62))
+            fns[name] = lambda env=env, counter=counter, actions=actions: env.step(actions[next(counter) % 16])
+            calls[name], steps[name] = (20 if config.quick else max(20, 2_000_000 // n // 4)), n
+    singles = [cartpole.CartPoleEnv() for _ in range(64)]
+    for i, env in enumerate(singles):
+        env.reset(seed=config.seed + i)
+    single_actions = rng.integers(0, 2, 64).tolist()
+
+    def loop():  # the same work one env at a time: step, and reset when done
+        for env, a in zip(singles, single_actions):
+            _, _, terminated, truncated, _ = env.step(a)
+            if terminated or truncated:
+                env.reset()
+    fns["Python loop of 64 CartPoleEnv"], calls["Python loop of 64 CartPoleEnv"] = loop, 5 if config.quick else 50
+    steps["Python loop of 64 CartPoleEnv"] = 64
+    seconds = _time_alternatives(fns, calls, config.rounds)
+    return {name: steps[name] / s for name, s in seconds.items()}
+
+
+def bench_meta_grad(config, rng):
+    """Milliseconds per meta-gradient in the paper's sinusoid setting (T=25, K=10,
+    1-40-40-1 ReLU, one inner step, float32): second-order batched, first-order
+    batched, a per-task loop of maml_grad, and PyTorch when it is installed."""
+    T, K = (5, 10) if config.quick else (25, 10)
+    params = init_mlp((1, 40, 40, 1), rng, "relu")
+    amplitude, phase = sample_sine_tasks(rng, T)
+    support, query = sample_sine_points(rng, amplitude, phase, K), sample_sine_points(rng, amplitude, phase, K)
+    one = lambda batch, t: (batch[0][t:t + 1], batch[1][t:t + 1])
+    fns = {
+        "maml_grad second-order, batched": lambda: maml_grad(params, support, query, "mse", 0.01, 1, False, "relu"),
+        "maml_grad first-order, batched": lambda: maml_grad(params, support, query, "mse", 0.01, 1, True, "relu"),
+        "maml_grad second-order, loop over tasks": lambda: [
+            maml_grad(params, one(support, t), one(query, t), "mse", 0.01, 1, False, "relu") for t in range(T)],
+    }
+    torch = _optional("torch")
+    if torch is not None:
+        fns.update(_torch_maml(torch, params, support, query))
+    calls = {name: 3 if config.quick else (10 if "torch" in name or "loop" in name else 100) for name in fns}
+    return {name: 1e3 * s for name, s in _time_alternatives(fns, calls, config.rounds).items()}
+
+
+def _torch_maml(torch, params, support, query):
+    """The same second-order meta-gradient with PyTorch: torch.func over vmap, and
+    the per-task autograd.grad(create_graph=True) loop most MAML libraries use."""
+    from torch.func import grad, vmap
+    torch.set_num_threads(1)
+    tp = [torch.tensor(p) for p in params]
+    xs, ys, xq, yq = (torch.tensor(a) for a in (*support, *query))
+
+    def f(p, x):
+        for l in range(0, len(p) - 2, 2):
+            x = torch.relu(x @ p[l] + p[l + 1])
+        return x @ p[-2] + p[-1]
+
+    def task_loss(p, xs, ys, xq, yq):
+        g = grad(lambda p: ((f(p, xs) - ys) ** 2).mean())(p)
+        return ((f([a - 0.01 * b for a, b in zip(p, g)], xq) - yq) ** 2).mean()
+
+    vmapped = grad(lambda p: vmap(task_loss, in_dims=(None, 0, 0, 0, 0))(p, xs, ys, xq, yq).mean())
+
+    def loop():
+        ps = [a.clone().requires_grad_() for a in tp]
+        total = 0.0
+        for t in range(xs.shape[0]):
+            g = torch.autograd.grad(((f(ps, xs[t]) - ys[t]) ** 2).mean(), ps, create_graph=True)
+            total = total + ((f([a - 0.01 * b for a, b in zip(ps, g)], xq[t]) - yq[t]) ** 2).mean()
+        return torch.autograd.grad(total / xs.shape[0], ps)
+    return {"torch.func grad(vmap), second-order": lambda: vmapped(tp),
+            "torch autograd loop over tasks, second-order": loop}
+
+
+def run_bench(config, json_path=None):
+    check_config(config)
+    import platform
+    rng = np.random.default_rng(config.seed)
+    print(f"bench on {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, NumPy {np.__version__}"
+          f"{' (quick)' if config.quick else ''}; best of {config.rounds} interleaved rounds")
+    env = bench_env(config, rng)
+    print(f"\n{'CartPole env steps per second':48s} {'steps/s':>12}")
+    for name, v in env.items():
+        print(f"{name:48s} {v:12.3g}")
+    meta = bench_meta_grad(config, rng)
+    base = meta["maml_grad second-order, batched"]
+    print(f"\n{'meta-gradient, sinusoid setting':48s} {'ms':>8} {'vs ours':>8}")
+    for name, v in meta.items():
+        print(f"{name:48s} {v:8.3f} {v / base:7.1f}x")
+    result = {"env_steps_per_second": env, "meta_grad_ms": meta, "quick": config.quick}
+    if json_path:
+        write_json(json_path, result)
+    return result
+
+
 # ============================================================================
 # 6. The command line.
 # ============================================================================
@@ -735,7 +872,8 @@ def _add_config_flags(parser, cls):
                                 help=f"{meta['help']} (default: {f.default})")
 
 
-EXPERIMENTS = {"sine": (SineConfig, run_sine)}
+EXPERIMENTS = {"sine": (SineConfig, run_sine), "bench": (BenchConfig, run_bench)}
+TRAINED = ("sine",)  # the commands with checkpoints
 
 
 def build_parser():
@@ -745,8 +883,9 @@ def build_parser():
         p = sub.add_parser(name, help=cls.__doc__.splitlines()[0], description=cls.__doc__)
         _add_config_flags(p, cls)
         p.add_argument("--json", metavar="PATH", help="write the final metrics to this JSON file")
-        p.add_argument("--save", metavar="PATH", help="write a checkpoint (.npz) here as training goes")
-        p.add_argument("--load", metavar="PATH", help="resume from this checkpoint")
+        if name in TRAINED:
+            p.add_argument("--save", metavar="PATH", help="write a checkpoint (.npz) here as training goes")
+            p.add_argument("--load", metavar="PATH", help="resume from this checkpoint")
     return parser
 
 
@@ -763,16 +902,21 @@ def _tune_allocator():
         ctypes.CDLL(None).mallopt(-2, 64 << 20)  # M_TOP_PAD = -2
 
 
+DEFAULT_COMMAND = "sine"  # what plain `python metarl_min.py [flags]` runs
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = [DEFAULT_COMMAND] + argv
     args = build_parser().parse_args(argv)
-    command = args.command or "sine"
-    if args.command is None:
-        args = build_parser().parse_args([command] + list(argv or []))
+    command = args.command
     cls, run = EXPERIMENTS[command]
     config = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
     _tune_allocator()
     try:
-        run(config, json_path=args.json, save=args.save, load=args.load)
+        files = dict(save=args.save, load=args.load) if command in TRAINED else {}
+        run(config, json_path=args.json, **files)
     except (ValueError, TypeError, OSError) as e:  # bad flags or files: one line, no traceback
         print(f"metarl_min.py {command}: error: {e}", file=sys.stderr)
         return 2

@@ -653,6 +653,16 @@ class TestSine(unittest.TestCase):
                     self.assertIn(message, proc.stderr)
                     self.assertNotIn("Traceback", proc.stderr)
 
+    def test_bench_quick_writes_json(self):
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "bench.json")
+            status, out, _ = _run_main(["bench", "--quick", "--rounds", "1", "--json", path])
+            self.assertEqual(status, 0)
+            result = json.load(open(path))
+        self.assertGreater(result["env_steps_per_second"]["VecCartPole N=256"], 0)
+        self.assertGreater(result["meta_grad_ms"]["maml_grad second-order, batched"], 0)
+        self.assertIn("maml_grad first-order, batched", out)
+
     def test_help(self):
         proc = _cli("sine", "--help")
         self.assertEqual(proc.returncode, 0)
