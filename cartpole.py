@@ -156,6 +156,15 @@ class _Physics:
     ``total_mass`` and ``polemass_length`` are properties, so they follow any
     change to ``masspole``, ``masscart`` or ``length``."""
 
+    def _init_physics(self, num_envs, kinematics_integrator, max_episode_steps, sutton_barto_reward, **physics):
+        """Check and set the physics (scalars, or (num_envs,) arrays when num_envs is given) and options."""
+        for name, value in _check_physics(num_envs, **physics).items():
+            setattr(self, name, value)
+        _check_options(kinematics_integrator, max_episode_steps)
+        self.kinematics_integrator = kinematics_integrator
+        self.max_episode_steps = int(max_episode_steps)
+        self.sutton_barto_reward = bool(sutton_barto_reward)
+
     @property
     def total_mass(self):
         return self.masspole + self.masscart
@@ -179,14 +188,8 @@ class CartPoleEnv(_Physics):
 
     def __init__(self, gravity=GRAVITY, masscart=MASSCART, masspole=MASSPOLE, length=LENGTH, force_mag=FORCE_MAG,
                  tau=TAU, kinematics_integrator="euler", max_episode_steps=MAX_EPISODE_STEPS, sutton_barto_reward=False):
-        physics = _check_physics(gravity=gravity, masscart=masscart, masspole=masspole, length=length,
-                                 force_mag=force_mag, tau=tau)
-        _check_options(kinematics_integrator, max_episode_steps)
-        self.gravity, self.masscart, self.masspole = physics["gravity"], physics["masscart"], physics["masspole"]
-        self.length, self.force_mag, self.tau = physics["length"], physics["force_mag"], physics["tau"]
-        self.kinematics_integrator = kinematics_integrator
-        self.max_episode_steps = int(max_episode_steps)
-        self.sutton_barto_reward = bool(sutton_barto_reward)
+        self._init_physics(None, kinematics_integrator, max_episode_steps, sutton_barto_reward, gravity=gravity,
+                           masscart=masscart, masspole=masspole, length=length, force_mag=force_mag, tau=tau)
         self.action_space = Discrete(2)
         self.observation_space = Box(-_OBS_HIGH, _OBS_HIGH)
         self.np_random = None  # made by the first reset
@@ -319,14 +322,9 @@ class VecCartPole(_Physics):
         if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be an integer >= 1, got {num_envs!r}")
         self.num_envs = int(num_envs)
-        physics = _check_physics(self.num_envs, gravity=gravity, masscart=masscart, masspole=masspole,
-                                 length=length, force_mag=force_mag, tau=tau)
-        _check_options(kinematics_integrator, max_episode_steps)
-        self.gravity, self.masscart, self.masspole = physics["gravity"], physics["masscart"], physics["masspole"]
-        self.length, self.force_mag, self.tau = physics["length"], physics["force_mag"], physics["tau"]
-        self.kinematics_integrator = kinematics_integrator
-        self.max_episode_steps = int(max_episode_steps)
-        self.sutton_barto_reward = bool(sutton_barto_reward)
+        self._init_physics(self.num_envs, kinematics_integrator, max_episode_steps, sutton_barto_reward,
+                           gravity=gravity, masscart=masscart, masspole=masspole, length=length, force_mag=force_mag,
+                           tau=tau)
         self.single_action_space = Discrete(2)
         self.single_observation_space = Box(-_OBS_HIGH, _OBS_HIGH)
         self.np_random = None
