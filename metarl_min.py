@@ -99,6 +99,8 @@ def _mm(h, W):
 
     A shared W is one (T*K, in) @ (in, out) product: a single BLAS call
     instead of T small ones."""
+    if h.shape[-1] == 1:  # a product over a length-1 axis is a broadcast multiply: no BLAS call per task
+        return h * W[..., None, 0, :] if W.ndim == 3 else h * W[0]
     if W.ndim == 2 and h.ndim == 3:
         return (h.reshape(-1, h.shape[-1]) @ W).reshape(h.shape[:-1] + W.shape[-1:])
     return h @ W
@@ -154,7 +156,7 @@ def mlp_rop(params, hs, back, v, r_d_out_fn, activation="tanh"):
     # Forward:  R{z_l} = R{h_l} W_l + h_l V_l + Vb_l,   R{h_{l+1}} = f'(z_l) R{z_l}   (R{h_0} = R{x} = 0)
     r_hs, r_zs = [None] * n_layers, [None] * n_layers
     for l in range(n_layers):
-        r_z = hs[l] @ v[2 * l] + v[2 * l + 1][..., None, :]
+        r_z = _mm(hs[l], v[2 * l]) + v[2 * l + 1][..., None, :]
         if l > 0:
             r_z += _mm(r_hs[l], params[2 * l])
         r_zs[l] = r_z
