@@ -619,7 +619,7 @@ def load_checkpoint(path, config):
     return meta["iteration"], rng, models, optimisers
 
 
-def sine_train(config, save=None, load=None, log=print):
+def sine_train(config, save=None, load=None):
     """Meta-train MAML and, on the same tasks, the pretrained baseline (one network
     fit to all tasks jointly). Returns (maml_params, pretrained_params)."""
     sizes = (1, config.hidden, config.hidden, 1)
