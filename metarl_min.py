@@ -279,7 +279,7 @@ def loss_and_grad(params, batch, loss="mse", activation="tanh", scale=1.0):
 
 def hvp(params, batch, v, loss="mse", activation="tanh", cache=None):
     """Exact per-task Hessian-vector product H_t v_t of the loss at params."""
-    x, target = batch
+    target = batch[1]
     if cache is None:
         _, _, cache = loss_and_grad(params, batch, loss, activation)
     out, hs, back = cache
@@ -290,6 +290,13 @@ def hvp(params, batch, v, loss="mse", activation="tanh", cache=None):
 # ============================================================================
 # 3. Meta-learning: MAML (second- and first-order), Meta-SGD, Reptile, Adam.
 # ============================================================================
+def concat_batches(a, b):
+    """One batch of the samples of a, then b, for each task: join along the K axis (targets may be pairs)."""
+    join = lambda u, v: np.concatenate([u, v], axis=1)
+    target = join(a[1], b[1]) if isinstance(a[1], np.ndarray) else tuple(map(join, a[1], b[1]))
+    return join(a[0], b[0]), target
+
+
 def _check_activation(activation):
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
@@ -364,13 +371,18 @@ def _check_meta_args(params, support, query, loss, inner_steps, activation):
     return support, query
 
 
+def _per_param(inner_lr, params):
+    """inner_lr as one rate per parameter array: a list (Meta-SGD) as it is, a float repeated."""
+    return inner_lr if isinstance(inner_lr, list) else [inner_lr] * len(params)
+
+
 def adapt(params, support, loss="mse", inner_lr=0.01, inner_steps=1, activation="tanh"):
     """The inner loop: theta_t <- theta_t - inner_lr * grad L_support,t(theta_t), inner_steps times.
 
     Returns per-task params (leading axis T) and, for the meta-backward, the
     params and caches at every step. inner_lr is a float, or a list shaped as
     params (Meta-SGD's per-parameter rates)."""
-    lrs = inner_lr if isinstance(inner_lr, list) else [inner_lr] * len(params)
+    lrs = _per_param(inner_lr, params)
     thetas, caches, inner_grads = [list(params)], [], []
     for _ in range(inner_steps):
         _, grads, cache = loss_and_grad(thetas[-1], support, loss, activation)
@@ -386,7 +398,7 @@ def _maml(params, support, query, loss, inner_lr, inner_steps, first_order, acti
     # v = d meta_loss / d theta'_t, per task; meta_loss = mean_t L_query,t(theta'_t)
     losses, v, _ = loss_and_grad(thetas[-1], query, loss, activation, scale=1.0 / support[0].shape[0])
     meta_lr = isinstance(inner_lr, list)
-    lrs = inner_lr if meta_lr else [inner_lr] * len(params)
+    lrs = _per_param(inner_lr, params)
     lr_grads = [np.zeros_like(p) for p in params] if meta_lr else None
 
     # ===================== Differentiating through the inner update =====================
@@ -448,11 +460,8 @@ def reptile_grad(params, support, query, loss="mse", inner_lr=0.01, inner_steps=
     data (Nichol et al. 2018, Algorithm 2, batched). Returns the mean query
     loss before adaptation (for monitoring) and the direction."""
     support, query = _check_meta_args(params, support, query, loss, inner_steps, activation)
-    both = (np.concatenate([support[0], query[0]], axis=1),
-            np.concatenate([support[1], query[1]], axis=1) if loss == "mse" else
-            tuple(np.concatenate([s, q], axis=1) for s, q in zip(support[1], query[1])))
     losses, _, _ = loss_and_grad(params, query, loss, activation)
-    thetas, _, _ = adapt(params, both, loss, inner_lr, inner_steps, activation)
+    thetas, _, _ = adapt(params, concat_batches(support, query), loss, inner_lr, inner_steps, activation)
     return float(losses.mean()), [(p - t.mean(axis=0) if t.ndim > p.ndim else p - t).astype(p.dtype, copy=False)
                                   for p, t in zip(params, thetas[-1])]
 
@@ -640,7 +649,7 @@ def sine_train(config, save=None, load=None):
                                      config.first_order, "relu")
         models["maml"], opts["maml"] = adam_step(models["maml"], grads, opts["maml"], config.meta_lr)
         # The baseline sees the same points, support and query alike, with no inner step.
-        both = tuple(np.concatenate(pair, axis=1) for pair in zip(support, query))
+        both = concat_batches(support, query)
         joint_loss, grads = maml_grad(models["pretrained"], both, both, "mse", inner_steps=0, activation="relu")
         models["pretrained"], opts["pretrained"] = adam_step(models["pretrained"], grads, opts["pretrained"],
                                                              config.meta_lr)
@@ -919,7 +928,7 @@ def main(argv=None):
     try:
         files = dict(save=args.save, load=args.load) if command in TRAINED else {}
         run(config, json_path=args.json, **files)
-    except (ValueError, TypeError, OSError) as e:  # bad flags or files: one line, no traceback
+    except (ValueError, OSError) as e:  # bad flags or files: one line, no traceback
         print(f"metarl_min.py {command}: error: {e}", file=sys.stderr)
         return 2
     return 0
