@@ -37,6 +37,8 @@ import time
 
 import numpy as np
 
+import cartpole
+
 # ============================================================================
 # 1. The model: an MLP, its backward pass, and its R-operator.
 # ============================================================================
@@ -71,11 +73,14 @@ def relu_d2(h):  # 0 almost everywhere: a scalar, so the R-operator skips the te
 ACTIVATIONS = {"tanh": (tanh, tanh_d1, tanh_d2), "relu": (relu, relu_d1, relu_d2)}
 
 
-def init_mlp(sizes, rng, activation="tanh", dtype=np.float32):
+def init_mlp(sizes, rng, activation="tanh", dtype=np.float32, bias_outputs=0):
     """Params [W1, b1, ...] for layer sizes e.g. (1, 40, 40, 1).
 
     W and b uniform in +-1/sqrt(fan_in) (PyTorch's nn.Linear default), scaled
-    by sqrt(2) for ReLU (He et al. 2015) so activations keep their scale."""
+    by sqrt(2) for ReLU (He et al. 2015) so activations keep their scale.
+    bias_outputs > 0 makes the last that many outputs bias-only, the same for
+    every input and starting at 0: the last W has that many fewer columns than
+    its b (a Gaussian policy's state-independent log-std, as in rllab)."""
     _check_activation(activation)
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
@@ -87,6 +92,11 @@ def init_mlp(sizes, rng, activation="tanh", dtype=np.float32):
         bound = gain / math.sqrt(n_in)
         params.append(rng.uniform(-bound, bound, size=(n_in, n_out)).astype(dtype))
         params.append(rng.uniform(-bound, bound, size=(n_out,)).astype(dtype) / gain)
+    if not 0 <= bias_outputs < sizes[-1]:
+        raise ValueError(f"bias_outputs must be in [0, {sizes[-1]}), the outputs, got {bias_outputs!r}")
+    if bias_outputs:
+        params[-2] = params[-2][:, :-bias_outputs].copy()
+        params[-1][-bias_outputs:] = 0.0
     return params
 
 
@@ -106,6 +116,16 @@ def _mm(h, W):
     return h @ W
 
 
+def _affine(h, W, b):
+    """z = h W + b. Where b is longer than W has columns (the output layer of
+    init_mlp(bias_outputs=...)), the extra outputs are b's alone: (T, K, len(b))."""
+    n_w = W.shape[-1]
+    z = _mm(h, W) + b[..., None, :n_w]  # (T, K, in) @ ((T,) in, out) -> (T, K, out)
+    if b.shape[-1] == n_w:
+        return z
+    return np.concatenate([z, np.broadcast_to(b[..., None, n_w:], z.shape[:-1] + (b.shape[-1] - n_w,))], axis=-1)
+
+
 def mlp_forward(params, x, activation="tanh"):
     """out (T, K, n_out) and hs, the inputs of each layer: hs[0] = x, hs[l] = f(z_{l-1}).
 
@@ -115,7 +135,7 @@ def mlp_forward(params, x, activation="tanh"):
     n_layers = len(params) // 2
     for l in range(n_layers):
         W, b = params[2 * l], params[2 * l + 1]
-        z = _mm(hs[l], W) + b[..., None, :]  # (T, K, in) @ ((T,) in, out) -> (T, K, out)
+        z = _affine(hs[l], W, b)
         if l == n_layers - 1:
             return z, hs
         hs.append(f(z))
@@ -133,10 +153,11 @@ def mlp_backward(params, hs, d_out, activation="tanh"):
     delta = d_out
     for l in reversed(range(n_layers)):
         deltas[l] = delta
-        grads[2 * l] = _T(hs[l]) @ delta  # dL/dW_l = h_l^T delta_l:  (T, in, K) @ (T, K, out)
+        delta_w = delta[..., :params[2 * l].shape[-1]]  # the outputs that W_l reaches (all but bias-only ones)
+        grads[2 * l] = _T(hs[l]) @ delta_w  # dL/dW_l = h_l^T delta_l:  (T, in, K) @ (T, K, out)
         grads[2 * l + 1] = delta.sum(axis=-2)  # dL/db_l = sum_k delta_l
         if l > 0:
-            ghs[l] = _mm(delta, _T(params[2 * l]))  # dL/dh_l = delta_l W_l^T
+            ghs[l] = _mm(delta_w, _T(params[2 * l]))  # dL/dh_l = delta_l W_l^T
             delta = ghs[l] * d1(hs[l])  # through h_l = f(z_{l-1}):  dL/dz_{l-1}
     return grads, (deltas, ghs)
 
@@ -156,9 +177,9 @@ def mlp_rop(params, hs, back, v, r_d_out_fn, activation="tanh"):
     # Forward:  R{z_l} = R{h_l} W_l + h_l V_l + Vb_l,   R{h_{l+1}} = f'(z_l) R{z_l}   (R{h_0} = R{x} = 0)
     r_hs, r_zs = [None] * n_layers, [None] * n_layers
     for l in range(n_layers):
-        r_z = _mm(hs[l], v[2 * l]) + v[2 * l + 1][..., None, :]
+        r_z = _affine(hs[l], v[2 * l], v[2 * l + 1])
         if l > 0:
-            r_z += _mm(r_hs[l], params[2 * l])
+            r_z[..., :params[2 * l].shape[-1]] += _mm(r_hs[l], params[2 * l])
         r_zs[l] = r_z
         if l < n_layers - 1:
             r_hs[l + 1] = d1(hs[l + 1]) * r_z
@@ -166,15 +187,17 @@ def mlp_rop(params, hs, back, v, r_d_out_fn, activation="tanh"):
     r_delta = r_d_out_fn(r_zs[-1])
     hv = [None] * len(params)
     for l in reversed(range(n_layers)):
+        n_w = params[2 * l].shape[-1]  # the outputs that W_l reaches
+        r_delta_w, delta_w = r_delta[..., :n_w], deltas[l][..., :n_w]
         # R{dL/dW_l} = h_l^T R{delta_l} + R{h_l}^T delta_l   (one matmul: [h_l, R{h_l}]^T [R{delta_l}; delta_l])
         if l == 0:
-            hv[0] = _T(hs[0]) @ r_delta
+            hv[0] = _T(hs[0]) @ r_delta_w
         else:
-            hv[2 * l] = _T(np.concatenate([hs[l], r_hs[l]], axis=-2)) @ np.concatenate([r_delta, deltas[l]], axis=-2)
+            hv[2 * l] = _T(np.concatenate([hs[l], r_hs[l]], axis=-2)) @ np.concatenate([r_delta_w, delta_w], axis=-2)
         hv[2 * l + 1] = r_delta.sum(axis=-2)  # R{dL/db_l} = sum_k R{delta_l}
         if l > 0:
             # R{dL/dh_l} = R{delta_l} W_l^T + delta_l V_l^T
-            r_gh = _mm(r_delta, _T(params[2 * l])) + deltas[l] @ _T(v[2 * l])
+            r_gh = _mm(r_delta_w, _T(params[2 * l])) + delta_w @ _T(v[2 * l])
             # R{delta_{l-1}} = f''(z_{l-1}) R{z_{l-1}} dL/dh_l + f'(z_{l-1}) R{dL/dh_l}
             r_delta = d1(hs[l]) * r_gh
             curvature = d2(hs[l])
@@ -482,9 +505,130 @@ def adam_step(params, grads, state, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
     return new, {"m": m, "v": v, "t": t}
 
 
+# ----------------------------------------------------------------------------
+# Policy gradients: one rollout function, returns, a baseline, advantages.
+# ----------------------------------------------------------------------------
+# A batch of episodes is a dict of arrays with a task axis T, E episodes per
+# task and H time steps (the longest episode; mask marks the real steps):
+#   obs (T, E, H, in), actions (T, E, H) int or (T, E, H, d), rewards (T, E, H), mask (T, E, H) bool.
+POLICIES = ("categorical", "gaussian")
+
+
+def sample_actions(out, rng, policy="categorical"):
+    """Actions of the policy whose network output is out (T, E, n_out):
+    categorical over softmax(out), or Gaussian N(mean, exp(log_std)^2) with out = [mean, log_std]."""
+    if policy == "categorical":  # inverse CDF: the first action whose cumulative probability exceeds u
+        cdf = np.cumsum(np.exp(log_softmax(out)), axis=-1)
+        u = rng.random(out.shape[:-1] + (1,))
+        return np.minimum((u > cdf).sum(axis=-1), out.shape[-1] - 1)
+    d = out.shape[-1] // 2
+    return out[..., :d] + np.exp(out[..., d:]) * rng.standard_normal(out.shape[:-1] + (d,), dtype=out.dtype)
+
+
+def rollout(params, env, n_tasks, rng, horizon, policy="categorical", activation="tanh"):
+    """One episode in each of the env.num_envs = n_tasks * E environments of a batched env.
+
+    env has the batched Gymnasium API of cartpole.VecCartPole (reset(seed=)
+    and step(actions) -> obs, reward, terminated, truncated, info); env i
+    belongs to task i // E. params are shared, or per task (a leading axis T).
+    Each env runs until its episode ends or `horizon` steps; the steps after
+    the end are masked out. Returns the batch dict described above."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    n_envs = env.num_envs
+    if n_tasks < 1 or n_envs % n_tasks:
+        raise ValueError(f"env.num_envs ({n_envs}) must be a multiple of n_tasks ({n_tasks})")
+    E = n_envs // n_tasks
+    ob, _ = env.reset(seed=int(rng.integers(2 ** 63)))
+    dtype = params[0].dtype
+    obs, actions, rewards, mask = [], [], [], []
+    alive = np.ones(n_envs, dtype=bool)
+    for _ in range(horizon):
+        x = ob.astype(dtype).reshape(n_tasks, E, -1)  # (T, E, in)
+        a = sample_actions(mlp_forward(params, x, activation)[0], rng, policy)  # (T, E) or (T, E, d)
+        ob, reward, terminated, truncated, _ = env.step(a.reshape((n_envs,) + a.shape[2:]))
+        obs.append(x)
+        actions.append(a)
+        rewards.append(np.where(alive, reward, 0.0).reshape(n_tasks, E))
+        mask.append(alive.reshape(n_tasks, E))
+        alive = alive & ~(terminated | truncated)  # what the env does after an episode's end is ignored
+        if not alive.any():
+            break
+    stack = lambda xs: np.stack(xs, axis=2)  # (T, E, H, ...)
+    return {"obs": stack(obs), "actions": stack(actions), "rewards": stack(rewards), "mask": stack(mask)}
+
+
+def discounted_returns(rewards, gamma=0.99):
+    """Rewards-to-go R_t = sum_{l>=0} gamma^l r_{t+l} along the last axis (masked rewards are 0)."""
+    returns = np.zeros(rewards.shape, dtype=np.float64)
+    running = np.zeros(rewards.shape[:-1])
+    for t in reversed(range(rewards.shape[-1])):
+        running = rewards[..., t] + gamma * running
+        returns[..., t] = running
+    return returns
+
+
+def baseline_features(obs, mask):
+    """The linear baseline's features (Duan et al. 2016, rllab's LinearFeatureBaseline):
+    [o, o^2, t, t^2, t^3, 1] with o = clip(obs, -10, 10) and t = step / 100;
+    zero where masked. obs (T, E, H, d) -> (T, E, H, 2 d + 4)."""
+    o = np.clip(obs.astype(np.float64), -10.0, 10.0)
+    t = np.broadcast_to((np.arange(obs.shape[2]) / 100.0)[:, None], obs.shape[:3] + (1,))
+    feats = np.concatenate([o, o * o, t, t * t, t ** 3, np.ones_like(t)], axis=-1)
+    return feats * mask[..., None]
+
+
+def fit_baseline(obs, returns, mask, reg=1e-5):
+    """Per task, the ridge regression of the returns on the features:
+    c_t = (F_t^T F_t + reg I)^-1 F_t^T R_t. Returns the fitted values (T, E, H), 0 where masked."""
+    feats = baseline_features(obs, mask)
+    T, n_feat = feats.shape[0], feats.shape[-1]
+    F = feats.reshape(T, -1, n_feat)  # (T, E*H, n_feat)
+    A = _T(F) @ F + reg * np.eye(n_feat)  # (T, n_feat, n_feat)
+    c = np.linalg.solve(A, _T(F) @ (returns * mask).reshape(T, -1, 1))  # (T, n_feat, 1)
+    return (F @ c).reshape(mask.shape)
+
+
+def advantages(rewards, values, mask, gamma=0.99, lam=1.0):
+    """GAE(lambda) (Schulman et al. 2016, eq. 16): A_t = sum_l (gamma lam)^l delta_{t+l},
+    delta_t = r_t + gamma V(s_{t+1}) - V(s_t), with V = 0 after the episode's last step.
+    lam = 1 gives R_t - V(s_t), the estimator of the MAML paper."""
+    next_values = np.concatenate([values[..., 1:] * mask[..., 1:], np.zeros(values.shape[:-1] + (1,))], axis=-1)
+    deltas = (rewards + gamma * next_values - values) * mask
+    return discounted_returns(deltas, gamma * lam) * mask
+
+
+def pg_batch(episodes, gamma=0.99, lam=1.0, dtype=np.float32):
+    """The "pg"/"gauss" loss's batch (x (T, K, in), (actions, weights (T, K))) from episodes.
+
+    weights = per-task normalised advantages / number of steps, so that the
+    loss is the mean of -A log pi over the task's steps. Only the real steps
+    are kept: each task's steps come first, and the padding (K is the largest
+    count of any task) has weight 0."""
+    mask, rewards = episodes["mask"], episodes["rewards"]
+    returns = discounted_returns(rewards, gamma)
+    adv = advantages(rewards, fit_baseline(episodes["obs"], returns, mask), mask, gamma, lam)
+    T = mask.shape[0]
+    flat_mask = mask.reshape(T, -1)
+    n = flat_mask.sum(axis=1, keepdims=True)  # (T, 1) steps per task
+    mean = adv.reshape(T, -1).sum(axis=1, keepdims=True) / n
+    std = np.sqrt(((adv.reshape(T, -1) - mean) ** 2 * flat_mask).sum(axis=1, keepdims=True) / n)
+    weights = (adv.reshape(T, -1) - mean) / (std + 1e-8) * flat_mask / n  # (T, E*H)
+    # Pack: the real steps of each task first (a stable sort of the mask), cut at the largest count.
+    order = np.argsort(~flat_mask, axis=1, kind="stable")[:, :int(n.max())]  # (T, K)
+    take = lambda a: np.take_along_axis(a.reshape((T, -1) + a.shape[3:]),
+                                        order.reshape(order.shape + (1,) * (a.ndim - 3)), axis=1)
+    return take(episodes["obs"]).astype(dtype), (take(episodes["actions"]), take(weights).astype(dtype))
+
+
+def episode_returns(episodes):
+    """Undiscounted return of each episode: (T, E)."""
+    return episodes["rewards"].sum(axis=-1)
+
 
 # ============================================================================
-# 4. Tasks: the sinusoid regression of the MAML paper (sec. 5.1).
+# 4. Tasks: the sinusoid regression and the 2D navigation of the MAML paper
+#    (secs. 5.1 and 5.3); CartPole's tasks are in cartpole.py.
 # ============================================================================
 SINE_AMPLITUDE = (0.1, 5.0)  # A ~ U[0.1, 5]
 SINE_PHASE = (0.0, math.pi)  # phase ~ U[0, pi]
@@ -501,6 +645,70 @@ def sample_sine_points(rng, amplitude, phase, k, dtype=np.float32):
     x = rng.uniform(*SINE_X, size=(amplitude.shape[0], k, 1))
     y = amplitude[:, None, None] * np.sin(x - phase[:, None, None])
     return x.astype(dtype), y.astype(dtype)
+
+
+# 2D navigation (MAML paper sec. 5.3), as in the authors' code (maml_rl,
+# rllab's PointEnvRandGoal): a point starts at the origin and moves towards a
+# goal it does not observe; the reward is minus its distance to the goal.
+NAV_GOAL_RANGE = (-0.5, 0.5)  # goal ~ U[-0.5, 0.5]^2
+NAV_MAX_SPEED = 0.1  # each velocity component is clipped to [-0.1, 0.1]
+NAV_TOLERANCE = 0.01  # the episode ends when |dx| and |dy| are both below this
+NAV_MAX_EPISODE_STEPS = 100
+
+
+def sample_nav_tasks(rng, n):
+    """Goals of n tasks: (n, 2)."""
+    return rng.uniform(*NAV_GOAL_RANGE, size=(n, 2))
+
+
+class VecNav2D:
+    """num_envs point robots, each with its own goal (goals: (num_envs, 2)),
+    with the batched API of cartpole.VecCartPole (same-step autoreset, the
+    ended episode's last observation in info["final_obs"]).
+
+    The observation is the position (2,). An action a (2,) is in the policy's
+    units: the velocity is clip(action_scale * a, -NAV_MAX_SPEED, NAV_MAX_SPEED),
+    as rllab's normalize wrapper maps [-1, 1] onto the action bounds in the
+    authors' code."""
+
+    def __init__(self, goals, max_episode_steps=NAV_MAX_EPISODE_STEPS, action_scale=NAV_MAX_SPEED):
+        goals = np.asarray(goals, dtype=np.float64)
+        if goals.ndim != 2 or goals.shape[1] != 2 or not np.isfinite(goals).all():
+            raise ValueError(f"goals must be a finite array of shape (num_envs, 2), got shape {goals.shape}")
+        if isinstance(max_episode_steps, bool) or not isinstance(max_episode_steps, (int, np.integer)) \
+                or max_episode_steps < 1:
+            raise ValueError(f"max_episode_steps must be an integer >= 1, got {max_episode_steps!r}")
+        self.num_envs, self.goals = goals.shape[0], goals.copy()
+        self.max_episode_steps, self.action_scale = int(max_episode_steps), float(action_scale)
+        self.pos = None  # (N, 2)
+        self.steps = np.zeros(self.num_envs, dtype=np.int64)
+
+    def reset(self, *, seed=None, options=None):
+        """Every point back at the origin (the start is not random: seed is accepted and unused)."""
+        self.pos = np.zeros((self.num_envs, 2))
+        self.steps[:] = 0
+        return self.pos.astype(np.float32), {}
+
+    def step(self, actions):
+        """actions (N, 2) -> obs (N, 2) float32, reward (N,) float32, terminated, truncated, info."""
+        actions = np.asarray(actions, dtype=np.float64)
+        if actions.shape != (self.num_envs, 2):
+            raise ValueError(f"actions must have shape ({self.num_envs}, 2), got {actions.shape}")
+        if self.pos is None:
+            raise RuntimeError("Call reset() before step().")
+        self.pos = self.pos + np.clip(self.action_scale * actions, -NAV_MAX_SPEED, NAV_MAX_SPEED)
+        d = self.pos - self.goals
+        reward = -np.sqrt((d * d).sum(axis=1))  # -||pos - goal||
+        terminated = (np.abs(d) < NAV_TOLERANCE).all(axis=1)
+        self.steps += 1
+        truncated = self.steps >= self.max_episode_steps
+        obs = self.pos.astype(np.float32)
+        done = terminated | truncated
+        final_obs = obs.copy()
+        self.pos[done] = 0.0
+        obs[done] = 0.0
+        self.steps[done] = 0
+        return obs, reward.astype(np.float32), terminated, truncated, {"final_obs": final_obs, "_final_obs": done}
 
 
 # ============================================================================
@@ -580,10 +788,11 @@ def write_json(path, obj):
     _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
-def save_checkpoint(path, config, iteration, rng, models, optimisers):
+def save_checkpoint(path, config, iteration, rng, models, optimisers, extra=None):
     """Save params, Adam states, RNG state, iteration and config to an .npz, atomically.
 
-    models / optimisers: dicts name -> params list / name -> adam state."""
+    models / optimisers: dicts name -> params list / name -> adam state;
+    extra: a JSON-able dict of whatever else the run needs to resume (counters, curves)."""
     arrays = {}
     for name, params in models.items():
         arrays.update({f"params/{name}/{i}": p for i, p in enumerate(params)})
@@ -592,7 +801,7 @@ def save_checkpoint(path, config, iteration, rng, models, optimisers):
             arrays.update({f"adam/{name}/{key}/{i}": a for i, a in enumerate(state[key])})
     meta = dict(format="metarl-min checkpoint 1", config=dataclasses.asdict(config), iteration=iteration,
                 rng=rng.bit_generator.state, adam_t={k: s["t"] for k, s in optimisers.items()},
-                models={k: len(p) for k, p in models.items()})
+                models={k: len(p) for k, p in models.items()}, extra=extra or {})
     arrays["meta"] = np.array(json.dumps(meta))
     _atomic_write(path, lambda f: np.savez(f, **arrays))
 
@@ -600,7 +809,7 @@ def save_checkpoint(path, config, iteration, rng, models, optimisers):
 def load_checkpoint(path, config):
     """Load a checkpoint written by save_checkpoint for the same config (iterations may differ).
 
-    Returns (iteration, rng, models, optimisers); ValueError if the file is
+    Returns (iteration, rng, models, optimisers, extra); ValueError if the file is
     not such a checkpoint or was made with other hyperparameters."""
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -625,7 +834,7 @@ def load_checkpoint(path, config):
         raise ValueError(f"{path} was made with other hyperparameters: {diff}")
     if meta["iteration"] > config.iterations:
         raise ValueError(f"{path} is at iteration {meta['iteration']}, past --iterations {config.iterations}")
-    return meta["iteration"], rng, models, optimisers
+    return meta["iteration"], rng, models, optimisers, meta["extra"]
 
 
 def sine_train(config, save=None, load=None):
@@ -633,7 +842,7 @@ def sine_train(config, save=None, load=None):
     fit to all tasks jointly). Returns (maml_params, pretrained_params)."""
     sizes = (1, config.hidden, config.hidden, 1)
     if load:
-        start, rng, models, opts = load_checkpoint(load, config)
+        start, rng, models, opts, _ = load_checkpoint(load, config)
     else:
         start, rng = 0, np.random.default_rng(config.seed)
         init = init_mlp(sizes, rng, "relu")
@@ -683,14 +892,18 @@ def sine_evaluate(params, config, rng, inner_lr, n_tasks):
     return {str(s): mean_ci95(loss_and_grad(thetas[s], query, "mse", "relu")[0]) for s in SINE_EVAL_STEPS}
 
 
-def _best_baseline_lr(params, config, rng):
-    """The fine-tuning step size with the lowest MSE (mean over 1, 5, 10 steps) on 100 validation tasks."""
+def best_step_size(score, step_sizes, rng):
+    """The step size with the lowest score(step_size, rng): each is scored on the
+    same validation draws (the generator restarts from its state for each). A
+    step size that diverges (overflow, a NaN score) counts as the worst."""
     state = rng.bit_generator.state
     scores = {}
-    for lr in SINE_BASELINE_LRS:
-        rng.bit_generator.state = state  # the same validation tasks for every step size
-        mse = sine_evaluate(params, config, rng, lr, 100)
-        scores[lr] = np.mean([mse[s][0] for s in ("1", "5", "10")])
+    for lr in step_sizes:
+        rng.bit_generator.state = state
+        with np.errstate(over="ignore", invalid="ignore"):
+            scores[lr] = score(lr, rng)
+        if not np.isfinite(scores[lr]):
+            scores[lr] = np.inf
     return min(scores, key=scores.get)
 
 
@@ -701,7 +914,9 @@ def run_sine(config, json_path=None, save=None, load=None):
           f"-order, {config.iterations} iterations x {config.meta_batch} tasks, seed {config.seed}")
     maml, pretrained = sine_train(config, save, load)
     # Evaluation streams of their own: resuming cannot change them; both models see the same tasks.
-    baseline_lr = _best_baseline_lr(pretrained, config, np.random.default_rng([config.seed, 2]))
+    # The baseline's step size: the lowest MSE (mean over 1, 5, 10 steps) on 100 validation tasks.
+    baseline_lr = best_step_size(lambda lr, rng: np.mean([m for s, (m, _) in sine_evaluate(
+        pretrained, config, rng, lr, 100).items() if s != "0"]), SINE_BASELINE_LRS, np.random.default_rng([config.seed, 2]))
     ours = sine_evaluate(maml, config, np.random.default_rng([config.seed, 1]), config.inner_lr, config.eval_tasks)
     base = sine_evaluate(pretrained, config, np.random.default_rng([config.seed, 1]), baseline_lr, config.eval_tasks)
     seconds = time.perf_counter() - t0
@@ -723,6 +938,235 @@ def run_sine(config, json_path=None, save=None, load=None):
     if json_path:
         write_json(json_path, result)
     return result
+
+
+# ----------------------------------------------------------------------------
+# Meta-RL: policy-gradient MAML (MAML paper sec. 5.3) on CartPole tasks and on
+# 2D navigation, beside a policy pretrained on all tasks and a random one.
+# ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class CartPoleConfig:
+    """Meta-RL on CartPole tasks, half with the actuator reversed (cartpole.py's "reversed" family)."""
+    iterations: int = hparam(100, "meta-training iterations (the total, also when resuming)", 1)
+    meta_batch: int = hparam(20, "tasks per meta-iteration", 1)
+    fast_batch: int = hparam(20, "episodes per task for each inner step and for the outer step", 1)
+    inner_lr: float = hparam(0.5, "alpha: step size of the inner policy-gradient step", 0.0)
+    meta_lr: float = hparam(0.01, "beta: Adam step size of the outer loop", 0.0)
+    hidden: int = hparam(32, "units in each of the two hidden layers of the policy", 1)
+    gamma: float = hparam(0.99, "discount of the returns-to-go", 0.0, 1.0)
+    gae_lambda: float = hparam(1.0, "GAE lambda; 1 is returns minus the baseline, as in the paper", 0.0, 1.0)
+    algorithm: str = hparam("maml", "the meta-learner, on the same rollouts", choices=("maml", "reptile"))
+    first_order: bool = hparam(False, "first-order MAML: drop the second-order term")
+    reptile_steps: int = hparam(3, "Reptile only: SGD steps on each task's pre- and post-update episodes", 1, 20)
+    eval_tasks: int = hparam(40, "held-out tasks for the final evaluation", 2)
+    seed: int = hparam(0, "seed of every random draw", 0)
+    log_every: int = hparam(5, "iterations between progress lines and checkpoints", 1)
+
+
+@dataclasses.dataclass
+class Nav2DConfig(CartPoleConfig):
+    """Meta-RL on the MAML paper's 2D navigation: reach a goal the policy does not observe."""
+    iterations: int = hparam(300, "meta-training iterations (the total, also when resuming)", 1)
+    inner_lr: float = hparam(0.1, "alpha: step size of the inner policy-gradient step (the paper's 0.1)", 0.0)
+    meta_lr: float = hparam(0.003, "beta: Adam step size of the outer loop", 0.0)
+    hidden: int = hparam(100, "units in each of the two hidden ReLU layers (the paper's 100)", 1)
+    log_every: int = hparam(10, "iterations between progress lines and checkpoints", 1)
+
+
+def cartpole_envs(tasks, episodes):
+    """A VecCartPole holding `episodes` copies of each task's physics, task after task."""
+    n_tasks = len(tasks["force_mag"])
+    return cartpole.VecCartPole(n_tasks * episodes, **{k: np.repeat(v, episodes) for k, v in tasks.items()})
+
+
+def nav_envs(goals, episodes):
+    """A VecNav2D holding `episodes` copies of each task's goal, task after task."""
+    return VecNav2D(np.repeat(goals, episodes, axis=0))
+
+
+# What differs between the two meta-RL problems; everything else is shared.
+META_RL_PROBLEMS = {
+    "cartpole": dict(sample_tasks=lambda rng, n: cartpole.sample_tasks(rng, n, "reversed"), make_env=cartpole_envs,
+                     n_in=4, n_out=2, bias_outputs=0, policy="categorical", loss="pg", activation="tanh",
+                     horizon=cartpole.MAX_EPISODE_STEPS),
+    # The Gaussian policy's log-std is state-independent, as in the authors' code: the last 2 of
+    # the 4 outputs [mean, log_std] are bias-only (init_mlp's bias_outputs).
+    "nav2d": dict(sample_tasks=sample_nav_tasks, make_env=nav_envs, n_in=2, n_out=4, bias_outputs=2, policy="gaussian",
+                  loss="gauss", activation="relu", horizon=NAV_MAX_EPISODE_STEPS),
+}
+RL_EVAL_STEPS = (0, 1, 2, 3)
+# The baselines adapt with the best of these step sizes on validation tasks; MAML uses inner_lr.
+RL_BASELINE_LRS = (0.1, 0.3, 1.0, 3.0)
+# The MAML paper, Table 4 (2D navigation), MAML row: return after 0, 1, 2, 3 policy-gradient steps.
+NAV_PAPER = {"0": -40.41, "1": -11.68, "2": -3.33, "3": -3.23}
+
+
+def meta_rl_train(problem, config, save=None, load=None):
+    """Meta-train (MAML or Reptile) and, on the same tasks with as many env
+    steps, the pretrained baseline (one policy trained on all tasks jointly).
+
+    Each iteration: sample meta_batch tasks; run fast_batch episodes of the
+    policy in each (support); take one inner policy-gradient step per task;
+    run fast_batch episodes of each adapted policy (query); step Adam on the
+    meta-gradient. Returns (meta params, pretrained params, extra) where extra
+    holds env_steps and the training curve."""
+    spec = META_RL_PROBLEMS[problem]
+    loss, act = spec["loss"], spec["activation"]
+    if load:
+        start, rng, models, opts, extra = load_checkpoint(load, config)
+    else:
+        start, rng = 0, np.random.default_rng(config.seed)
+        init = init_mlp((spec["n_in"], config.hidden, config.hidden, spec["n_out"]), rng, act,
+                        bias_outputs=spec["bias_outputs"])
+        models = {"meta": init, "pretrained": [p.copy() for p in init]}
+        opts = {k: adam_init(p) for k, p in models.items()}
+        extra = {"env_steps": 0, "curve": []}  # curve: [iteration, pre, post, pretrained] per progress line
+    T = config.meta_batch
+    roll = lambda params, env: rollout(params, env, T, rng, spec["horizon"], spec["policy"], act)
+    batch = lambda episodes: pg_batch(episodes, config.gamma, config.gae_lambda)
+    mean_return = lambda episodes: float(episode_returns(episodes).mean())
+    progress = Progress(config.iterations, start)
+    window = []
+    for it in range(start, config.iterations):
+        tasks = spec["sample_tasks"](rng, T)
+        env = spec["make_env"](tasks, config.fast_batch)
+        pre = roll(models["meta"], env)
+        support = batch(pre)
+        adapted = adapt(models["meta"], support, loss, config.inner_lr, 1, act)[0][-1]
+        post = roll(adapted, env)
+        query = batch(post)
+        if config.algorithm == "reptile":
+            _, grads = reptile_grad(models["meta"], support, query, loss, config.inner_lr, config.reptile_steps, act)
+        else:
+            _, grads = maml_grad(models["meta"], support, query, loss, config.inner_lr, 1, config.first_order, act)
+        models["meta"], opts["meta"] = adam_step(models["meta"], grads, opts["meta"], config.meta_lr)
+        # The baseline: 2 * fast_batch episodes per task, a plain policy-gradient step on all of them.
+        joint = roll(models["pretrained"], spec["make_env"](tasks, 2 * config.fast_batch))
+        both = batch(joint)
+        _, grads = maml_grad(models["pretrained"], both, both, loss, inner_steps=0, activation=act)
+        models["pretrained"], opts["pretrained"] = adam_step(models["pretrained"], grads, opts["pretrained"],
+                                                             config.meta_lr)
+        extra["env_steps"] += int(sum(e["mask"].sum() for e in (pre, post, joint)))
+        window.append((mean_return(pre), mean_return(post), mean_return(joint)))
+        if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
+            pre_r, post_r, joint_r = np.mean(window, axis=0)
+            progress(it + 1, pre_return=pre_r, post_return=post_r, pretrained_return=joint_r)
+            extra["curve"].append([it + 1, pre_r, post_r, joint_r])
+            window = []
+            if save:
+                save_checkpoint(save, config, it + 1, rng, models, opts, extra)
+    return models["meta"], models["pretrained"], extra
+
+
+def meta_rl_evaluate(params, problem, config, tasks, rng, inner_lr):
+    """Each task's mean return after 0, 1, 2, 3 inner policy-gradient steps of
+    inner_lr, each step on fresh_batch fresh episodes of the current policy
+    (which also give the return at that step): {steps: (n_tasks,) returns}."""
+    spec = META_RL_PROBLEMS[problem]
+    env = spec["make_env"](tasks, config.fast_batch)
+    n_tasks = env.num_envs // config.fast_batch
+    result = {}
+    for s in RL_EVAL_STEPS:
+        episodes = rollout(params, env, n_tasks, rng, spec["horizon"], spec["policy"], spec["activation"])
+        result[str(s)] = episode_returns(episodes).mean(axis=1)
+        if s < max(RL_EVAL_STEPS):
+            batch = pg_batch(episodes, config.gamma, config.gae_lambda)
+            params = adapt(params, batch, spec["loss"], inner_lr, 1, spec["activation"])[0][-1]
+    return result
+
+
+def _check_plot(plot):
+    """matplotlib for --plot, imported only now; a clear error (before any training) when it is absent."""
+    if plot is None:
+        return None
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
+    return plt
+
+
+def plot_meta_rl(plt, path, title, curve, results):
+    """The meta-training curve and the adaptation bars (mean and 95% CI per step), as a PNG."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    curve = np.asarray(curve)
+    for col, label in ((1, "MAML, before adaptation"), (2, "MAML, after one step"), (3, "pretrained")):
+        left.plot(curve[:, 0], curve[:, col], label=label)
+    left.set(xlabel="meta-iteration", ylabel="mean return", title="meta-training")
+    left.legend()
+    width = 0.8 / len(results)
+    for i, (label, steps) in enumerate(results.items()):
+        means, cis = zip(*steps.values())
+        right.bar(np.arange(len(steps)) + i * width, means, width, yerr=cis, capsize=3, label=label)
+    right.set(xticks=np.arange(len(RL_EVAL_STEPS)) + width * (len(results) - 1) / 2, xticklabels=RL_EVAL_STEPS,
+              xlabel="inner policy-gradient steps on the held-out task", ylabel="mean return",
+              title="adaptation on held-out tasks")
+    right.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+def run_meta_rl(problem, config, json_path=None, save=None, load=None, plot=None):
+    check_config(config)
+    plt = _check_plot(plot)
+    t0 = time.perf_counter()
+    spec = META_RL_PROBLEMS[problem]
+    name = f"{'first-order ' if config.first_order else ''}MAML" if config.algorithm == "maml" else "Reptile"
+    print(f"{problem}: {name}, {config.iterations} iterations x {config.meta_batch} tasks x {config.fast_batch} "
+          f"episodes, seed {config.seed}")
+    meta, pretrained, extra = meta_rl_train(problem, config, save, load)
+    # Held-out tasks, validation tasks and the random init: streams of their own, untouched by resuming.
+    tasks = spec["sample_tasks"](np.random.default_rng([config.seed, 1]), config.eval_tasks)
+    validation = spec["sample_tasks"](np.random.default_rng([config.seed, 2]), 20)
+    random_init = init_mlp((spec["n_in"], config.hidden, config.hidden, spec["n_out"]),
+                           np.random.default_rng([config.seed, 3]), spec["activation"],
+                           bias_outputs=spec["bias_outputs"])
+    models = {name: (meta, config.inner_lr), "pretrained": (pretrained, None), "random init": (random_init, None)}
+    results = {}
+    for label, (params, lr) in models.items():
+        if lr is None:  # a baseline: its best step size, by the mean return after 1-3 steps on validation tasks
+            lr = best_step_size(lambda lr, rng: -np.mean([r.mean() for s, r in meta_rl_evaluate(
+                params, problem, config, validation, rng, lr).items() if s != "0"]), RL_BASELINE_LRS,
+                np.random.default_rng([config.seed, 4]))
+        returns = meta_rl_evaluate(params, problem, config, tasks, np.random.default_rng([config.seed, 5]), lr)
+        results[label] = {s: mean_ci95(r) for s, r in returns.items()}
+        models[label] = (params, lr)
+    seconds = time.perf_counter() - t0
+
+    print(f"\n{problem}: mean return on {config.eval_tasks} held-out tasks (+- 95% CI) after k policy-gradient "
+          f"steps of {config.fast_batch} episodes each; seed {config.seed}")
+    print(f"{'steps':>5}" + "".join(f"  {f'{label} (lr {models[label][1]})':>22}" for label in results)
+          + ("  MAML (paper)" if problem == "nav2d" else ""))
+    for s in map(str, RL_EVAL_STEPS):
+        print(f"{s:>5}" + "".join(f"  {results[label][s][0]:12.2f} +- {results[label][s][1]:6.2f}" for label in results)
+              + (f"  {NAV_PAPER[s]:12.2f}" if problem == "nav2d" else ""))
+    print(f"({extra['env_steps']:,} training env steps; {seconds:.0f} s)")
+    ours, base, rand = (results[k] for k in (name, "pretrained", "random init"))
+    result = {"return": {s: m for s, (m, _) in ours.items()}, "return_ci95": {s: c for s, (_, c) in ours.items()},
+              "pretrained_return": {s: m for s, (m, _) in base.items()},
+              "pretrained_return_ci95": {s: c for s, (_, c) in base.items()},
+              "random_init_return": {s: m for s, (m, _) in rand.items()},
+              "random_init_return_ci95": {s: c for s, (_, c) in rand.items()},
+              "baseline_lr": {"pretrained": models["pretrained"][1], "random init": models["random init"][1]},
+              "env_steps": extra["env_steps"], "seconds": seconds, "config": dataclasses.asdict(config)}
+    if json_path:
+        write_json(json_path, result)
+    if plt is not None:
+        plot_meta_rl(plt, plot, f"{problem}: {name}, seed {config.seed}", extra["curve"], results)
+        print(f"plot written to {plot}")
+    return result
+
+
+def run_cartpole(config, json_path=None, save=None, load=None, plot=None):
+    return run_meta_rl("cartpole", config, json_path, save, load, plot)
+
+
+def run_nav2d(config, json_path=None, save=None, load=None, plot=None):
+    return run_meta_rl("nav2d", config, json_path, save, load, plot)
 
 
 @dataclasses.dataclass
@@ -759,7 +1203,6 @@ def bench_env(config, rng):
     """Env steps per second: VecCartPole at several N, a Python loop of CartPoleEnv,
     and Gymnasium's CartPoleVectorEnv when it is installed. Random actions, so
     episodes end and autoreset is part of the figure."""
-    import cartpole
     sizes = (256,) if config.quick else (1024, 16384)
     gym_cartpole = _optional("gymnasium.envs.classic_control.cartpole")
     fns, calls, steps = {}, {}, {}
@@ -883,8 +1326,10 @@ def _add_config_flags(parser, cls):
                                 help=f"{meta['help']} (default: {f.default})")
 
 
-EXPERIMENTS = {"sine": (SineConfig, run_sine), "bench": (BenchConfig, run_bench)}
-TRAINED = ("sine",)  # the commands with checkpoints
+EXPERIMENTS = {"cartpole": (CartPoleConfig, run_cartpole), "nav2d": (Nav2DConfig, run_nav2d),
+               "sine": (SineConfig, run_sine), "bench": (BenchConfig, run_bench)}
+TRAINED = ("cartpole", "nav2d", "sine")  # the commands with checkpoints
+PLOTTED = ("cartpole", "nav2d")  # the commands with --plot
 
 
 def build_parser():
@@ -897,6 +1342,9 @@ def build_parser():
         if name in TRAINED:
             p.add_argument("--save", metavar="PATH", help="write a checkpoint (.npz) here as training goes")
             p.add_argument("--load", metavar="PATH", help="resume from this checkpoint")
+        if name in PLOTTED:
+            p.add_argument("--plot", metavar="PATH", help="save the training curve and adaptation bars as a PNG "
+                                                           "(needs matplotlib)")
     return parser
 
 
@@ -913,7 +1361,7 @@ def _tune_allocator():
         ctypes.CDLL(None).mallopt(-2, 64 << 20)  # M_TOP_PAD = -2
 
 
-DEFAULT_COMMAND = "sine"  # what plain `python metarl_min.py [flags]` runs
+DEFAULT_COMMAND = "cartpole"  # what plain `python metarl_min.py [flags]` runs
 
 
 def main(argv=None):
@@ -927,6 +1375,8 @@ def main(argv=None):
     _tune_allocator()
     try:
         files = dict(save=args.save, load=args.load) if command in TRAINED else {}
+        if command in PLOTTED:
+            files["plot"] = args.plot
         run(config, json_path=args.json, **files)
     except (ValueError, OSError) as e:  # bad flags or files: one line, no traceback
         print(f"metarl_min.py {command}: error: {e}", file=sys.stderr)

@@ -398,46 +398,49 @@ class TestGradients(unittest.TestCase):
                                        err_msg=name)
 
     def test_backward_and_hvp_against_finite_differences(self):
-        for loss in mm.LOSSES:
-            for activation in mm.ACTIVATIONS:
-                with self.subTest(loss=loss, activation=activation):
-                    n_out = 4 if loss == "gauss" else 3
-                    params = mm.init_mlp((2, 5, 4, n_out), self.rng, activation, dtype=np.float64)
-                    batch = _batch(self.rng, loss, 3, 4, 2, n_out)
-                    values, grads, _ = mm.loss_and_grad(params, batch, loss, activation)
-                    self.assertEqual(values.shape, (3,))
-                    for t in range(3):  # per-task gradients, task by task
-                        sub = (batch[0][t:t + 1], batch[1][t:t + 1] if loss == "mse" else
-                               tuple(a[t:t + 1] for a in batch[1]))
-                        fd = _fd_grad(lambda P: mm.loss_and_grad(P, sub, loss, activation)[0][0], params)
-                        self.assertLess(_rel_err([g[t] for g in grads], fd), 1e-6)
-                    # H v per task: the directional derivative of the gradient along v.
-                    v = [self.rng.normal(size=(3,) + p.shape) for p in params]
-                    hv = mm.hvp(params, batch, v, loss, activation)
-                    eps = 1e-6
-                    plus = [p + eps * vi for p, vi in zip(params, v)]
-                    minus = [p - eps * vi for p, vi in zip(params, v)]
-                    fd = [(a - b) / (2 * eps) for a, b in zip(mm.loss_and_grad(plus, batch, loss, activation)[1],
-                                                              mm.loss_and_grad(minus, batch, loss, activation)[1])]
-                    self.assertLess(_rel_err(hv, fd), 1e-6)
+        # "gauss" also with a state-independent log-std: bias-only outputs (init_mlp's bias_outputs).
+        cases = [(loss, act, bias) for loss in mm.LOSSES for act in mm.ACTIVATIONS
+                 for bias in ((0, 2) if loss == "gauss" else (0,))]
+        for loss, activation, bias_outputs in cases:
+            with self.subTest(loss=loss, activation=activation, bias_outputs=bias_outputs):
+                n_out = 4 if loss == "gauss" else 3
+                params = mm.init_mlp((2, 5, 4, n_out), self.rng, activation, np.float64, bias_outputs)
+                batch = _batch(self.rng, loss, 3, 4, 2, n_out)
+                values, grads, _ = mm.loss_and_grad(params, batch, loss, activation)
+                self.assertEqual(values.shape, (3,))
+                for t in range(3):  # per-task gradients, task by task
+                    sub = (batch[0][t:t + 1], batch[1][t:t + 1] if loss == "mse" else
+                           tuple(a[t:t + 1] for a in batch[1]))
+                    fd = _fd_grad(lambda P: mm.loss_and_grad(P, sub, loss, activation)[0][0], params)
+                    self.assertLess(_rel_err([g[t] for g in grads], fd), 1e-6)
+                # H v per task: the directional derivative of the gradient along v.
+                v = [self.rng.normal(size=(3,) + p.shape) for p in params]
+                hv = mm.hvp(params, batch, v, loss, activation)
+                eps = 1e-6
+                plus = [p + eps * vi for p, vi in zip(params, v)]
+                minus = [p - eps * vi for p, vi in zip(params, v)]
+                fd = [(a - b) / (2 * eps) for a, b in zip(mm.loss_and_grad(plus, batch, loss, activation)[1],
+                                                          mm.loss_and_grad(minus, batch, loss, activation)[1])]
+                self.assertLess(_rel_err(hv, fd), 1e-6)
 
     def test_maml_grad_against_finite_differences(self):
-        for loss in mm.LOSSES:
-            for activation in mm.ACTIVATIONS:
-                for steps in (1, 2, 3):
-                    with self.subTest(loss=loss, activation=activation, inner_steps=steps):
-                        n_out = 4 if loss == "gauss" else 3
-                        lr = 0.02 if loss == "gauss" else 0.1
-                        params = mm.init_mlp((2, 5, 4, n_out), self.rng, activation, dtype=np.float64)
-                        support = _batch(self.rng, loss, 3, 4, 2, n_out)
-                        query = _batch(self.rng, loss, 3, 5, 2, n_out)
-                        meta_loss, grads = mm.maml_grad(params, support, query, loss, lr, steps, False, activation)
-                        fd = _fd_grad(lambda P: mm.maml_grad(P, support, query, loss, lr, steps, False, activation)[0],
-                                      params)
-                        self.assertLess(_rel_err(grads, fd), 1e-6)
-                        # The second-order term matters: first-order MAML differs.
-                        _, fo = mm.maml_grad(params, support, query, loss, lr, steps, True, activation)
-                        self.assertGreater(_rel_err(fo, fd), 1e-4)
+        cases = [(loss, act, bias) for loss in mm.LOSSES for act in mm.ACTIVATIONS
+                 for bias in ((0, 2) if loss == "gauss" else (0,))]
+        for loss, activation, bias_outputs in cases:
+            for steps in (1, 2, 3):
+                with self.subTest(loss=loss, activation=activation, bias_outputs=bias_outputs, inner_steps=steps):
+                    n_out = 4 if loss == "gauss" else 3
+                    lr = 0.02 if loss == "gauss" else 0.1
+                    params = mm.init_mlp((2, 5, 4, n_out), self.rng, activation, np.float64, bias_outputs)
+                    support = _batch(self.rng, loss, 3, 4, 2, n_out)
+                    query = _batch(self.rng, loss, 3, 5, 2, n_out)
+                    meta_loss, grads = mm.maml_grad(params, support, query, loss, lr, steps, False, activation)
+                    fd = _fd_grad(lambda P: mm.maml_grad(P, support, query, loss, lr, steps, False, activation)[0],
+                                  params)
+                    self.assertLess(_rel_err(grads, fd), 1e-6)
+                    # The second-order term matters: first-order MAML differs.
+                    _, fo = mm.maml_grad(params, support, query, loss, lr, steps, True, activation)
+                    self.assertGreater(_rel_err(fo, fd), 1e-4)
 
     def test_first_order_is_mean_query_gradient_at_adapted_params(self):
         params = mm.init_mlp((1, 8, 1), self.rng, "tanh", dtype=np.float64)
@@ -579,6 +582,7 @@ import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import unittest.mock  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -592,6 +596,11 @@ def _run_main(argv):
         except SystemExit as e:
             status = e.code
     return status, out.getvalue(), err.getvalue()
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def _cli(*args):
@@ -611,7 +620,7 @@ class TestSine(unittest.TestCase):
             self.assertEqual(status, 0)
             self.assertIn("iter    100/300", out)
             self.assertIn("ETA", out)
-            result = json.load(open(path))
+            result = _read_json(path)
         self.assertEqual(set(result["mse"]), {"0", "1", "5", "10"})
         self.assertEqual(set(result), {"shots", "mse", "mse_ci95", "pretrained_mse", "pretrained_mse_ci95",
                                        "pretrained_lr", "seconds", "config"})
@@ -625,7 +634,7 @@ class TestSine(unittest.TestCase):
             self.assertEqual(_run_main(self.SHORT + ["--json", a])[0], 0)
             self.assertEqual(_run_main(short + ["--save", ck])[0], 0)
             self.assertEqual(_run_main(self.SHORT + ["--load", ck, "--json", b])[0], 0)
-            ra, rb = json.load(open(a)), json.load(open(b))
+            ra, rb = _read_json(a), _read_json(b)
             self.assertEqual(ra["mse"], rb["mse"])
             self.assertEqual(ra["pretrained_mse"], rb["pretrained_mse"])
             self.assertEqual([n for n in os.listdir(d) if n.startswith(".tmp")], [])
@@ -658,7 +667,7 @@ class TestSine(unittest.TestCase):
             path = os.path.join(d, "bench.json")
             status, out, _ = _run_main(["bench", "--quick", "--rounds", "1", "--json", path])
             self.assertEqual(status, 0)
-            result = json.load(open(path))
+            result = _read_json(path)
         self.assertGreater(result["env_steps_per_second"]["VecCartPole N=256"], 0)
         self.assertGreater(result["meta_grad_ms"]["maml_grad second-order, batched"], 0)
         self.assertIn("maml_grad first-order, batched", out)
@@ -668,6 +677,200 @@ class TestSine(unittest.TestCase):
         self.assertEqual(proc.returncode, 0)
         self.assertIn("--inner-lr", proc.stdout)
         self.assertIn("--first-order", proc.stdout)
+
+
+# ----------------------------------------------------------------------------
+# Meta-RL: returns, baseline, advantages, rollouts, environments, commands.
+# ----------------------------------------------------------------------------
+class _CountdownEnv:
+    """A batched env whose env i ends after lengths[i] steps; obs = the step count, reward 1."""
+
+    def __init__(self, lengths):
+        self.lengths, self.num_envs = np.asarray(lengths), len(lengths)
+
+    def reset(self, *, seed=None, options=None):
+        self.steps = np.zeros(self.num_envs, dtype=int)
+        return self.steps[:, None].astype(np.float32), {}
+
+    def step(self, actions):
+        self.steps += 1
+        terminated = self.steps >= self.lengths
+        self.steps[terminated] = 0
+        return self.steps[:, None].astype(np.float32), np.ones(self.num_envs, np.float32), terminated, \
+            np.zeros(self.num_envs, bool), {}
+
+
+class TestPolicyGradient(unittest.TestCase):
+    def test_returns_and_advantages_by_hand(self):
+        rewards = np.array([[1.0, 2.0, 3.0]])
+        np.testing.assert_allclose(mm.discounted_returns(rewards, 0.5), [[2.75, 3.5, 3.0]])
+        values, mask = np.ones((1, 3)), np.ones((1, 3), bool)
+        # delta = r + 0.5 V' - V = [0.5, 1.5, 2] (V = 0 after the end); lam = 1 gives R - V.
+        np.testing.assert_allclose(mm.advantages(rewards, values, mask, 0.5, 1.0), [[1.75, 2.5, 2.0]])
+        np.testing.assert_allclose(mm.advantages(rewards, values, mask, 0.5, 0.0), [[0.5, 1.5, 2.0]])
+        np.testing.assert_allclose(mm.advantages(rewards, values, mask, 0.5, 0.5), [[0.5 + 0.25 * (1.5 + 0.25 * 2),
+                                                                                    1.5 + 0.25 * 2, 2.0]])
+        # An episode that ends after 2 steps: the third step is masked and V(s_2) is not bootstrapped.
+        short = np.array([[1.0, 2.0, 0.0]])
+        np.testing.assert_allclose(mm.advantages(short, values, np.array([[True, True, False]]), 0.5, 1.0),
+                                   [[1.0, 1.0, 0.0]])
+
+    def test_baseline_is_the_per_task_ridge_fit(self):
+        rng = np.random.default_rng(0)
+        T, E, H, d = 3, 4, 7, 2
+        obs = rng.normal(size=(T, E, H, d))
+        mask = np.arange(H) < rng.integers(1, H + 1, size=(T, E, 1))
+        returns = rng.normal(size=(T, E, H)) * mask
+        fitted = mm.fit_baseline(obs, returns, mask)
+        for t in range(T):  # the naive way: features of the real steps, one task at a time
+            rows = [(np.concatenate([o, o ** 2, [s / 100, (s / 100) ** 2, (s / 100) ** 3, 1.0]]), returns[t, e, s])
+                    for e in range(E) for s in range(H) if mask[t, e, s] for o in [np.clip(obs[t, e, s], -10, 10)]]
+            F, R = np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
+            c = np.linalg.solve(F.T @ F + 1e-5 * np.eye(F.shape[1]), F.T @ R)
+            np.testing.assert_allclose(fitted[t][mask[t]], F @ c, rtol=1e-8, atol=1e-10)
+            self.assertTrue((fitted[t][~mask[t]] == 0).all())
+
+    def test_rollout_masks_episodes_that_end_at_different_times(self):
+        lengths = [1, 2, 3, 4, 5, 6]
+        params = mm.init_mlp((1, 4, 2), np.random.default_rng(0))
+        episodes = mm.rollout(params, _CountdownEnv(lengths), 2, np.random.default_rng(1), horizon=10)
+        self.assertEqual(episodes["obs"].shape, (2, 3, 6, 1))
+        self.assertEqual(episodes["actions"].shape, (2, 3, 6))
+        self.assertEqual(episodes["rewards"].shape, (2, 3, 6))
+        np.testing.assert_array_equal(episodes["mask"].sum(axis=-1), [[1, 2, 3], [4, 5, 6]])
+        np.testing.assert_array_equal(mm.episode_returns(episodes), [[1, 2, 3], [4, 5, 6]])
+        for i, n in enumerate(lengths):
+            t, e = divmod(i, 3)
+            self.assertTrue(episodes["mask"][t, e, :n].all() and not episodes["mask"][t, e, n:].any())
+            np.testing.assert_array_equal(episodes["obs"][t, e, :n, 0], np.arange(n))  # each its own episode
+        self.assertTrue(set(np.unique(episodes["actions"])) <= {0, 1})
+        cut = mm.rollout(params, _CountdownEnv(lengths), 2, np.random.default_rng(1), horizon=4)
+        np.testing.assert_array_equal(cut["mask"].sum(axis=-1), [[1, 2, 3], [4, 4, 4]])
+        with self.assertRaisesRegex(ValueError, "multiple of n_tasks"):
+            mm.rollout(params, _CountdownEnv(lengths), 4, np.random.default_rng(1), horizon=4)
+        with self.assertRaisesRegex(ValueError, "policy must be one of"):
+            mm.rollout(params, _CountdownEnv(lengths), 2, np.random.default_rng(1), 4, policy="beta")
+
+    def test_rollout_with_per_task_params_equals_one_task_at_a_time(self):
+        rng = np.random.default_rng(3)
+        params = mm.init_mlp((4, 8, 2), rng)
+        per_task = [p + 0.5 * rng.normal(size=(2,) + p.shape).astype(p.dtype) for p in params]
+        tasks = cp.sample_tasks(rng, 2)
+        both = mm.rollout(per_task, mm.cartpole_envs(tasks, 3), 2, np.random.default_rng(4), 50)
+        self.assertEqual(both["obs"].shape[:2], (2, 3))
+        # The same draws taken one task at a time: the actions follow each task's own params.
+        for t in range(2):
+            x = both["obs"][t][None]
+            logits = mm.mlp_forward([p[t] for p in per_task], x)[0]
+            other = mm.mlp_forward([p[1 - t] for p in per_task], x)[0]
+            self.assertFalse(np.allclose(logits, other))
+            logp = mm.log_softmax(logits)[0]
+            taken = np.take_along_axis(logp, both["actions"][t][..., None], -1)[..., 0]
+            self.assertTrue(np.isfinite(taken[both["mask"][t]]).all())
+
+    def test_categorical_and_gaussian_sampling(self):
+        rng = np.random.default_rng(5)
+        logits = np.log(np.array([[[0.2, 0.5, 0.3]]] * 1)).repeat(20000, axis=1)  # (1, 20000, 3)
+        counts = np.bincount(mm.sample_actions(logits, rng).ravel(), minlength=3) / 20000
+        np.testing.assert_allclose(counts, [0.2, 0.5, 0.3], atol=0.015)
+        out = np.zeros((1, 20000, 4))
+        out[..., 0], out[..., 3] = 1.5, np.log(0.5)  # means (1.5, 0), stds (1, 0.5)
+        a = mm.sample_actions(out, rng, "gaussian")
+        np.testing.assert_allclose(a.mean(axis=(0, 1)), [1.5, 0.0], atol=0.03)
+        np.testing.assert_allclose(a.std(axis=(0, 1)), [1.0, 0.5], atol=0.03)
+
+    def test_pg_weights_are_normalised_per_task(self):
+        rng = np.random.default_rng(2)
+        params = mm.init_mlp((4, 8, 2), rng)
+        episodes = mm.rollout(params, mm.cartpole_envs(cp.sample_tasks(rng, 3), 4), 3, rng, 100)
+        x, (actions, weights) = mm.pg_batch(episodes)
+        n = episodes["mask"].reshape(3, -1).sum(axis=1)
+        self.assertEqual(x.shape, (3, n.max(), 4))
+        for t in range(3):
+            w = weights[t, :n[t]] * n[t]  # the normalised advantages
+            self.assertAlmostEqual(float(w.mean()), 0.0, places=5)
+            self.assertAlmostEqual(float((w ** 2).mean()), 1.0, places=4)
+            self.assertTrue((weights[t, n[t]:] == 0).all())  # padding
+            np.testing.assert_array_equal(x[t, :n[t]], episodes["obs"][t][episodes["mask"][t]])  # real steps, in order
+            np.testing.assert_array_equal(actions[t, :n[t]], episodes["actions"][t][episodes["mask"][t]])
+
+    def test_nav2d_steps_by_hand(self):
+        env = mm.VecNav2D([[0.05, 0.0], [0.3, 0.3]])
+        obs, _ = env.reset(seed=0)
+        np.testing.assert_array_equal(obs, np.zeros((2, 2)))
+        # Velocities 0.1 * action, each component clipped to [-0.1, 0.1].
+        obs, reward, terminated, truncated, _ = env.step(np.array([[1.0, 0.0], [5.0, -5.0]]))
+        np.testing.assert_allclose(obs, [[0.1, 0.0], [0.1, -0.1]], rtol=1e-6)
+        np.testing.assert_allclose(reward, [-0.05, -np.sqrt(0.2 ** 2 + 0.4 ** 2)], rtol=1e-6)
+        np.testing.assert_array_equal(terminated, [False, False])
+        # Within 0.01 of the goal on both axes: the episode ends, the next one starts at the origin.
+        obs, reward, terminated, truncated, info = env.step(np.array([[-0.45, 0.05], [0.0, 0.0]]))
+        np.testing.assert_array_equal(terminated, [True, False])
+        np.testing.assert_allclose(info["final_obs"][0], [0.055, 0.005], rtol=1e-6)
+        np.testing.assert_array_equal(obs[0], [0.0, 0.0])
+        self.assertAlmostEqual(float(reward[0]), -np.sqrt(0.005 ** 2 * 2), places=6)
+        for _ in range(98):
+            obs, reward, terminated, truncated, _ = env.step(np.zeros((2, 2)))
+        np.testing.assert_array_equal(truncated, [False, True])  # env 1's 100th step
+        with self.assertRaisesRegex(ValueError, "actions must have shape"):
+            env.step(np.zeros(2))
+        with self.assertRaisesRegex(ValueError, "goals must be"):
+            mm.VecNav2D(np.zeros((3, 3)))
+
+
+class TestMetaRL(unittest.TestCase):
+    SHORT = ["cartpole", "--iterations", "8", "--meta-batch", "10", "--fast-batch", "10", "--eval-tasks", "10",
+             "--log-every", "4"]
+
+    def test_short_cartpole_run_adapts(self):
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "out.json")
+            status, out, _ = _run_main(self.SHORT + ["--json", path])
+            self.assertEqual(status, 0)
+            self.assertIn("post_return", out)
+            self.assertIn("ETA", out)
+            result = _read_json(path)
+        for key in ("return", "return_ci95", "pretrained_return", "random_init_return"):
+            self.assertEqual(set(result[key]), {"0", "1", "2", "3"})
+        self.assertGreater(result["env_steps"], 0)
+        self.assertGreater(result["seconds"], 0)
+        self.assertGreater(result["return"]["1"], 1.3 * result["return"]["0"])
+
+    def test_resume_ends_where_a_straight_run_ends(self):
+        with tempfile.TemporaryDirectory() as d:
+            ck, a, b = (os.path.join(d, n) for n in ("ck.npz", "a.json", "b.json"))
+            base = ["cartpole", "--meta-batch", "3", "--fast-batch", "3", "--eval-tasks", "3", "--log-every", "2",
+                    "--hidden", "8"]
+            self.assertEqual(_run_main(base + ["--iterations", "4", "--json", a])[0], 0)
+            self.assertEqual(_run_main(base + ["--iterations", "2", "--save", ck])[0], 0)
+            self.assertEqual(_run_main(base + ["--iterations", "4", "--load", ck, "--json", b])[0], 0)
+            ra, rb = _read_json(a), _read_json(b)
+            for key in ("return", "pretrained_return", "random_init_return", "env_steps"):
+                self.assertEqual(ra[key], rb[key])
+
+    def test_algorithms_run(self):
+        for flags in (["--first-order"], ["--algorithm", "reptile"]):
+            with self.subTest(flags=flags):
+                status, out, err = _run_main(["cartpole", "--iterations", "2", "--meta-batch", "2", "--fast-batch",
+                                              "2", "--eval-tasks", "2", "--hidden", "8"] + flags)
+                self.assertEqual(status, 0, err)
+        status, out, err = _run_main(["nav2d", "--iterations", "1", "--meta-batch", "2", "--fast-batch", "2",
+                                      "--eval-tasks", "2", "--hidden", "8"])
+        self.assertEqual(status, 0, err)
+        self.assertIn("MAML (paper)", out)
+
+    def test_plot_without_matplotlib_is_one_clear_line(self):
+        with unittest.mock.patch.dict(sys.modules, {"matplotlib": None}):
+            status, out, err = _run_main(["cartpole", "--plot", "x.png"])
+        self.assertEqual(status, 2)
+        self.assertIn("--plot needs matplotlib", err)
+        self.assertEqual(out, "")  # refused before any training
+
+    def test_plain_command_is_cartpole(self):
+        self.assertEqual(mm.DEFAULT_COMMAND, "cartpole")
+        status, out, err = _run_main(["--iterations", "x"])
+        self.assertEqual(status, 2)
+        self.assertIn("metarl_min.py cartpole: error: argument --iterations", err)
 
 
 if __name__ == "__main__":
