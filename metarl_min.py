@@ -626,6 +626,159 @@ def episode_returns(episodes):
     return episodes["rewards"].sum(axis=-1)
 
 
+# ----------------------------------------------------------------------------
+# Value-based: Q-learning with linear features (Watkins 1989; Sutton & Barto
+# 2018, eq. 6.8 and sec. 9.3): a table is one-hot features, a kernel its
+# explicit feature map. Batched: B envs, each with its own weights.
+# ----------------------------------------------------------------------------
+# The box the discretiser and the kernels scale states by: x, x_dot, theta, theta_dot.
+Q_STATE_LOW = np.array([-2.4, -3.0, -0.21, -3.5])
+Q_STATE_HIGH = -Q_STATE_LOW
+
+
+def _check_int_at_least(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def discretize(obs, bins, low=Q_STATE_LOW, high=Q_STATE_HIGH):
+    """The table row of each state: obs (B, n) -> (B,) int. Each variable i
+    gets bins[i] equal bins on [low_i, high_i]; values outside go to the end
+    bins; a variable with 1 bin is ignored. Rows are C-order indices."""
+    bins = tuple(bins)
+    for b in bins:
+        _check_int_at_least("bins", b, 1)
+    if len(bins) != obs.shape[-1]:
+        raise ValueError(f"bins must give one count per state variable ({obs.shape[-1]}), got {bins}")
+    frac = (np.asarray(obs, dtype=np.float64) - low) / (high - low)  # (B, n), 0..1 inside the box
+    idx = np.clip(np.floor(frac * bins).astype(np.int64), 0, np.array(bins) - 1)
+    return np.ravel_multi_index(tuple(idx.T), bins)
+
+
+def poly_features(obs, degree, c=1.0, low=Q_STATE_LOW, high=Q_STATE_HIGH):
+    """The explicit feature map of the polynomial kernel K(s, s') = (c + s.s')^d
+    on states scaled to [-1, 1]: phi(s).phi(s') = K(s, s'). By the multinomial
+    theorem, phi_k(s) = sqrt(d! / (k_0! ... k_n!) c^k_0) prod_i s_i^k_i over all
+    k_0 + ... + k_n = d: C(n + d, d) features. obs (B, n) -> (B, F)."""
+    _check_int_at_least("degree", degree, 1)
+    if not c >= 0:
+        raise ValueError(f"c must be >= 0, got {c!r}")
+    s = 2.0 * (np.asarray(obs, dtype=np.float64) - low) / (high - low) - 1.0
+    k = np.array(_compositions(degree, s.shape[-1] + 1))  # (F, n + 1): k_0, k_1, ..., k_n
+    coef = np.array([math.factorial(degree) / math.prod(math.factorial(int(ki)) for ki in row) for row in k])
+    coef *= float(c) ** k[:, 0]
+    return np.sqrt(coef) * np.prod(s[:, None, :] ** k[:, 1:], axis=-1)  # (B, F)
+
+
+def _compositions(total, parts):
+    """All tuples of `parts` non-negative integers that sum to `total`."""
+    if parts == 1:
+        return [(total,)]
+    return [(first,) + rest for first in range(total + 1) for rest in _compositions(total - first, parts - 1)]
+
+
+def rbf_features(obs, per_dim=3, width=0.5, low=Q_STATE_LOW, high=Q_STATE_HIGH):
+    """Gaussian (RBF) kernel features exp(-|s - c_j|^2 / (2 width^2)) on a fixed grid of
+    per_dim^n centres in [-1, 1]^n, states scaled to [-1, 1]. obs (B, n) -> (B, per_dim^n)."""
+    _check_int_at_least("per_dim", per_dim, 1)
+    s = 2.0 * (np.asarray(obs, dtype=np.float64) - low) / (high - low) - 1.0
+    axis = np.linspace(-1.0, 1.0, per_dim)
+    centres = np.stack(np.meshgrid(*[axis] * s.shape[-1], indexing="ij"), axis=-1).reshape(-1, s.shape[-1])
+    d2 = ((s[:, None, :] - centres) ** 2).sum(axis=-1)  # (B, n_centres)
+    return np.exp(-d2 / (2.0 * width ** 2))
+
+
+def log_decay(episode, floor, decay=25.0):
+    """The classic CartPole schedule: max(floor, min(1, 1 - log10((episode + 1) / decay)))."""
+    return np.maximum(floor, np.minimum(1.0, 1.0 - np.log10((episode + 1.0) / decay)))
+
+
+class _OneEnv:
+    """A single env with Gymnasium's API (CartPoleEnv, gymnasium.make(...)) seen as
+    a batch of one with same-step autoreset, so q_learn takes either, by duck typing."""
+
+    def __init__(self, env):
+        self.env, self.num_envs = env, 1
+
+    def reset(self, *, seed=None, options=None):
+        obs, info = self.env.reset(seed=seed)
+        return np.asarray(obs)[None], info
+
+    def step(self, actions):
+        obs, reward, terminated, truncated, _ = self.env.step(int(actions[0]))
+        final = np.asarray(obs)[None]
+        if terminated or truncated:
+            obs, _ = self.env.reset()
+        return (np.asarray(obs)[None], np.array([reward], dtype=np.float64), np.array([terminated]),
+                np.array([truncated]), {"final_obs": final})
+
+
+def q_learn(env, weights, featurize, rng, episodes, alpha_min=0.1, epsilon_min=0.01, decay=25.0, gamma=0.99,
+            start_episode=0):
+    """Q-learning with Q(s, a) = phi(s) . w_a, in each env of a batched env (or one env).
+
+    weights (B, F, A), copied, not modified; featurize: obs (B, n) -> (B,)
+    table rows (ints) or (B, F) features. Each env learns until it has
+    finished `episodes` episodes, with the semi-gradient update
+      w_a <- w_a + alpha (r + gamma max_a' Q(s', a') - Q(s, a)) phi(s)
+    (the tabular rule when phi is one-hot; no bootstrap past termination, but
+    through truncation; for features other than one-hot, alpha is divided
+    by |phi(s)|^2, which keeps the step stable). alpha and epsilon follow log_decay of the env's
+    episode count, from start_episode. Returns (weights, returns (B, episodes))."""
+    if not 0.0 < alpha_min <= 1.0:
+        raise ValueError(f"alpha_min must be in (0, 1], got {alpha_min!r}")
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+    if not 0.0 <= epsilon_min <= 1.0:
+        raise ValueError(f"epsilon_min must be in [0, 1], got {epsilon_min!r}")
+    _check_int_at_least("episodes", episodes, 1)
+    env = env if hasattr(env, "num_envs") else _OneEnv(env)
+    B, A = env.num_envs, weights.shape[-1]
+    W, rows = weights.copy(), np.arange(B)
+    tabular = None
+
+    def q_values(phi):  # (B, A)
+        return W[rows, phi] if tabular else np.einsum("bf,bfa->ba", phi, W)
+
+    obs, _ = env.reset(seed=int(rng.integers(2 ** 63)))
+    phi = featurize(obs)
+    tabular = phi.dtype.kind in "iu"
+    episode, running = np.zeros(B, dtype=np.int64), np.zeros(B)
+    returns = np.zeros((B, episodes))
+    while (episode < episodes).any():
+        learning = episode < episodes
+        alpha = log_decay(episode + start_episode, alpha_min, decay) * learning  # 0 once an env is done
+        epsilon = log_decay(episode + start_episode, epsilon_min, decay)
+        q = q_values(phi)
+        u = rng.random((B, 2))  # explore?, and which random action
+        a = np.where(u[:, 0] < epsilon, (u[:, 1] * A).astype(np.int64), q.argmax(axis=1))
+        obs, reward, terminated, truncated, info = env.step(a)
+        done = terminated | truncated
+        phi_next = featurize(np.where(done[:, None], info["final_obs"], obs))
+        td = reward + gamma * ~terminated * q_values(phi_next).max(axis=1) - q[rows, a]
+        if tabular:
+            W[rows, phi, a] += alpha * td
+        else:  # the step scaled by 1 / |phi|^2, which is 1 for one-hot features (Sutton & Barto, sec. 9.5)
+            W[rows, :, a] += (alpha * td / (phi * phi).sum(axis=1))[:, None] * phi
+        running += reward
+        ended = np.flatnonzero(done & learning)
+        returns[ended, episode[ended]] = running[ended]
+        episode += done
+        running[done] = 0.0
+        phi = phi_next if not done.any() else featurize(obs)  # after an end, the next episode's first state
+    return W, returns
+
+
+def episodes_to_solve(returns, threshold=475.0, window=100):
+    """Per run, the first episode (1-based) at which the mean return of the
+    last `window` episodes reaches threshold (CartPole-v1's criterion); inf if never."""
+    csum = np.cumsum(returns, axis=-1)
+    means = (csum[..., window - 1:] - np.concatenate([np.zeros(returns.shape[:-1] + (1,)),
+                                                       csum[..., :-window]], axis=-1)) / window
+    solved = means >= threshold
+    return np.where(solved.any(axis=-1), solved.argmax(axis=-1) + window, np.inf)
+
+
 # ============================================================================
 # 4. Tasks: the sinusoid regression and the 2D navigation of the MAML paper
 #    (secs. 5.1 and 5.3); CartPole's tasks are in cartpole.py.
@@ -966,7 +1119,6 @@ class CartPoleConfig:
 @dataclasses.dataclass
 class Nav2DConfig(CartPoleConfig):
     """Meta-RL on the MAML paper's 2D navigation: reach a goal the policy does not observe."""
-    iterations: int = hparam(300, "meta-training iterations (the total, also when resuming)", 1)
     inner_lr: float = hparam(0.1, "alpha: step size of the inner policy-gradient step (the paper's 0.1)", 0.0)
     meta_lr: float = hparam(0.003, "beta: Adam step size of the outer loop", 0.0)
     hidden: int = hparam(100, "units in each of the two hidden ReLU layers (the paper's 100)", 1)
@@ -1169,6 +1321,116 @@ def run_nav2d(config, json_path=None, save=None, load=None, plot=None):
     return run_meta_rl("nav2d", config, json_path, save, load, plot)
 
 
+# ----------------------------------------------------------------------------
+# Q-learning on CartPole-v1 tasks: from zero, and from a start meta-learned
+# by Reptile across training tasks; beside it, the two kernels.
+# ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class QLearnConfig:
+    """Tabular and kernel Q-learning on CartPole tasks, from zero and from a meta-learned start."""
+    bins: str = hparam("1,1,6,12", "table bins for x, x_dot, theta, theta_dot (each >= 1)")
+    alpha_min: float = hparam(0.1, "floor of the learning rate's log decay, in (0, 1]", 1e-9, 1.0)
+    epsilon_min: float = hparam(0.01, "floor of the exploration rate's log decay, in [0, 1]", 0.0, 1.0)
+    decay: float = hparam(25.0, "episodes scale of the log decay: rates fall from 1 after `decay` episodes", 1.0)
+    gamma: float = hparam(0.99, "discount, in [0, 1]", 0.0, 1.0)
+    episodes: int = hparam(400, "episodes per learning run on a held-out task", 100)
+    family: str = hparam("sunblaze", "the tasks' physics (cartpole.py)", choices=("sunblaze", "carl", "reversed"))
+    eval_tasks: int = hparam(10, "held-out tasks", 1)
+    seeds: int = hparam(1, "learning runs (seeds) per held-out task", 1)
+    iterations: int = hparam(5, "Reptile meta-iterations (the total, also when resuming)", 1)
+    meta_tasks: int = hparam(20, "training tasks per meta-iteration", 1)
+    meta_episodes: int = hparam(100, "episodes of Q-learning per task in each meta-iteration", 1)
+    meta_step: float = hparam(0.5, "Reptile step: init += meta_step (mean learned table - init)", 0.0, 1.0)
+    warm_start: int = hparam(200, "the episode the schedules of a learner from the meta-learned start begin at", 0)
+    degree: int = hparam(3, "polynomial kernel (c + s.s')^d: the degree d", 1)
+    rbf_per_dim: int = hparam(3, "RBF kernel: centres per state variable (a grid)", 1)
+    seed: int = hparam(0, "seed of every random draw", 0)
+    log_every: int = hparam(1, "meta-iterations between progress lines and checkpoints", 1)
+
+
+def _parse_bins(text):
+    try:
+        bins = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        bins = ()
+    if len(bins) != 4 or min(bins) < 1:
+        raise ValueError(f"--bins must be 4 integers >= 1 separated by commas, e.g. 1,1,6,12; got {text!r}")
+    return bins
+
+
+def run_qlearn(config, json_path=None, save=None, load=None):
+    check_config(config)
+    bins = _parse_bins(config.bins)
+    t0 = time.perf_counter()
+    n_states = math.prod(bins)
+    table = lambda obs: discretize(obs, bins)
+    learn = lambda env, W, rng, episodes, start=0: q_learn(env, W, table, rng, episodes, config.alpha_min,
+                                                            config.epsilon_min, config.decay, config.gamma, start)
+    envs = lambda tasks, copies: cartpole_envs(tasks, copies)
+    print(f"qlearn: tabular Q-learning, bins {bins} ({n_states} states), tasks {config.family!r}; "
+          f"Reptile start over {config.iterations} x {config.meta_tasks} tasks, seed {config.seed}")
+
+    # Reptile across training tasks (Nichol et al. 2018, Algorithm 2, batched):
+    #   init <- init + meta_step * (mean_b Q_b - init),  Q_b learned from init on task b.
+    if load:
+        start, rng, models, _, _ = load_checkpoint(load, config)
+        q_init = models["q_init"][0]
+    else:
+        start, rng, q_init = 0, np.random.default_rng(config.seed), np.zeros((n_states, 2))
+    progress = Progress(config.iterations, start)
+    for it in range(start, config.iterations):
+        tasks = cartpole.sample_tasks(rng, config.meta_tasks, config.family)
+        W, returns = learn(envs(tasks, 1), np.broadcast_to(q_init, (config.meta_tasks,) + q_init.shape), rng,
+                           config.meta_episodes)
+        q_init = q_init + config.meta_step * (W.mean(axis=0) - q_init)
+        if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
+            progress(it + 1, mean_return_last_50=returns[:, -50:].mean())
+            if save:
+                save_checkpoint(save, config, it + 1, rng, {"q_init": [q_init]}, {})
+
+    # Held-out tasks, each learned `seeds` times: from zero, and from the meta-learned start.
+    tasks = cartpole.sample_tasks(np.random.default_rng([config.seed, 1]), config.eval_tasks, config.family)
+    runs = config.eval_tasks * config.seeds
+    results, curves = {}, {}
+    for name, (init, start_episode) in {"scratch": (np.zeros_like(q_init), 0),
+                                        "meta": (q_init, config.warm_start)}.items():
+        _, returns = learn(envs(tasks, config.seeds), np.broadcast_to(init, (runs,) + init.shape),
+                           np.random.default_rng([config.seed, 2]), config.episodes, start_episode)
+        results[name], curves[name] = episodes_to_solve(returns), returns
+        print(f"held-out tasks, tabular from {name}: done, {time.perf_counter() - t0:.0f} s", flush=True)
+    # The kernels, from zero, on the same tasks and seeds.
+    kernels = {f"poly d={config.degree}": lambda obs: poly_features(obs, config.degree),
+               f"rbf {config.rbf_per_dim}^4": lambda obs: rbf_features(obs, config.rbf_per_dim)}
+    for name, featurize in kernels.items():
+        n_feat = featurize(np.zeros((1, 4))).shape[1]
+        _, returns = q_learn(envs(tasks, config.seeds), np.zeros((runs, n_feat, 2)), featurize,
+                             np.random.default_rng([config.seed, 2]), config.episodes, config.alpha_min,
+                             config.epsilon_min, config.decay, config.gamma)
+        results[name], curves[name] = episodes_to_solve(returns), returns
+        print(f"held-out tasks, kernel {name}: done, {time.perf_counter() - t0:.0f} s", flush=True)
+    seconds = time.perf_counter() - t0
+
+    median = lambda solve: float(np.median(solve))
+    print(f"\nqlearn: {config.eval_tasks} held-out tasks x {config.seeds} seeds, {config.episodes} episodes each; "
+          f"solved = mean return of the last 100 episodes >= 475")
+    print(f"{'learner':28s} {'median episodes to solve':>25} {'solved':>8} {'mean return, last 100':>22}")
+    for name, solve in results.items():
+        label = {"scratch": "tabular, from zero", "meta": "tabular, meta-learned start"}.get(name, f"kernel {name}")
+        print(f"{label:28s} {median(solve):25.0f} {np.isfinite(solve).mean():8.0%} "
+              f"{curves[name][:, -100:].mean():22.1f}")
+    print(f"({seconds:.0f} s)")
+    finite = lambda v: v if math.isfinite(v) else None  # JSON has no inf: unsolved medians are null
+    result = {"episodes_to_solve": {k: finite(median(results[k])) for k in ("scratch", "meta")},
+              "solved_fraction": {k: float(np.isfinite(results[k]).mean()) for k in ("scratch", "meta")},
+              "kernel": {name: {"episodes_to_solve": finite(median(results[name])),
+                                "solved_fraction": float(np.isfinite(results[name]).mean()),
+                                "mean_return_last_100": float(curves[name][:, -100:].mean())} for name in kernels},
+              "seconds": seconds, "config": dataclasses.asdict(config)}
+    if json_path:
+        write_json(json_path, result)
+    return result
+
+
 @dataclasses.dataclass
 class BenchConfig:
     """Speed, measured side by side in one run: env steps/s and meta-gradient time."""
@@ -1327,8 +1589,9 @@ def _add_config_flags(parser, cls):
 
 
 EXPERIMENTS = {"cartpole": (CartPoleConfig, run_cartpole), "nav2d": (Nav2DConfig, run_nav2d),
-               "sine": (SineConfig, run_sine), "bench": (BenchConfig, run_bench)}
-TRAINED = ("cartpole", "nav2d", "sine")  # the commands with checkpoints
+               "qlearn": (QLearnConfig, run_qlearn), "sine": (SineConfig, run_sine),
+               "bench": (BenchConfig, run_bench)}
+TRAINED = ("cartpole", "nav2d", "qlearn", "sine")  # the commands with checkpoints
 PLOTTED = ("cartpole", "nav2d")  # the commands with --plot
 
 

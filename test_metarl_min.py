@@ -6,6 +6,7 @@ the script that made each set is described beside it.
 """
 
 import hashlib
+import math
 import unittest
 
 import numpy as np
@@ -871,6 +872,140 @@ class TestMetaRL(unittest.TestCase):
         status, out, err = _run_main(["--iterations", "x"])
         self.assertEqual(status, 2)
         self.assertIn("metarl_min.py cartpole: error: argument --iterations", err)
+
+
+# ----------------------------------------------------------------------------
+# Q-learning.
+# ----------------------------------------------------------------------------
+class _TwoStateEnv:
+    """A hand-made MDP, batched: state 0 --a=1--> state 1 (reward 0); state 1 --any--> end (reward 1);
+    state 0 --a=0--> end (reward 0). Observations are the state index; no randomness."""
+
+    def __init__(self, num_envs):
+        self.num_envs = num_envs
+
+    def reset(self, *, seed=None, options=None):
+        self.s = np.zeros(self.num_envs, dtype=np.int64)
+        return self.s[:, None].astype(float), {}
+
+    def step(self, actions):
+        reward = (self.s == 1).astype(float)
+        terminated = (self.s == 1) | (actions == 0)
+        final = np.where(terminated, self.s, 1)
+        self.s = np.where(terminated, 0, 1)
+        return self.s[:, None].astype(float), reward, terminated, np.zeros(self.num_envs, bool), \
+            {"final_obs": final[:, None].astype(float)}
+
+
+class _Columns:
+    """Stands in for a Generator: the draws a batch of `n` would get, column `b` of them."""
+
+    def __init__(self, seed, n, b):
+        self.g, self.n, self.b = np.random.default_rng(seed), n, b
+
+    def integers(self, high):
+        return self.g.integers(high)
+
+    def random(self, shape):
+        return self.g.random((self.n,) + tuple(shape[1:]))[self.b:self.b + 1]
+
+
+class TestQLearning(unittest.TestCase):
+    rows = staticmethod(lambda obs: obs[:, 0].astype(np.int64))
+
+    def test_update_rule_on_a_two_state_mdp(self):
+        # alpha = gamma = 0.5 throughout (a decay of 1e-3 puts the rates at their floors from the first
+        # episode), epsilon 0: greedy.
+        W0 = np.zeros((1, 2, 2))
+        W0[0, 0, 1] = 0.1  # so the greedy action in state 0 is 1
+        W, returns = mm.q_learn(_TwoStateEnv(1), W0, self.rows, np.random.default_rng(0), 2, alpha_min=0.5,
+                                epsilon_min=0.0, decay=1e-3, gamma=0.5)
+        # Episode 1: Q(0,1) <- 0.1 + 0.5 (0 + 0.5 max Q(1, .) - 0.1) = 0.05;  Q(1,0) <- 0 + 0.5 (1 - 0) = 0.5
+        # Episode 2: Q(0,1) <- 0.05 + 0.5 (0.5 * 0.5 - 0.05) = 0.15;         Q(1,0) <- 0.5 + 0.5 (1 - 0.5) = 0.75
+        np.testing.assert_allclose(W[0], [[0.0, 0.15], [0.75, 0.0]])
+        np.testing.assert_array_equal(returns, [[1.0, 1.0]])
+        np.testing.assert_array_equal(W0[0], [[0.0, 0.1], [0.0, 0.0]])  # the caller's weights are untouched
+        # Many episodes converge to Q*: Q*(1, .) = 1, Q*(0, 1) = gamma, Q*(0, 0) = 0.
+        W, _ = mm.q_learn(_TwoStateEnv(1), W0, self.rows, np.random.default_rng(0), 200, alpha_min=0.5,
+                          epsilon_min=0.3, decay=1e-3, gamma=0.5)
+        np.testing.assert_allclose(W[0], [[0.0, 0.5], [1.0, 1.0]], atol=1e-3)
+
+    def test_batched_equals_one_task_at_a_time(self):
+        rng = np.random.default_rng(0)
+        W0 = rng.normal(size=(3, 2, 2))
+        batched, returns = mm.q_learn(_TwoStateEnv(3), W0, self.rows, np.random.default_rng(5), 20,
+                                      epsilon_min=0.4, decay=2.0)
+        for b in range(3):
+            single, r = mm.q_learn(_TwoStateEnv(1), W0[b:b + 1], self.rows, _Columns(5, 3, b), 20,
+                                   epsilon_min=0.4, decay=2.0)
+            np.testing.assert_allclose(single[0], batched[b], rtol=1e-12)
+            np.testing.assert_array_equal(r[0], returns[b])
+
+    def test_single_gymnasium_style_env(self):
+        W, returns = mm.q_learn(cp.CartPoleEnv(), np.zeros((1, 72, 2)), lambda o: mm.discretize(o, (1, 1, 6, 12)),
+                                np.random.default_rng(0), 5)
+        self.assertEqual(returns.shape, (1, 5))
+        self.assertTrue((returns >= 8).all())
+        self.assertTrue(np.abs(W).sum() > 0)
+
+    def test_discretizer_edges(self):
+        low, high = np.array([0.0, -1.0]), np.array([1.0, 1.0])
+        obs = np.array([[0.0, -1.0], [0.2499, 0.0], [0.25, 0.999], [1.0, 1.0], [-5.0, 7.0], [0.999, -0.0001]])
+        rows = mm.discretize(obs, (4, 2), low, high)
+        # bins of x: [0, .25), [.25, .5), [.5, .75), [.75, 1], outside clipped; y: [-1, 0), [0, 1].
+        np.testing.assert_array_equal(rows, [0 * 2 + 0, 0 * 2 + 1, 1 * 2 + 1, 3 * 2 + 1, 0 * 2 + 1, 3 * 2 + 0])
+        np.testing.assert_array_equal(mm.discretize(obs, (1, 1), low, high), np.zeros(6))
+
+    def test_polynomial_feature_map_is_the_kernel(self):
+        rng = np.random.default_rng(1)
+        scale = lambda o: 2 * (o - mm.Q_STATE_LOW) / (mm.Q_STATE_HIGH - mm.Q_STATE_LOW) - 1
+        for degree, c in ((1, 1.0), (2, 0.5), (3, 1.0), (4, 2.0)):
+            x, y = rng.normal(size=(20, 4)), rng.normal(size=(20, 4))
+            fx, fy = mm.poly_features(x, degree, c), mm.poly_features(y, degree, c)
+            self.assertEqual(fx.shape[1], math.comb(4 + degree, degree))
+            np.testing.assert_allclose((fx * fy).sum(1), (c + (scale(x) * scale(y)).sum(1)) ** degree, rtol=1e-10)
+        x = rng.normal(size=(3, 4))
+        np.testing.assert_allclose((mm.rbf_features(x, 2) ** 0).sum(1), 16)
+        self.assertTrue(((mm.rbf_features(x, 2) > 0) & (mm.rbf_features(x, 2) <= 1)).all())
+
+    def test_solve_criterion(self):
+        returns = np.full((2, 300), 500.0)
+        returns[0, :50] = 10
+        returns[1] = 400
+        # Episodes 46-145 hold five 10s and 95 500s: a mean of 475.5, the first window >= 475.
+        np.testing.assert_array_equal(mm.episodes_to_solve(returns), [145, np.inf])
+
+    def test_bad_hyperparameters(self):
+        env, W = _TwoStateEnv(1), np.zeros((1, 2, 2))
+        for kwargs, message in (({"alpha_min": 0.0}, "alpha_min must be in \\(0, 1\\]"),
+                                ({"alpha_min": 1.5}, "alpha_min"), ({"gamma": -0.1}, "gamma must be in \\[0, 1\\]"),
+                                ({"gamma": 1.01}, "gamma")):
+            with self.subTest(**kwargs), self.assertRaisesRegex(ValueError, message):
+                mm.q_learn(env, W, self.rows, np.random.default_rng(0), 1, **kwargs)
+        with self.assertRaisesRegex(ValueError, "degree must be an integer >= 1"):
+            mm.poly_features(np.zeros((1, 4)), 0)
+        with self.assertRaisesRegex(ValueError, "bins must be an integer >= 1"):
+            mm.discretize(np.zeros((1, 4)), (1, 0, 6, 12))
+        status, _, err = _run_main(["qlearn", "--bins", "1,1,6"])
+        self.assertEqual(status, 2)
+        self.assertIn("--bins must be 4 integers >= 1", err)
+        status, _, err = _run_main(["qlearn", "--gamma", "1.5"])
+        self.assertEqual(status, 2)
+        self.assertIn("--gamma must be in [0.0, 1.0]", err)
+
+    def test_short_qlearn_command_writes_json(self):
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "q.json")
+            # Random actions (epsilon 1 throughout) keep the episodes short: this checks the command, not learning.
+            status, out, err = _run_main(["qlearn", "--episodes", "100", "--eval-tasks", "2", "--iterations", "1",
+                                          "--meta-tasks", "2", "--meta-episodes", "20", "--epsilon-min", "1",
+                                          "--json", path])
+            self.assertEqual(status, 0, err)
+            result = _read_json(path)
+        self.assertEqual(set(result["episodes_to_solve"]), {"scratch", "meta"})
+        self.assertEqual(set(result["solved_fraction"]), {"scratch", "meta"})
+        self.assertEqual(len(result["kernel"]), 2)
+        self.assertIn("median episodes to solve", out)
 
 
 if __name__ == "__main__":
