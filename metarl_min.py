@@ -735,14 +735,12 @@ def q_learn(env, weights, featurize, rng, episodes, alpha_min=0.1, epsilon_min=0
     env = env if hasattr(env, "num_envs") else _OneEnv(env)
     B, A = env.num_envs, weights.shape[-1]
     W, rows = weights.copy(), np.arange(B)
-    tabular = None
-
-    def q_values(phi):  # (B, A)
-        return W[rows, phi] if tabular else np.einsum("bf,bfa->ba", phi, W)
-
     obs, _ = env.reset(seed=int(rng.integers(2 ** 63)))
     phi = featurize(obs)
     tabular = phi.dtype.kind in "iu"
+
+    def q_values(phi):  # (B, A)
+        return W[rows, phi] if tabular else np.einsum("bf,bfa->ba", phi, W)
     episode, running = np.zeros(B, dtype=np.int64), np.zeros(B)
     returns = np.zeros((B, episodes))
     while (episode < episodes).any():
@@ -828,9 +826,7 @@ class VecNav2D:
         goals = np.asarray(goals, dtype=np.float64)
         if goals.ndim != 2 or goals.shape[1] != 2 or not np.isfinite(goals).all():
             raise ValueError(f"goals must be a finite array of shape (num_envs, 2), got shape {goals.shape}")
-        if isinstance(max_episode_steps, bool) or not isinstance(max_episode_steps, (int, np.integer)) \
-                or max_episode_steps < 1:
-            raise ValueError(f"max_episode_steps must be an integer >= 1, got {max_episode_steps!r}")
+        _check_int_at_least("max_episode_steps", max_episode_steps, 1)
         self.num_envs, self.goals = goals.shape[0], goals.copy()
         self.max_episode_steps, self.action_scale = int(max_episode_steps), float(action_scale)
         self.pos = None  # (N, 2)
@@ -935,6 +931,11 @@ def _atomic_write(path, write):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def means_and_cis(stats):
+    """{key: (mean, ci95)} -> ({key: mean}, {key: ci95}), the JSON's two dicts."""
+    return {k: m for k, (m, _) in stats.items()}, {k: c for k, (_, c) in stats.items()}
 
 
 def write_json(path, obj):
@@ -1069,7 +1070,8 @@ def run_sine(config, json_path=None, save=None, load=None):
     # Evaluation streams of their own: resuming cannot change them; both models see the same tasks.
     # The baseline's step size: the lowest MSE (mean over 1, 5, 10 steps) on 100 validation tasks.
     baseline_lr = best_step_size(lambda lr, rng: np.mean([m for s, (m, _) in sine_evaluate(
-        pretrained, config, rng, lr, 100).items() if s != "0"]), SINE_BASELINE_LRS, np.random.default_rng([config.seed, 2]))
+        pretrained, config, rng, lr, 100).items() if s != "0"]), SINE_BASELINE_LRS,
+        np.random.default_rng([config.seed, 2]))
     ours = sine_evaluate(maml, config, np.random.default_rng([config.seed, 1]), config.inner_lr, config.eval_tasks)
     base = sine_evaluate(pretrained, config, np.random.default_rng([config.seed, 1]), baseline_lr, config.eval_tasks)
     seconds = time.perf_counter() - t0
@@ -1083,11 +1085,10 @@ def run_sine(config, json_path=None, save=None, load=None):
         print(f"{s:>5}  {ours[s][0]:9.3f} +- {ours[s][1]:5.3f}  {base[s][0]:9.3f} +- {base[s][1]:5.3f}  {cite}")
     print(f"(pretrained baseline fine-tuned with step size {baseline_lr}, the best of {SINE_BASELINE_LRS} "
           f"on validation tasks; {seconds:.0f} s)")
-    result = {"shots": config.shots, "mse": {s: m for s, (m, _) in ours.items()},
-              "mse_ci95": {s: c for s, (_, c) in ours.items()},
-              "pretrained_mse": {s: m for s, (m, _) in base.items()},
-              "pretrained_mse_ci95": {s: c for s, (_, c) in base.items()}, "pretrained_lr": baseline_lr,
-              "seconds": seconds, "config": dataclasses.asdict(config)}
+    result = {"shots": config.shots}
+    result["mse"], result["mse_ci95"] = means_and_cis(ours)
+    result["pretrained_mse"], result["pretrained_mse_ci95"] = means_and_cis(base)
+    result.update(pretrained_lr=baseline_lr, seconds=seconds, config=dataclasses.asdict(config))
     if json_path:
         write_json(json_path, result)
     return result
@@ -1298,13 +1299,12 @@ def run_meta_rl(problem, config, json_path=None, save=None, load=None, plot=None
               + (f"  {NAV_PAPER[s]:12.2f}" if problem == "nav2d" else ""))
     print(f"({extra['env_steps']:,} training env steps; {seconds:.0f} s)")
     ours, base, rand = (results[k] for k in (name, "pretrained", "random init"))
-    result = {"return": {s: m for s, (m, _) in ours.items()}, "return_ci95": {s: c for s, (_, c) in ours.items()},
-              "pretrained_return": {s: m for s, (m, _) in base.items()},
-              "pretrained_return_ci95": {s: c for s, (_, c) in base.items()},
-              "random_init_return": {s: m for s, (m, _) in rand.items()},
-              "random_init_return_ci95": {s: c for s, (_, c) in rand.items()},
-              "baseline_lr": {"pretrained": models["pretrained"][1], "random init": models["random init"][1]},
-              "env_steps": extra["env_steps"], "seconds": seconds, "config": dataclasses.asdict(config)}
+    result = {}
+    result["return"], result["return_ci95"] = means_and_cis(ours)
+    result["pretrained_return"], result["pretrained_return_ci95"] = means_and_cis(base)
+    result["random_init_return"], result["random_init_return_ci95"] = means_and_cis(rand)
+    result.update(baseline_lr={"pretrained": models["pretrained"][1], "random init": models["random init"][1]},
+                  env_steps=extra["env_steps"], seconds=seconds, config=dataclasses.asdict(config))
     if json_path:
         write_json(json_path, result)
     if plt is not None:
@@ -1364,9 +1364,8 @@ def run_qlearn(config, json_path=None, save=None, load=None):
     t0 = time.perf_counter()
     n_states = math.prod(bins)
     table = lambda obs: discretize(obs, bins)
-    learn = lambda env, W, rng, episodes, start=0: q_learn(env, W, table, rng, episodes, config.alpha_min,
-                                                            config.epsilon_min, config.decay, config.gamma, start)
-    envs = lambda tasks, copies: cartpole_envs(tasks, copies)
+    learn = lambda featurize, env, W, rng, episodes, start=0: q_learn(
+        env, W, featurize, rng, episodes, config.alpha_min, config.epsilon_min, config.decay, config.gamma, start)
     print(f"qlearn: tabular Q-learning, bins {bins} ({n_states} states), tasks {config.family!r}; "
           f"Reptile start over {config.iterations} x {config.meta_tasks} tasks, seed {config.seed}")
 
@@ -1380,34 +1379,29 @@ def run_qlearn(config, json_path=None, save=None, load=None):
     progress = Progress(config.iterations, start)
     for it in range(start, config.iterations):
         tasks = cartpole.sample_tasks(rng, config.meta_tasks, config.family)
-        W, returns = learn(envs(tasks, 1), np.broadcast_to(q_init, (config.meta_tasks,) + q_init.shape), rng,
-                           config.meta_episodes)
+        starts = np.broadcast_to(q_init, (config.meta_tasks,) + q_init.shape)
+        W, returns = learn(table, cartpole_envs(tasks, 1), starts, rng, config.meta_episodes)
         q_init = q_init + config.meta_step * (W.mean(axis=0) - q_init)
         if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
             progress(it + 1, mean_return_last_50=returns[:, -50:].mean())
             if save:
                 save_checkpoint(save, config, it + 1, rng, {"q_init": [q_init]}, {})
 
-    # Held-out tasks, each learned `seeds` times: from zero, and from the meta-learned start.
+    # Held-out tasks, each learned `seeds` times: the table from zero and from the meta-learned
+    # start, and the two kernels from zero, all on the same tasks and seeds.
     tasks = cartpole.sample_tasks(np.random.default_rng([config.seed, 1]), config.eval_tasks, config.family)
     runs = config.eval_tasks * config.seeds
-    results, curves = {}, {}
-    for name, (init, start_episode) in {"scratch": (np.zeros_like(q_init), 0),
-                                        "meta": (q_init, config.warm_start)}.items():
-        _, returns = learn(envs(tasks, config.seeds), np.broadcast_to(init, (runs,) + init.shape),
-                           np.random.default_rng([config.seed, 2]), config.episodes, start_episode)
-        results[name], curves[name] = episodes_to_solve(returns), returns
-        print(f"held-out tasks, tabular from {name}: done, {time.perf_counter() - t0:.0f} s", flush=True)
-    # The kernels, from zero, on the same tasks and seeds.
     kernels = {f"poly d={config.degree}": lambda obs: poly_features(obs, config.degree),
                f"rbf {config.rbf_per_dim}^4": lambda obs: rbf_features(obs, config.rbf_per_dim)}
-    for name, featurize in kernels.items():
-        n_feat = featurize(np.zeros((1, 4))).shape[1]
-        _, returns = q_learn(envs(tasks, config.seeds), np.zeros((runs, n_feat, 2)), featurize,
-                             np.random.default_rng([config.seed, 2]), config.episodes, config.alpha_min,
-                             config.epsilon_min, config.decay, config.gamma)
+    learners = {"scratch": (table, np.zeros_like(q_init), 0), "meta": (table, q_init, config.warm_start)}
+    learners.update({name: (f, np.zeros((f(np.zeros((1, 4))).shape[1], 2)), 0) for name, f in kernels.items()})
+    results, curves = {}, {}
+    for name, (featurize, init, start_episode) in learners.items():
+        starts = np.broadcast_to(init, (runs,) + init.shape)
+        _, returns = learn(featurize, cartpole_envs(tasks, config.seeds), starts,
+                           np.random.default_rng([config.seed, 2]), config.episodes, start_episode)
         results[name], curves[name] = episodes_to_solve(returns), returns
-        print(f"held-out tasks, kernel {name}: done, {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"held-out tasks, {name}: done, {time.perf_counter() - t0:.0f} s", flush=True)
     seconds = time.perf_counter() - t0
 
     median = lambda solve: float(np.median(solve))
