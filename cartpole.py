@@ -14,6 +14,11 @@ What it implements
 What it leaves out: rendering, and the warning Gymnasium logs when one steps
 past termination (we return the same rewards, silently).
 
+Backend: ``VecCartPole`` computes with the module-level array module ``xp``,
+NumPy unless ``use_device("gpu")`` swaps in CuPy (imported only then); its
+arrays, and the RNG that resets its episodes, then live on the GPU.
+``CartPoleEnv`` is one environment stepped from Python and always uses NumPy.
+
 The equations are those of Barto, Sutton & Anderson (1983) as corrected by
 Florian (2007), "Correct equations for the dynamics of the cart-pole system",
 eqs. (23)-(24) with friction set to zero, written in Gymnasium's order:
@@ -35,6 +40,7 @@ MASSPOLE = 0.1  # kg
 LENGTH = 0.5  # m, half the pole's length
 FORCE_MAG = 10.0  # N, pushed left or right
 TAU = 0.02  # s between state updates
+PHYSICS = ("gravity", "masscart", "masspole", "length", "force_mag", "tau")  # what a task may vary
 INTEGRATORS = ("euler", "semi-implicit euler")
 
 # Termination: the pole beyond 12 degrees, or the cart beyond 2.4 m.
@@ -46,6 +52,45 @@ MAX_EPISODE_STEPS = 500  # CartPole-v1's TimeLimit
 
 # Observation bounds, twice the termination bounds so a failing state is inside.
 _OBS_HIGH = np.array([X_THRESHOLD * 2, np.inf, THETA_THRESHOLD_RADIANS * 2, np.inf], dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------
+# Backend: the array module of the batched code, NumPy or CuPy.
+# ----------------------------------------------------------------------------
+xp = np  # what VecCartPole computes with; set by use_device / set_array_module
+DEVICES = ("cpu", "gpu")
+CUPY_INSTALL = "pip install cupy-cuda12x (or cupy-cuda11x for CUDA 11; see https://docs.cupy.dev/en/stable/install.html)"
+
+
+def array_module(device):
+    """NumPy for "cpu"; CuPy for "gpu", imported here and only here. ImportError,
+    saying how to install it, when CuPy or a GPU is missing."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "cpu":
+        return np
+    try:
+        import cupy
+    except ImportError:
+        raise ImportError(f"device 'gpu' needs CuPy, which is not installed: {CUPY_INSTALL}") from None
+    try:
+        n_gpus = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CUDARuntimeError: no driver
+        raise ImportError(f"device 'gpu': CuPy is installed but cannot reach a GPU ({e})") from None
+    if n_gpus < 1:
+        raise ImportError("device 'gpu': CuPy is installed but finds no GPU")
+    return cupy
+
+
+def set_array_module(module):
+    """Compute with ``module`` (numpy, cupy, or another NumPy-compatible module) from now on."""
+    global xp
+    xp = module
+
+
+def use_device(device):
+    """Run the batched code on "cpu" (NumPy, the default) or "gpu" (CuPy)."""
+    set_array_module(array_module(device))
 
 
 # ----------------------------------------------------------------------------
@@ -128,11 +173,12 @@ def _check_options(kinematics_integrator, max_episode_steps):
         raise ValueError(f"max_episode_steps must be an integer >= 1, got {max_episode_steps!r}")
 
 
-def _make_rng(seed):
-    """Gymnasium's seeding: Generator(PCG64(SeedSequence(seed)))."""
+def _make_rng(seed, module=np):
+    """Gymnasium's seeding: default_rng(seed), which in NumPy is Generator(PCG64(SeedSequence(seed)));
+    with module=cupy, CuPy's generator, whose draws are made on the GPU."""
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
         raise ValueError(f"seed must be None or a non-negative integer, got {seed!r}")
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed)))
+    return module.random.default_rng(seed)
 
 
 def _reset_bounds(options):
@@ -253,47 +299,48 @@ def cartpole_dynamics(s, force, p, work=None):
     step allocates nothing. Each line keeps the order of Gymnasium's floating-
     point operations (a*b == b*a exactly, (a*b)*c != a*(b*c)): that order is
     what makes the trajectories bit-identical."""
+    m = xp if isinstance(s, xp.ndarray) else np  # CartPoleEnv's state is NumPy whatever the backend
     x, x_dot, theta, theta_dot = s
-    cos, sin, temp, acc = np.empty_like(s) if work is None else work
+    cos, sin, temp, acc = m.empty_like(s) if work is None else work
     total_mass, polemass_length = p.total_mass, p.polemass_length
-    np.cos(theta, out=cos)
-    np.sin(theta, out=sin)
+    m.cos(theta, out=cos)
+    m.sin(theta, out=sin)
     # temp = (F + m_p l thetadot^2 sin) / (m_c + m_p)
-    np.square(theta_dot, out=temp)
+    m.square(theta_dot, out=temp)
     temp *= polemass_length
     temp *= sin
     temp += force
     temp /= total_mass
     # thetaacc = (g sin - cos temp) / (l (4/3 - m_p cos^2 / (m_c + m_p)))
-    thetaacc = np.multiply(cos, temp, out=acc)
-    np.subtract(np.multiply(sin, p.gravity, out=sin), thetaacc, out=thetaacc)  # sin no longer needed
-    denom = np.square(cos, out=sin)
+    thetaacc = m.multiply(cos, temp, out=acc)
+    m.subtract(m.multiply(sin, p.gravity, out=sin), thetaacc, out=thetaacc)  # sin no longer needed
+    denom = m.square(cos, out=sin)
     denom *= p.masspole
     denom /= total_mass
-    np.subtract(4.0 / 3.0, denom, out=denom)
+    m.subtract(4.0 / 3.0, denom, out=denom)
     denom *= p.length
     thetaacc /= denom
     # xacc = temp - m_p l thetaacc cos / (m_c + m_p)
-    xacc = np.multiply(thetaacc, polemass_length, out=sin)
+    xacc = m.multiply(thetaacc, polemass_length, out=sin)
     xacc *= cos
     xacc /= total_mass
-    np.subtract(temp, xacc, out=xacc)
+    m.subtract(temp, xacc, out=xacc)
     step = temp  # temp no longer needed: step holds tau * (a rate)
     if p.kinematics_integrator == "euler":  # positions move with the old velocities
-        x += np.multiply(x_dot, p.tau, out=step)
-        x_dot += np.multiply(xacc, p.tau, out=step)
-        theta += np.multiply(theta_dot, p.tau, out=step)
-        theta_dot += np.multiply(thetaacc, p.tau, out=step)
+        x += m.multiply(x_dot, p.tau, out=step)
+        x_dot += m.multiply(xacc, p.tau, out=step)
+        theta += m.multiply(theta_dot, p.tau, out=step)
+        theta_dot += m.multiply(thetaacc, p.tau, out=step)
     else:  # semi-implicit Euler: velocities first, positions with the new ones
-        x_dot += np.multiply(xacc, p.tau, out=step)
-        x += np.multiply(x_dot, p.tau, out=step)
-        theta_dot += np.multiply(thetaacc, p.tau, out=step)
-        theta += np.multiply(theta_dot, p.tau, out=step)
+        x_dot += m.multiply(xacc, p.tau, out=step)
+        x += m.multiply(x_dot, p.tau, out=step)
+        theta_dot += m.multiply(thetaacc, p.tau, out=step)
+        theta += m.multiply(theta_dot, p.tau, out=step)
 
 
 def _terminated(s):
     """|x| > 2.4 or |theta| > 12 degrees, for the (4, N) state (|a| > b is a < -b or a > b)."""
-    return (np.abs(s[0]) > X_THRESHOLD) | (np.abs(s[2]) > THETA_THRESHOLD_RADIANS)
+    return (abs(s[0]) > X_THRESHOLD) | (abs(s[2]) > THETA_THRESHOLD_RADIANS)
 
 
 # ----------------------------------------------------------------------------
@@ -314,7 +361,10 @@ class VecCartPole(_Physics):
     ``step`` is a real environment step and no action is ever ignored.
 
     Reward: +1 every step (the terminating step included); with
-    ``sutton_barto_reward``, -1 on the terminating step and 0 otherwise."""
+    ``sutton_barto_reward``, -1 on the terminating step and 0 otherwise.
+
+    Arrays (state, physics, what ``step`` returns, the reset RNG) belong to
+    the backend ``xp`` of when the env was made: choose the device first."""
 
     def __init__(self, num_envs, gravity=GRAVITY, masscart=MASSCART, masspole=MASSPOLE, length=LENGTH,
                  force_mag=FORCE_MAG, tau=TAU, kinematics_integrator="euler", max_episode_steps=MAX_EPISODE_STEPS,
@@ -325,14 +375,17 @@ class VecCartPole(_Physics):
         self._init_physics(self.num_envs, kinematics_integrator, max_episode_steps, sutton_barto_reward,
                            gravity=gravity, masscart=masscart, masspole=masspole, length=length, force_mag=force_mag,
                            tau=tau)
+        for name in PHYSICS:  # arrays onto the device; scalars stay Python floats
+            if isinstance(getattr(self, name), np.ndarray):
+                setattr(self, name, xp.asarray(getattr(self, name)))
         self.single_action_space = Discrete(2)
         self.single_observation_space = Box(-_OBS_HIGH, _OBS_HIGH)
         self.np_random = None
         self._s = None  # (4, N): rows x, x_dot, theta, theta_dot, each contiguous
-        self.steps = np.zeros(self.num_envs, dtype=np.int64)  # steps in the current episode
+        self.steps = xp.zeros(self.num_envs, dtype=np.int64)  # steps in the current episode
         self._low, self._high = RESET_LOW, RESET_HIGH
-        self._work = np.empty((4, self.num_envs))  # scratch for cartpole_dynamics
-        self._force = np.empty(self.num_envs)
+        self._work = xp.empty((4, self.num_envs))  # scratch for cartpole_dynamics
+        self._force = xp.empty(self.num_envs)
 
     @property
     def state(self):
@@ -340,15 +393,15 @@ class VecCartPole(_Physics):
 
     @state.setter
     def state(self, value):
-        value = np.asarray(value, dtype=np.float64)
+        value = xp.asarray(value, dtype=np.float64)
         if value.shape != (self.num_envs, 4):
             raise ValueError(f"state must have shape ({self.num_envs}, 4), got {value.shape}")
-        self._s = np.ascontiguousarray(value.T)  # a copy, laid out (4, N)
+        self._s = xp.ascontiguousarray(value.T)  # a copy, laid out (4, N)
 
     def reset(self, *, seed=None, options=None):
         """Reset every environment. The draws are Gymnasium's: uniform, shape (4, N)."""
         if seed is not None or self.np_random is None:
-            self.np_random = _make_rng(seed)
+            self.np_random = _make_rng(seed, xp)
         self._low, self._high = _reset_bounds(options)
         self._s = self.np_random.uniform(low=self._low, high=self._high, size=(4, self.num_envs))
         self.steps[:] = 0
@@ -359,7 +412,7 @@ class VecCartPole(_Physics):
 
         Returns obs (N, 4) float32, reward (N,) float32, terminated (N,) bool,
         truncated (N,) bool, info {"final_obs", "_final_obs"}."""
-        actions = np.asarray(actions)
+        actions = xp.asarray(actions)
         if actions.shape != (self.num_envs,):
             raise ValueError(f"actions must have shape ({self.num_envs},), got {actions.shape}")
         if actions.dtype.kind not in "biu":
@@ -371,21 +424,21 @@ class VecCartPole(_Physics):
             raise RuntimeError("Call reset() before step().")
         s, work = self._s, self._work
         # F = +force_mag for action 1, -force_mag for 0: a * 2f - f is exact in floating point.
-        force = np.multiply(actions, 2.0 * self.force_mag, out=self._force)
+        force = xp.multiply(actions, 2.0 * self.force_mag, out=self._force)
         force -= self.force_mag
         cartpole_dynamics(s, force, self, work)
         self.steps += 1
 
         terminated = _terminated(s)
         truncated = self.steps >= self.max_episode_steps
-        reward = -terminated.astype(np.float32) if self.sutton_barto_reward else np.ones(self.num_envs, np.float32)
+        reward = -terminated.astype(np.float32) if self.sutton_barto_reward else xp.ones(self.num_envs, np.float32)
         obs = s.T.astype(np.float32)  # (N, 4), Fortran-ordered as Gymnasium's: no transposing copy
 
         done = terminated | truncated
         final_obs = obs
         if done.any():  # same-step autoreset of the ended episodes
             final_obs = obs.copy(order="K")
-            idx = np.flatnonzero(done)
+            idx = xp.flatnonzero(done)
             new = self.np_random.uniform(low=self._low, high=self._high, size=(4, idx.size))  # Gymnasium's draw
             for row in range(4):
                 s[row, idx] = new[row]

@@ -1,6 +1,12 @@
 """metarl-min: meta-learning with the exact second-order MAML gradient, in NumPy.
 
 What it implements, top to bottom
+  0. The backend: every array is made by the module-level handle ``xp``,
+     NumPy by default; ``use_device("gpu")`` (``--device gpu`` or
+     METARL_DEVICE=gpu on the command line) swaps in CuPy, here and in
+     cartpole.py. Randomness comes from a NumPy ``Generator`` passed in;
+     the draws inside hot loops are made on the device by a generator seeded
+     from it (``device_rng``), so a seed fixes a run on each device.
   1. An MLP with hand-written backprop, and exact Hessian-vector products by
      Pearlmutter's R-operator (Pearlmutter 1994, "Fast exact multiplication by
      the Hessian", eqs. 4-5): a forward and a backward pass of directional
@@ -14,8 +20,13 @@ What it implements, top to bottom
      5.2); Meta-SGD (Li et al. 2017, eq. 2), whose learning rates get their
      gradient from the same backward pass; Reptile (Nichol, Achiam & Schulman
      2018, Algorithm 2); one optimiser, Adam (Kingma & Ba 2015, Algorithm 1).
-  4. The sinusoid regression benchmark of the MAML paper (sec. 5.1, appendix C).
-  5. The command line: ``python metarl_min.py --help``.
+     Then policy gradients (one rollout function, a linear baseline, GAE) and
+     Q-learning with tables and kernel features, batched over environments.
+  4. Tasks: the sinusoid regression and the 2D navigation of the MAML paper
+     (secs. 5.1 and 5.3); CartPole's tasks are in cartpole.py.
+  5. Experiments, each with its hyperparameters in one dataclass: sine,
+     cartpole, nav2d, qlearn, and bench (speed, measured side by side).
+  6. The command line: ``python metarl_min.py --help``.
 
 Shapes: a batch of tasks is ``x`` of shape (T, K, in): T tasks, K samples.
 Params are a plain list ``[W1, b1, W2, b2, ...]`` with ``W`` of shape
@@ -40,6 +51,37 @@ import numpy as np
 import cartpole
 
 # ============================================================================
+# 0. The backend: the array module every function below computes with.
+# ============================================================================
+xp = np  # NumPy, or CuPy after use_device("gpu"); cartpole.py follows the same switch
+
+
+def use_device(device):
+    """Compute on "cpu" (NumPy, the default) or "gpu" (CuPy, imported only now), here and in
+    cartpole.py. ImportError, saying how to install it, when CuPy or a GPU is missing."""
+    set_array_module(cartpole.array_module(device))
+
+
+def set_array_module(module):
+    """Compute with ``module`` (numpy, cupy, or another NumPy-compatible module) here and in cartpole.py."""
+    global xp
+    xp = module
+    cartpole.set_array_module(module)
+
+
+def to_host(a):
+    """A NumPy array of a backend array: an explicit copy off the GPU, a no-op on the CPU."""
+    return xp.asnumpy(a) if hasattr(xp, "asnumpy") else np.asarray(a)
+
+
+def device_rng(rng):
+    """The generator for the draws inside hot loops (actions, exploration): rng itself on
+    the CPU; on a GPU, a generator of the device seeded from rng, so that no draw
+    crosses the bus and rng, which checkpoints save, still fixes every later draw."""
+    return rng if xp is np else xp.random.default_rng(int(rng.integers(2 ** 63)))
+
+
+# ============================================================================
 # 1. The model: an MLP, its backward pass, and its R-operator.
 # ============================================================================
 # Each activation comes with its first and second derivative, written as
@@ -47,7 +89,7 @@ import cartpole
 
 
 def tanh(z):
-    return np.tanh(z)
+    return xp.tanh(z)
 
 
 def tanh_d1(h):  # d tanh / dz = 1 - tanh^2
@@ -59,7 +101,7 @@ def tanh_d2(h):  # d^2 tanh / dz^2 = -2 tanh (1 - tanh^2)
 
 
 def relu(z):
-    return np.maximum(z, 0.0)
+    return xp.maximum(z, 0.0)
 
 
 def relu_d1(h):  # 1 where z > 0 (and h > 0), else 0
@@ -97,11 +139,11 @@ def init_mlp(sizes, rng, activation="tanh", dtype=np.float32, bias_outputs=0):
     if bias_outputs:
         params[-2] = params[-2][:, :-bias_outputs].copy()
         params[-1][-bias_outputs:] = 0.0
-    return params
+    return [xp.asarray(p) for p in params]  # drawn on the host: the same start on every device
 
 
 def _T(W):  # transpose of the last two axes: (in, out) -> (out, in), (T, in, out) -> (T, out, in)
-    return np.swapaxes(W, -1, -2)
+    return xp.swapaxes(W, -1, -2)
 
 
 def _mm(h, W):
@@ -123,7 +165,7 @@ def _affine(h, W, b):
     z = _mm(h, W) + b[..., None, :n_w]  # (T, K, in) @ ((T,) in, out) -> (T, K, out)
     if b.shape[-1] == n_w:
         return z
-    return np.concatenate([z, np.broadcast_to(b[..., None, n_w:], z.shape[:-1] + (b.shape[-1] - n_w,))], axis=-1)
+    return xp.concatenate([z, xp.broadcast_to(b[..., None, n_w:], z.shape[:-1] + (b.shape[-1] - n_w,))], axis=-1)
 
 
 def mlp_forward(params, x, activation="tanh"):
@@ -193,7 +235,7 @@ def mlp_rop(params, hs, back, v, r_d_out_fn, activation="tanh"):
         if l == 0:
             hv[0] = _T(hs[0]) @ r_delta_w
         else:
-            hv[2 * l] = _T(np.concatenate([hs[l], r_hs[l]], axis=-2)) @ np.concatenate([r_delta_w, delta_w], axis=-2)
+            hv[2 * l] = _T(xp.concatenate([hs[l], r_hs[l]], axis=-2)) @ xp.concatenate([r_delta_w, delta_w], axis=-2)
         hv[2 * l + 1] = r_delta.sum(axis=-2)  # R{dL/db_l} = sum_k R{delta_l}
         if l > 0:
             # R{dL/dh_l} = R{delta_l} W_l^T + delta_l V_l^T
@@ -201,7 +243,7 @@ def mlp_rop(params, hs, back, v, r_d_out_fn, activation="tanh"):
             # R{delta_{l-1}} = f''(z_{l-1}) R{z_{l-1}} dL/dh_l + f'(z_{l-1}) R{dL/dh_l}
             r_delta = d1(hs[l]) * r_gh
             curvature = d2(hs[l])
-            if np.ndim(curvature) or curvature != 0:  # ReLU has none
+            if not isinstance(curvature, float):  # ReLU's is the scalar 0: no term
                 r_delta += curvature * r_zs[l - 1] * ghs[l]
     return hv
 
@@ -213,7 +255,7 @@ def mlp_rop(params, hs, back, v, r_d_out_fn, activation="tanh"):
 
 
 def mse_loss(out, y):
-    return np.mean(np.square(out - y), axis=(-2, -1))
+    return xp.mean(xp.square(out - y), axis=(-2, -1))
 
 
 def mse_grad(out, y):  # 2 (out - y) / (K n_out)
@@ -230,25 +272,24 @@ def mse_hvp(out, y, r_out):  # the Hessian is 2 / (K n_out) I
 
 def log_softmax(z):
     z = z - z.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return z - xp.log(xp.exp(z).sum(axis=-1, keepdims=True))
 
 
 def pg_loss(out, target):
     actions, weights = target
-    logp = np.take_along_axis(log_softmax(out), actions[..., None], axis=-1)[..., 0]  # (T, K)
+    logp = xp.take_along_axis(log_softmax(out), actions[..., None], axis=-1)[..., 0]  # (T, K)
     return -(weights * logp).sum(axis=-1)
 
 
 def pg_grad(out, target):  # w_k (softmax(out_k) - onehot(a_k))
     actions, weights = target
-    g = np.exp(log_softmax(out))
-    np.put_along_axis(g, actions[..., None], np.take_along_axis(g, actions[..., None], axis=-1) - 1.0, axis=-1)
-    return weights[..., None] * g
+    onehot = actions[..., None] == xp.arange(out.shape[-1])  # (T, K, n_out)
+    return weights[..., None] * (xp.exp(log_softmax(out)) - onehot)
 
 
 def pg_hvp(out, target, r_out):  # w_k (diag(p) - p p^T) r
     _, weights = target
-    p = np.exp(log_softmax(out))
+    p = xp.exp(log_softmax(out))
     return weights[..., None] * p * (r_out - (p * r_out).sum(axis=-1, keepdims=True))
 
 
@@ -263,7 +304,7 @@ def _gauss_parts(out, target):
     actions, weights = target
     d = out.shape[-1] // 2
     mu, s = out[..., :d], out[..., d:]
-    return actions - mu, np.exp(-2.0 * s), s, weights[..., None]
+    return actions - mu, xp.exp(-2.0 * s), s, weights[..., None]
 
 
 def gauss_loss(out, target):
@@ -273,7 +314,7 @@ def gauss_loss(out, target):
 
 def gauss_grad(out, target):  # dl/dmu = -(a - mu) e^{-2s};  dl/ds = 1 - (a - mu)^2 e^{-2s}
     diff, prec, _, w = _gauss_parts(out, target)
-    return np.concatenate([-w * diff * prec, w * (1.0 - diff * diff * prec)], axis=-1)
+    return xp.concatenate([-w * diff * prec, w * (1.0 - diff * diff * prec)], axis=-1)
 
 
 def gauss_hvp(out, target, r_out):
@@ -282,7 +323,7 @@ def gauss_hvp(out, target, r_out):
     d = out.shape[-1] // 2
     r_mu, r_s = r_out[..., :d], r_out[..., d:]
     cross = 2.0 * diff * prec
-    return np.concatenate([w * (prec * r_mu + cross * r_s), w * (cross * r_mu + cross * diff * r_s)], axis=-1)
+    return xp.concatenate([w * (prec * r_mu + cross * r_s), w * (cross * r_mu + cross * diff * r_s)], axis=-1)
 
 
 LOSSES = {"mse": (mse_loss, mse_grad, mse_hvp), "pg": (pg_loss, pg_grad, pg_hvp),
@@ -315,8 +356,8 @@ def hvp(params, batch, v, loss="mse", activation="tanh", cache=None):
 # ============================================================================
 def concat_batches(a, b):
     """One batch of the samples of a, then b, for each task: join along the K axis (targets may be pairs)."""
-    join = lambda u, v: np.concatenate([u, v], axis=1)
-    target = join(a[1], b[1]) if isinstance(a[1], np.ndarray) else tuple(map(join, a[1], b[1]))
+    join = lambda u, v: xp.concatenate([u, v], axis=1)
+    target = join(a[1], b[1]) if isinstance(a[1], xp.ndarray) else tuple(map(join, a[1], b[1]))
     return join(a[0], b[0]), target
 
 
@@ -329,9 +370,9 @@ def _check_params(params):
     if not isinstance(params, (list, tuple)) or len(params) < 2 or len(params) % 2:
         raise TypeError("params must be a list [W1, b1, W2, b2, ...] of arrays")
     for i, p in enumerate(params):
-        if not isinstance(p, np.ndarray) or p.dtype not in (np.float32, np.float64):
-            raise TypeError(f"params[{i}] must be a float32 or float64 numpy array")
-        if not np.isfinite(p).all():
+        if not isinstance(p, xp.ndarray) or p.dtype not in (np.float32, np.float64):
+            raise TypeError(f"params[{i}] must be a float32 or float64 array of the backend ({xp.__name__})")
+        if not xp.isfinite(p).all():
             raise ValueError(f"params[{i}] contains NaN or inf")
 
 
@@ -341,14 +382,14 @@ def _check_batch(params, batch, loss, name):
         raise TypeError(f"{name} must be a pair (x, target)")
     dtype = params[0].dtype
     n_in, n_out = params[0].shape[-2], params[-1].shape[-1]
-    x = np.asarray(batch[0], dtype=dtype)
+    x = xp.asarray(batch[0], dtype=dtype)
     if x.ndim != 3 or x.shape[-1] != n_in:
         raise ValueError(f"{name} x must have shape (T, K, {n_in}), got {x.shape}")
     T, K = x.shape[:2]
-    if not np.isfinite(x).all():
+    if not xp.isfinite(x).all():
         raise ValueError(f"{name} x contains NaN or inf")
     if loss == "mse":
-        y = np.asarray(batch[1], dtype=dtype)
+        y = xp.asarray(batch[1], dtype=dtype)
         if y.shape != (T, K, n_out):
             raise ValueError(f"{name} y must have shape ({T}, {K}, {n_out}), got {y.shape}")
         finite = [y]
@@ -356,7 +397,7 @@ def _check_batch(params, batch, loss, name):
     else:
         if not isinstance(batch[1], (tuple, list)) or len(batch[1]) != 2:
             raise TypeError(f"{name} target for loss {loss!r} must be a pair (actions, weights)")
-        actions, weights = np.asarray(batch[1][0]), np.asarray(batch[1][1], dtype=dtype)
+        actions, weights = xp.asarray(batch[1][0]), xp.asarray(batch[1][1], dtype=dtype)
         if weights.shape != (T, K):
             raise ValueError(f"{name} weights must have shape ({T}, {K}), got {weights.shape}")
         if loss == "pg":
@@ -374,7 +415,7 @@ def _check_batch(params, batch, loss, name):
             finite = [actions, weights]
         target = (actions, weights)
     for arr in finite:
-        if not np.isfinite(arr).all():
+        if not xp.isfinite(arr).all():
             raise ValueError(f"{name} target contains NaN or inf")
     return x, target
 
@@ -422,7 +463,7 @@ def _maml(params, support, query, loss, inner_lr, inner_steps, first_order, acti
     losses, v, _ = loss_and_grad(thetas[-1], query, loss, activation, scale=1.0 / support[0].shape[0])
     meta_lr = isinstance(inner_lr, list)
     lrs = _per_param(inner_lr, params)
-    lr_grads = [np.zeros_like(p) for p in params] if meta_lr else None
+    lr_grads = [xp.zeros_like(p) for p in params] if meta_lr else None
 
     # ===================== Differentiating through the inner update =====================
     # theta_{j+1} = theta_j - alpha * g_j(theta_j)   (alpha a scalar, or a vector for Meta-SGD)
@@ -470,9 +511,9 @@ def meta_sgd_grad(params, inner_lrs, support, query, loss="mse", inner_steps=1, 
     from the one backward pass of ``maml_grad``."""
     support, query = _check_meta_args(params, support, query, loss, inner_steps, activation)
     if not isinstance(inner_lrs, (list, tuple)) or len(inner_lrs) != len(params) or any(
-            np.shape(a) != p.shape for a, p in zip(inner_lrs, params)):
+            xp.shape(a) != p.shape for a, p in zip(inner_lrs, params)):
         raise ValueError("inner_lrs must be a list of arrays shaped as params")
-    lrs = [np.asarray(a, dtype=p.dtype) for a, p in zip(inner_lrs, params)]
+    lrs = [xp.asarray(a, dtype=p.dtype) for a, p in zip(inner_lrs, params)]
     meta_loss, grads, lr_grads = _maml(params, support, query, loss, lrs, inner_steps, first_order, activation)
     return meta_loss, grads, [g.astype(p.dtype) for g, p in zip(lr_grads, params)]
 
@@ -491,7 +532,7 @@ def reptile_grad(params, support, query, loss="mse", inner_lr=0.01, inner_steps=
 
 def adam_init(params):
     """Adam's state: first and second moments, and the step count."""
-    return {"m": [np.zeros_like(p) for p in params], "v": [np.zeros_like(p) for p in params], "t": 0}
+    return {"m": [xp.zeros_like(p) for p in params], "v": [xp.zeros_like(p) for p in params], "t": 0}
 
 
 def adam_step(params, grads, state, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
@@ -500,7 +541,7 @@ def adam_step(params, grads, state, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
     m = [beta1 * m + (1 - beta1) * g for m, g in zip(state["m"], grads)]
     v = [beta2 * v + (1 - beta2) * g * g for v, g in zip(state["v"], grads)]
     # theta <- theta - lr m_hat / (sqrt(v_hat) + eps),  m_hat = m / (1 - beta1^t),  v_hat = v / (1 - beta2^t)
-    new = [(p - lr * (mi / (1 - beta1 ** t)) / (np.sqrt(vi / (1 - beta2 ** t)) + eps)).astype(p.dtype)
+    new = [(p - lr * (mi / (1 - beta1 ** t)) / (xp.sqrt(vi / (1 - beta2 ** t)) + eps)).astype(p.dtype)
            for p, mi, vi in zip(params, m, v)]
     return new, {"m": m, "v": v, "t": t}
 
@@ -516,13 +557,14 @@ POLICIES = ("categorical", "gaussian")
 
 def sample_actions(out, rng, policy="categorical"):
     """Actions of the policy whose network output is out (T, E, n_out):
-    categorical over softmax(out), or Gaussian N(mean, exp(log_std)^2) with out = [mean, log_std]."""
+    categorical over softmax(out), or Gaussian N(mean, exp(log_std)^2) with out = [mean, log_std].
+    rng draws where out lives (device_rng)."""
     if policy == "categorical":  # inverse CDF: the first action whose cumulative probability exceeds u
-        cdf = np.cumsum(np.exp(log_softmax(out)), axis=-1)
+        cdf = xp.cumsum(xp.exp(log_softmax(out)), axis=-1)
         u = rng.random(out.shape[:-1] + (1,))
-        return np.minimum((u > cdf).sum(axis=-1), out.shape[-1] - 1)
+        return xp.minimum((u > cdf).sum(axis=-1), out.shape[-1] - 1)
     d = out.shape[-1] // 2
-    return out[..., :d] + np.exp(out[..., d:]) * rng.standard_normal(out.shape[:-1] + (d,), dtype=out.dtype)
+    return out[..., :d] + xp.exp(out[..., d:]) * rng.standard_normal(out.shape[:-1] + (d,), dtype=out.dtype)
 
 
 def rollout(params, env, n_tasks, rng, horizon, policy="categorical", activation="tanh"):
@@ -540,28 +582,29 @@ def rollout(params, env, n_tasks, rng, horizon, policy="categorical", activation
         raise ValueError(f"env.num_envs ({n_envs}) must be a multiple of n_tasks ({n_tasks})")
     E = n_envs // n_tasks
     ob, _ = env.reset(seed=int(rng.integers(2 ** 63)))
+    draws = device_rng(rng)
     dtype = params[0].dtype
     obs, actions, rewards, mask = [], [], [], []
-    alive = np.ones(n_envs, dtype=bool)
+    alive = xp.ones(n_envs, dtype=bool)
     for _ in range(horizon):
         x = ob.astype(dtype).reshape(n_tasks, E, -1)  # (T, E, in)
-        a = sample_actions(mlp_forward(params, x, activation)[0], rng, policy)  # (T, E) or (T, E, d)
+        a = sample_actions(mlp_forward(params, x, activation)[0], draws, policy)  # (T, E) or (T, E, d)
         ob, reward, terminated, truncated, _ = env.step(a.reshape((n_envs,) + a.shape[2:]))
         obs.append(x)
         actions.append(a)
-        rewards.append(np.where(alive, reward, 0.0).reshape(n_tasks, E))
+        rewards.append(xp.where(alive, reward, 0.0).reshape(n_tasks, E))
         mask.append(alive.reshape(n_tasks, E))
         alive = alive & ~(terminated | truncated)  # what the env does after an episode's end is ignored
         if not alive.any():
             break
-    stack = lambda xs: np.stack(xs, axis=2)  # (T, E, H, ...)
+    stack = lambda xs: xp.stack(xs, axis=2)  # (T, E, H, ...)
     return {"obs": stack(obs), "actions": stack(actions), "rewards": stack(rewards), "mask": stack(mask)}
 
 
 def discounted_returns(rewards, gamma=0.99):
     """Rewards-to-go R_t = sum_{l>=0} gamma^l r_{t+l} along the last axis (masked rewards are 0)."""
-    returns = np.zeros(rewards.shape, dtype=np.float64)
-    running = np.zeros(rewards.shape[:-1])
+    returns = xp.zeros(rewards.shape, dtype=np.float64)
+    running = xp.zeros(rewards.shape[:-1])
     for t in reversed(range(rewards.shape[-1])):
         running = rewards[..., t] + gamma * running
         returns[..., t] = running
@@ -572,9 +615,9 @@ def baseline_features(obs, mask):
     """The linear baseline's features (Duan et al. 2016, rllab's LinearFeatureBaseline):
     [o, o^2, t, t^2, t^3, 1] with o = clip(obs, -10, 10) and t = step / 100;
     zero where masked. obs (T, E, H, d) -> (T, E, H, 2 d + 4)."""
-    o = np.clip(obs.astype(np.float64), -10.0, 10.0)
-    t = np.broadcast_to((np.arange(obs.shape[2]) / 100.0)[:, None], obs.shape[:3] + (1,))
-    feats = np.concatenate([o, o * o, t, t * t, t ** 3, np.ones_like(t)], axis=-1)
+    o = xp.clip(obs.astype(np.float64), -10.0, 10.0)
+    t = xp.broadcast_to((xp.arange(obs.shape[2]) / 100.0)[:, None], obs.shape[:3] + (1,))
+    feats = xp.concatenate([o, o * o, t, t * t, t ** 3, xp.ones_like(t)], axis=-1)
     return feats * mask[..., None]
 
 
@@ -584,8 +627,8 @@ def fit_baseline(obs, returns, mask, reg=1e-5):
     feats = baseline_features(obs, mask)
     T, n_feat = feats.shape[0], feats.shape[-1]
     F = feats.reshape(T, -1, n_feat)  # (T, E*H, n_feat)
-    A = _T(F) @ F + reg * np.eye(n_feat)  # (T, n_feat, n_feat)
-    c = np.linalg.solve(A, _T(F) @ (returns * mask).reshape(T, -1, 1))  # (T, n_feat, 1)
+    A = _T(F) @ F + reg * xp.eye(n_feat)  # (T, n_feat, n_feat)
+    c = xp.linalg.solve(A, _T(F) @ (returns * mask).reshape(T, -1, 1))  # (T, n_feat, 1)
     return (F @ c).reshape(mask.shape)
 
 
@@ -593,7 +636,7 @@ def advantages(rewards, values, mask, gamma=0.99, lam=1.0):
     """GAE(lambda) (Schulman et al. 2016, eq. 16): A_t = sum_l (gamma lam)^l delta_{t+l},
     delta_t = r_t + gamma V(s_{t+1}) - V(s_t), with V = 0 after the episode's last step.
     lam = 1 gives R_t - V(s_t), the estimator of the MAML paper."""
-    next_values = np.concatenate([values[..., 1:] * mask[..., 1:], np.zeros(values.shape[:-1] + (1,))], axis=-1)
+    next_values = xp.concatenate([values[..., 1:] * mask[..., 1:], xp.zeros(values.shape[:-1] + (1,))], axis=-1)
     deltas = (rewards + gamma * next_values - values) * mask
     return discounted_returns(deltas, gamma * lam) * mask
 
@@ -612,11 +655,11 @@ def pg_batch(episodes, gamma=0.99, lam=1.0, dtype=np.float32):
     flat_mask = mask.reshape(T, -1)
     n = flat_mask.sum(axis=1, keepdims=True)  # (T, 1) steps per task
     mean = adv.reshape(T, -1).sum(axis=1, keepdims=True) / n
-    std = np.sqrt(((adv.reshape(T, -1) - mean) ** 2 * flat_mask).sum(axis=1, keepdims=True) / n)
+    std = xp.sqrt(((adv.reshape(T, -1) - mean) ** 2 * flat_mask).sum(axis=1, keepdims=True) / n)
     weights = (adv.reshape(T, -1) - mean) / (std + 1e-8) * flat_mask / n  # (T, E*H)
     # Pack: the real steps of each task first (a stable sort of the mask), cut at the largest count.
-    order = np.argsort(~flat_mask, axis=1, kind="stable")[:, :int(n.max())]  # (T, K)
-    take = lambda a: np.take_along_axis(a.reshape((T, -1) + a.shape[3:]),
+    order = xp.argsort(~flat_mask, axis=1, kind="stable")[:, :int(n.max())]  # (T, K)
+    take = lambda a: xp.take_along_axis(a.reshape((T, -1) + a.shape[3:]),
                                         order.reshape(order.shape + (1,) * (a.ndim - 3)), axis=1)
     return take(episodes["obs"]).astype(dtype), (take(episodes["actions"]), take(weights).astype(dtype))
 
@@ -650,9 +693,10 @@ def discretize(obs, bins, low=Q_STATE_LOW, high=Q_STATE_HIGH):
         _check_int_at_least("bins", b, 1)
     if len(bins) != obs.shape[-1]:
         raise ValueError(f"bins must give one count per state variable ({obs.shape[-1]}), got {bins}")
-    frac = (np.asarray(obs, dtype=np.float64) - low) / (high - low)  # (B, n), 0..1 inside the box
-    idx = np.clip(np.floor(frac * bins).astype(np.int64), 0, np.array(bins) - 1)
-    return np.ravel_multi_index(tuple(idx.T), bins)
+    low, high = xp.asarray(low), xp.asarray(high)
+    frac = (xp.asarray(obs, dtype=np.float64) - low) / (high - low)  # (B, n), 0..1 inside the box
+    idx = xp.clip(xp.floor(frac * bins).astype(np.int64), 0, xp.array(bins) - 1)
+    return xp.ravel_multi_index(tuple(idx.T), bins)
 
 
 def poly_features(obs, degree, c=1.0, low=Q_STATE_LOW, high=Q_STATE_HIGH):
@@ -663,11 +707,11 @@ def poly_features(obs, degree, c=1.0, low=Q_STATE_LOW, high=Q_STATE_HIGH):
     _check_int_at_least("degree", degree, 1)
     if not c >= 0:
         raise ValueError(f"c must be >= 0, got {c!r}")
-    s = 2.0 * (np.asarray(obs, dtype=np.float64) - low) / (high - low) - 1.0
+    s = 2.0 * (xp.asarray(obs, dtype=np.float64) - xp.asarray(low)) / xp.asarray(high - low) - 1.0
     k = np.array(_compositions(degree, s.shape[-1] + 1))  # (F, n + 1): k_0, k_1, ..., k_n
     coef = np.array([math.factorial(degree) / math.prod(math.factorial(int(ki)) for ki in row) for row in k])
     coef *= float(c) ** k[:, 0]
-    return np.sqrt(coef) * np.prod(s[:, None, :] ** k[:, 1:], axis=-1)  # (B, F)
+    return xp.asarray(np.sqrt(coef)) * xp.prod(s[:, None, :] ** xp.asarray(k[:, 1:]), axis=-1)  # (B, F)
 
 
 def _compositions(total, parts):
@@ -681,16 +725,16 @@ def rbf_features(obs, per_dim=3, width=0.5, low=Q_STATE_LOW, high=Q_STATE_HIGH):
     """Gaussian (RBF) kernel features exp(-|s - c_j|^2 / (2 width^2)) on a fixed grid of
     per_dim^n centres in [-1, 1]^n, states scaled to [-1, 1]. obs (B, n) -> (B, per_dim^n)."""
     _check_int_at_least("per_dim", per_dim, 1)
-    s = 2.0 * (np.asarray(obs, dtype=np.float64) - low) / (high - low) - 1.0
-    axis = np.linspace(-1.0, 1.0, per_dim)
-    centres = np.stack(np.meshgrid(*[axis] * s.shape[-1], indexing="ij"), axis=-1).reshape(-1, s.shape[-1])
+    s = 2.0 * (xp.asarray(obs, dtype=np.float64) - xp.asarray(low)) / xp.asarray(high - low) - 1.0
+    axis = xp.linspace(-1.0, 1.0, per_dim)
+    centres = xp.stack(xp.meshgrid(*[axis] * s.shape[-1], indexing="ij"), axis=-1).reshape(-1, s.shape[-1])
     d2 = ((s[:, None, :] - centres) ** 2).sum(axis=-1)  # (B, n_centres)
-    return np.exp(-d2 / (2.0 * width ** 2))
+    return xp.exp(-d2 / (2.0 * width ** 2))
 
 
 def log_decay(episode, floor, decay=25.0):
     """The classic CartPole schedule: max(floor, min(1, 1 - log10((episode + 1) / decay)))."""
-    return np.maximum(floor, np.minimum(1.0, 1.0 - np.log10((episode + 1.0) / decay)))
+    return xp.maximum(floor, xp.minimum(1.0, 1.0 - xp.log10((episode + 1.0) / decay)))
 
 
 class _OneEnv:
@@ -702,15 +746,15 @@ class _OneEnv:
 
     def reset(self, *, seed=None, options=None):
         obs, info = self.env.reset(seed=seed)
-        return np.asarray(obs)[None], info
+        return xp.asarray(obs)[None], info
 
     def step(self, actions):
         obs, reward, terminated, truncated, _ = self.env.step(int(actions[0]))
-        final = np.asarray(obs)[None]
+        final = xp.asarray(obs)[None]
         if terminated or truncated:
             obs, _ = self.env.reset()
-        return (np.asarray(obs)[None], np.array([reward], dtype=np.float64), np.array([terminated]),
-                np.array([truncated]), {"final_obs": final})
+        return (xp.asarray(obs)[None], xp.array([reward], dtype=np.float64), xp.array([terminated]),
+                xp.array([truncated]), {"final_obs": final})
 
 
 def q_learn(env, weights, featurize, rng, episodes, alpha_min=0.1, epsilon_min=0.01, decay=25.0, gamma=0.99,
@@ -734,32 +778,33 @@ def q_learn(env, weights, featurize, rng, episodes, alpha_min=0.1, epsilon_min=0
     _check_int_at_least("episodes", episodes, 1)
     env = env if hasattr(env, "num_envs") else _OneEnv(env)
     B, A = env.num_envs, weights.shape[-1]
-    W, rows = weights.copy(), np.arange(B)
+    W, rows = weights.copy(), xp.arange(B)
     obs, _ = env.reset(seed=int(rng.integers(2 ** 63)))
+    draws = device_rng(rng)
     phi = featurize(obs)
     tabular = phi.dtype.kind in "iu"
 
     def q_values(phi):  # (B, A)
-        return W[rows, phi] if tabular else np.einsum("bf,bfa->ba", phi, W)
-    episode, running = np.zeros(B, dtype=np.int64), np.zeros(B)
-    returns = np.zeros((B, episodes))
+        return W[rows, phi] if tabular else xp.einsum("bf,bfa->ba", phi, W)
+    episode, running = xp.zeros(B, dtype=np.int64), xp.zeros(B)
+    returns = xp.zeros((B, episodes))
     while (episode < episodes).any():
         learning = episode < episodes
         alpha = log_decay(episode + start_episode, alpha_min, decay) * learning  # 0 once an env is done
         epsilon = log_decay(episode + start_episode, epsilon_min, decay)
         q = q_values(phi)
-        u = rng.random((B, 2))  # explore?, and which random action
-        a = np.where(u[:, 0] < epsilon, (u[:, 1] * A).astype(np.int64), q.argmax(axis=1))
+        u = draws.random((B, 2))  # explore?, and which random action
+        a = xp.where(u[:, 0] < epsilon, (u[:, 1] * A).astype(np.int64), q.argmax(axis=1))
         obs, reward, terminated, truncated, info = env.step(a)
         done = terminated | truncated
-        phi_next = featurize(np.where(done[:, None], info["final_obs"], obs))
+        phi_next = featurize(xp.where(done[:, None], info["final_obs"], obs))
         td = reward + gamma * ~terminated * q_values(phi_next).max(axis=1) - q[rows, a]
         if tabular:
             W[rows, phi, a] += alpha * td
         else:  # the step scaled by 1 / |phi|^2, which is 1 for one-hot features (Sutton & Barto, sec. 9.5)
             W[rows, :, a] += (alpha * td / (phi * phi).sum(axis=1))[:, None] * phi
         running += reward
-        ended = np.flatnonzero(done & learning)
+        ended = xp.flatnonzero(done & learning)
         returns[ended, episode[ended]] = running[ended]
         episode += done
         running[done] = 0.0
@@ -770,11 +815,11 @@ def q_learn(env, weights, featurize, rng, episodes, alpha_min=0.1, epsilon_min=0
 def episodes_to_solve(returns, threshold=475.0, window=100):
     """Per run, the first episode (1-based) at which the mean return of the
     last `window` episodes reaches threshold (CartPole-v1's criterion); inf if never."""
-    csum = np.cumsum(returns, axis=-1)
-    means = (csum[..., window - 1:] - np.concatenate([np.zeros(returns.shape[:-1] + (1,)),
+    csum = xp.cumsum(returns, axis=-1)
+    means = (csum[..., window - 1:] - xp.concatenate([xp.zeros(returns.shape[:-1] + (1,)),
                                                        csum[..., :-window]], axis=-1)) / window
     solved = means >= threshold
-    return np.where(solved.any(axis=-1), solved.argmax(axis=-1) + window, np.inf)
+    return xp.where(solved.any(axis=-1), solved.argmax(axis=-1) + window, np.inf)
 
 
 # ============================================================================
@@ -792,10 +837,11 @@ def sample_sine_tasks(rng, n):
 
 
 def sample_sine_points(rng, amplitude, phase, k, dtype=np.float32):
-    """k points of each task: x (T, k, 1), y (T, k, 1)."""
+    """k points of each task: x (T, k, 1), y (T, k, 1), drawn on the host (the same
+    numbers on every device) and then made arrays of the backend."""
     x = rng.uniform(*SINE_X, size=(amplitude.shape[0], k, 1))
     y = amplitude[:, None, None] * np.sin(x - phase[:, None, None])
-    return x.astype(dtype), y.astype(dtype)
+    return xp.asarray(x, dtype=dtype), xp.asarray(y, dtype=dtype)
 
 
 # 2D navigation (MAML paper sec. 5.3), as in the authors' code (maml_rl,
@@ -823,32 +869,32 @@ class VecNav2D:
     authors' code."""
 
     def __init__(self, goals, max_episode_steps=NAV_MAX_EPISODE_STEPS, action_scale=NAV_MAX_SPEED):
-        goals = np.asarray(goals, dtype=np.float64)
-        if goals.ndim != 2 or goals.shape[1] != 2 or not np.isfinite(goals).all():
+        goals = xp.asarray(goals, dtype=np.float64)
+        if goals.ndim != 2 or goals.shape[1] != 2 or not xp.isfinite(goals).all():
             raise ValueError(f"goals must be a finite array of shape (num_envs, 2), got shape {goals.shape}")
         _check_int_at_least("max_episode_steps", max_episode_steps, 1)
         self.num_envs, self.goals = goals.shape[0], goals.copy()
         self.max_episode_steps, self.action_scale = int(max_episode_steps), float(action_scale)
         self.pos = None  # (N, 2)
-        self.steps = np.zeros(self.num_envs, dtype=np.int64)
+        self.steps = xp.zeros(self.num_envs, dtype=np.int64)
 
     def reset(self, *, seed=None, options=None):
         """Every point back at the origin (the start is not random: seed is accepted and unused)."""
-        self.pos = np.zeros((self.num_envs, 2))
+        self.pos = xp.zeros((self.num_envs, 2))
         self.steps[:] = 0
         return self.pos.astype(np.float32), {}
 
     def step(self, actions):
         """actions (N, 2) -> obs (N, 2) float32, reward (N,) float32, terminated, truncated, info."""
-        actions = np.asarray(actions, dtype=np.float64)
+        actions = xp.asarray(actions, dtype=np.float64)
         if actions.shape != (self.num_envs, 2):
             raise ValueError(f"actions must have shape ({self.num_envs}, 2), got {actions.shape}")
         if self.pos is None:
             raise RuntimeError("Call reset() before step().")
-        self.pos = self.pos + np.clip(self.action_scale * actions, -NAV_MAX_SPEED, NAV_MAX_SPEED)
+        self.pos = self.pos + xp.clip(self.action_scale * actions, -NAV_MAX_SPEED, NAV_MAX_SPEED)
         d = self.pos - self.goals
-        reward = -np.sqrt((d * d).sum(axis=1))  # -||pos - goal||
-        terminated = (np.abs(d) < NAV_TOLERANCE).all(axis=1)
+        reward = -xp.sqrt((d * d).sum(axis=1))  # -||pos - goal||
+        terminated = (xp.abs(d) < NAV_TOLERANCE).all(axis=1)
         self.steps += 1
         truncated = self.steps >= self.max_episode_steps
         obs = self.pos.astype(np.float32)
@@ -909,14 +955,14 @@ class Progress:
         elapsed = time.perf_counter() - self.t0
         done = iteration - self.start
         eta = elapsed / done * (self.total - iteration) if done > 0 else float("nan")
-        shown = "  ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+        shown = "  ".join(f"{k} {float(v):.3f}" for k, v in metrics.items())
         print(f"iter {iteration:>6}/{self.total}  {shown}  elapsed {elapsed:6.1f}s  ETA {eta:6.1f}s",
               file=self.stream or sys.stdout, flush=True)
 
 
 def mean_ci95(values):
     """Mean and half-width of its 95% confidence interval (normal approximation)."""
-    values = np.asarray(values, dtype=np.float64)
+    values = to_host(values).astype(np.float64)
     return float(values.mean()), float(1.96 * values.std(ddof=1) / math.sqrt(values.size))
 
 
@@ -949,10 +995,10 @@ def save_checkpoint(path, config, iteration, rng, models, optimisers, extra=None
     extra: a JSON-able dict of whatever else the run needs to resume (counters, curves)."""
     arrays = {}
     for name, params in models.items():
-        arrays.update({f"params/{name}/{i}": p for i, p in enumerate(params)})
+        arrays.update({f"params/{name}/{i}": to_host(p) for i, p in enumerate(params)})
     for name, state in optimisers.items():
         for key in ("m", "v"):
-            arrays.update({f"adam/{name}/{key}/{i}": a for i, a in enumerate(state[key])})
+            arrays.update({f"adam/{name}/{key}/{i}": to_host(a) for i, a in enumerate(state[key])})
     meta = dict(format="metarl-min checkpoint 1", config=dataclasses.asdict(config), iteration=iteration,
                 rng=rng.bit_generator.state, adam_t={k: s["t"] for k, s in optimisers.items()},
                 models={k: len(p) for k, p in models.items()}, extra=extra or {})
@@ -970,9 +1016,9 @@ def load_checkpoint(path, config):
             meta = json.loads(str(data["meta"]))
             if meta.get("format") != "metarl-min checkpoint 1":
                 raise ValueError("unknown format")
-            models = {k: [data[f"params/{k}/{i}"] for i in range(n)] for k, n in meta["models"].items()}
-            optimisers = {k: {"m": [data[f"adam/{k}/m/{i}"] for i in range(n)],
-                              "v": [data[f"adam/{k}/v/{i}"] for i in range(n)], "t": meta["adam_t"][k]}
+            models = {k: [xp.asarray(data[f"params/{k}/{i}"]) for i in range(n)] for k, n in meta["models"].items()}
+            optimisers = {k: {"m": [xp.asarray(data[f"adam/{k}/m/{i}"]) for i in range(n)],
+                              "v": [xp.asarray(data[f"adam/{k}/v/{i}"]) for i in range(n)], "t": meta["adam_t"][k]}
                           for k, n in meta["models"].items() if k in meta["adam_t"]}
             rng = np.random.Generator(getattr(np.random, meta["rng"]["bit_generator"])())
             rng.bit_generator.state = meta["rng"]
@@ -1282,7 +1328,7 @@ def run_meta_rl(problem, config, json_path=None, save=None, load=None, plot=None
     results = {}
     for label, (params, lr) in models.items():
         if lr is None:  # a baseline: its best step size, by the mean return after 1-3 steps on validation tasks
-            lr = best_step_size(lambda lr, rng: -np.mean([r.mean() for s, r in meta_rl_evaluate(
+            lr = best_step_size(lambda lr, rng: -np.mean([float(r.mean()) for s, r in meta_rl_evaluate(
                 params, problem, config, validation, rng, lr).items() if s != "0"]), RL_BASELINE_LRS,
                 np.random.default_rng([config.seed, 4]))
         returns = meta_rl_evaluate(params, problem, config, tasks, np.random.default_rng([config.seed, 5]), lr)
@@ -1375,11 +1421,11 @@ def run_qlearn(config, json_path=None, save=None, load=None):
         start, rng, models, _, _ = load_checkpoint(load, config)
         q_init = models["q_init"][0]
     else:
-        start, rng, q_init = 0, np.random.default_rng(config.seed), np.zeros((n_states, 2))
+        start, rng, q_init = 0, np.random.default_rng(config.seed), xp.zeros((n_states, 2))
     progress = Progress(config.iterations, start)
     for it in range(start, config.iterations):
         tasks = cartpole.sample_tasks(rng, config.meta_tasks, config.family)
-        starts = np.broadcast_to(q_init, (config.meta_tasks,) + q_init.shape)
+        starts = xp.broadcast_to(q_init, (config.meta_tasks,) + q_init.shape)
         W, returns = learn(table, cartpole_envs(tasks, 1), starts, rng, config.meta_episodes)
         q_init = q_init + config.meta_step * (W.mean(axis=0) - q_init)
         if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
@@ -1393,14 +1439,14 @@ def run_qlearn(config, json_path=None, save=None, load=None):
     runs = config.eval_tasks * config.seeds
     kernels = {f"poly d={config.degree}": lambda obs: poly_features(obs, config.degree),
                f"rbf {config.rbf_per_dim}^4": lambda obs: rbf_features(obs, config.rbf_per_dim)}
-    learners = {"scratch": (table, np.zeros_like(q_init), 0), "meta": (table, q_init, config.warm_start)}
-    learners.update({name: (f, np.zeros((f(np.zeros((1, 4))).shape[1], 2)), 0) for name, f in kernels.items()})
+    learners = {"scratch": (table, xp.zeros_like(q_init), 0), "meta": (table, q_init, config.warm_start)}
+    learners.update({name: (f, xp.zeros((f(xp.zeros((1, 4))).shape[1], 2)), 0) for name, f in kernels.items()})
     results, curves = {}, {}
     for name, (featurize, init, start_episode) in learners.items():
-        starts = np.broadcast_to(init, (runs,) + init.shape)
+        starts = xp.broadcast_to(init, (runs,) + init.shape)
         _, returns = learn(featurize, cartpole_envs(tasks, config.seeds), starts,
                            np.random.default_rng([config.seed, 2]), config.episodes, start_episode)
-        results[name], curves[name] = episodes_to_solve(returns), returns
+        results[name], curves[name] = to_host(episodes_to_solve(returns)), to_host(returns)
         print(f"held-out tasks, {name}: done, {time.perf_counter() - t0:.0f} s", flush=True)
     seconds = time.perf_counter() - t0
 
@@ -1427,21 +1473,33 @@ def run_qlearn(config, json_path=None, save=None, load=None):
 
 @dataclasses.dataclass
 class BenchConfig:
-    """Speed, measured side by side in one run: env steps/s and meta-gradient time."""
+    """Speed, measured side by side in one run: env steps/s and meta-gradient time, on the CPU and,
+    with --device gpu, on the GPU too."""
     quick: bool = hparam(False, "small sizes and few repeats: seconds, for a smoke test")
     rounds: int = hparam(7, "timing rounds; each alternative's best round is reported", 1)
     seed: int = hparam(0, "seed of the random inputs", 0)
 
 
-def _time_alternatives(fns, calls, rounds):
+def _synchronize(module):
+    """Wait for the work queued on the GPU (CuPy's module has .cuda); nothing on the CPU."""
+    if hasattr(module, "cuda"):
+        module.cuda.Device().synchronize()
+
+
+def _time_alternatives(fns, calls, rounds, sync=None):
     """Seconds per call of each function, the best of `rounds` rounds; the
-    alternatives take turns within each round, so machine noise hits all alike."""
+    alternatives take turns within each round, so machine noise hits all alike.
+    sync[name], if given, waits for the device before the clock is read."""
     best = {name: float("inf") for name in fns}
+    sync = sync or {}
     for _ in range(rounds):
         for name, fn in fns.items():
+            wait = sync.get(name, lambda: None)
+            wait()
             t0 = time.perf_counter()
             for _ in range(calls[name]):
                 fn()
+            wait()
             best[name] = min(best[name], (time.perf_counter() - t0) / calls[name])
     return best
 
@@ -1455,68 +1513,90 @@ def _optional(module):
         return None
 
 
-def bench_env(config, rng):
-    """Env steps per second: VecCartPole at several N, a Python loop of CartPoleEnv,
-    and Gymnasium's CartPoleVectorEnv when it is installed. Random actions, so
-    episodes end and autoreset is part of the figure."""
-    sizes = (256,) if config.quick else (1024, 16384)
-    gym_cartpole = _optional("gymnasium.envs.classic_control.cartpole")
-    fns, calls, steps = {}, {}, {}
+def bench_env(config, rng, device="cpu"):
+    """Env steps per second of VecCartPole on the backend xp at several N, with random
+    actions, so that episodes end and autoreset is part of the figure. On the CPU,
+    beside it: a Python loop of CartPoleEnv, and Gymnasium's CartPoleVectorEnv when installed."""
+    if device == "gpu":
+        sizes = (1 << 16,) if config.quick else (1 << 20, 1 << 24)
+    else:
+        sizes = (256,) if config.quick else (1024, 16384)
+    gym_cartpole = _optional("gymnasium.envs.classic_control.cartpole") if device == "cpu" else None
+    fns, calls, steps, sync = {}, {}, {}, {}
+    suffix = "" if device == "cpu" else f" ({device})"
     for n in sizes:
-        actions = [rng.integers(0, 2, n) for _ in range(16)]
-        envs = {f"VecCartPole N={n}": cartpole.VecCartPole(n)}
+        actions = [rng.integers(0, 2, n) for _ in range(4)]
+        envs = {f"VecCartPole N={n}{suffix}": (cartpole.VecCartPole(n), [xp.asarray(a) for a in actions])}
         if gym_cartpole is not None:
-            envs[f"gymnasium CartPoleVectorEnv N={n}"] = gym_cartpole.CartPoleVectorEnv(num_envs=n)
-        for name, env in envs.items():
+            envs[f"gymnasium CartPoleVectorEnv N={n}"] = (gym_cartpole.CartPoleVectorEnv(num_envs=n), actions)
+        for name, (env, acts) in envs.items():
             env.reset(seed=config.seed)
             counter = iter(range(1 << 62))
-            fns[name] = lambda env=env, counter=counter, actions=actions: env.step(actions[next(counter) % 16])
+            fns[name] = lambda env=env, counter=counter, acts=acts: env.step(acts[next(counter) % 4])
             calls[name], steps[name] = (20 if config.quick else max(20, 2_000_000 // n // 4)), n
-    singles = [cartpole.CartPoleEnv() for _ in range(64)]
-    for i, env in enumerate(singles):
-        env.reset(seed=config.seed + i)
-    single_actions = rng.integers(0, 2, 64).tolist()
+            sync[name] = lambda: _synchronize(xp)
+    if device == "cpu":
+        singles = [cartpole.CartPoleEnv() for _ in range(64)]
+        for i, env in enumerate(singles):
+            env.reset(seed=config.seed + i)
+        single_actions = rng.integers(0, 2, 64).tolist()
 
-    def loop():  # the same work one env at a time: step, and reset when done
-        for env, a in zip(singles, single_actions):
-            _, _, terminated, truncated, _ = env.step(a)
-            if terminated or truncated:
-                env.reset()
-    fns["Python loop of 64 CartPoleEnv"], calls["Python loop of 64 CartPoleEnv"] = loop, 5 if config.quick else 50
-    steps["Python loop of 64 CartPoleEnv"] = 64
-    seconds = _time_alternatives(fns, calls, config.rounds)
+        def loop():  # the same work one env at a time: step, and reset when done
+            for env, a in zip(singles, single_actions):
+                _, _, terminated, truncated, _ = env.step(a)
+                if terminated or truncated:
+                    env.reset()
+        name = "Python loop of 64 CartPoleEnv"
+        fns[name], calls[name], steps[name] = loop, 5 if config.quick else 50, 64
+    seconds = _time_alternatives(fns, calls, config.rounds, sync)
     return {name: steps[name] / s for name, s in seconds.items()}
 
 
-def bench_meta_grad(config, rng):
-    """Milliseconds per meta-gradient in the paper's sinusoid setting (T=25, K=10,
-    1-40-40-1 ReLU, one inner step, float32): second-order batched, first-order
-    batched, a per-task loop of maml_grad, and PyTorch when it is installed."""
-    T, K = (5, 10) if config.quick else (25, 10)
-    params = init_mlp((1, 40, 40, 1), rng, "relu")
-    amplitude, phase = sample_sine_tasks(rng, T)
-    support, query = sample_sine_points(rng, amplitude, phase, K), sample_sine_points(rng, amplitude, phase, K)
-    one = lambda batch, t: (batch[0][t:t + 1], batch[1][t:t + 1])
-    fns = {
-        "maml_grad second-order, batched": lambda: maml_grad(params, support, query, "mse", 0.01, 1, False, "relu"),
-        "maml_grad first-order, batched": lambda: maml_grad(params, support, query, "mse", 0.01, 1, True, "relu"),
-        "maml_grad second-order, loop over tasks": lambda: [
-            maml_grad(params, one(support, t), one(query, t), "mse", 0.01, 1, False, "relu") for t in range(T)],
-    }
+def bench_meta_grad(config, rng, device="cpu"):
+    """Milliseconds per meta-gradient of the sinusoid problem (K=10, 1-40-40-1 ReLU,
+    one inner step, float32), on the backend xp: second-order and first-order
+    batched, and beside them PyTorch when installed. On the CPU the paper's
+    meta-batch (T=25) and a per-task loop of maml_grad; on the GPU T=10,000 and 100,000."""
+    if device == "gpu":
+        sizes = (1000,) if config.quick else (10_000, 100_000)
+    else:
+        sizes = (5,) if config.quick else (25,)
     torch = _optional("torch")
-    if torch is not None:
-        fns.update(_torch_maml(torch, params, support, query))
-    calls = {name: 3 if config.quick else (10 if "torch" in name or "loop" in name else 100) for name in fns}
-    return {name: 1e3 * s for name, s in _time_alternatives(fns, calls, config.rounds).items()}
+    torch_device = "cuda" if device == "gpu" else "cpu"
+    if torch is not None and torch_device == "cuda" and not torch.cuda.is_available():
+        torch = None
+    params = init_mlp((1, 40, 40, 1), rng, "relu")
+    fns, sync = {}, {}
+    for T in sizes:
+        amplitude, phase = sample_sine_tasks(rng, T)
+        support, query = sample_sine_points(rng, amplitude, phase, 10), sample_sine_points(rng, amplitude, phase, 10)
+        tag = f" T={T}" + ("" if device == "cpu" else f" ({device})")
+        fns[f"maml_grad second-order, batched{tag}"] = lambda s=support, q=query: maml_grad(
+            params, s, q, "mse", 0.01, 1, False, "relu")
+        fns[f"maml_grad first-order, batched{tag}"] = lambda s=support, q=query: maml_grad(
+            params, s, q, "mse", 0.01, 1, True, "relu")
+        if device == "cpu":
+            one = lambda batch, t: (batch[0][t:t + 1], batch[1][t:t + 1])
+            fns[f"maml_grad second-order, loop over tasks{tag}"] = lambda s=support, q=query, T=T: [
+                maml_grad(params, one(s, t), one(q, t), "mse", 0.01, 1, False, "relu") for t in range(T)]
+        if torch is not None:
+            for name, fn in _torch_maml(torch, params, support, query, torch_device).items():
+                fns[name + tag] = fn
+    for name in fns:
+        sync[name] = (lambda: torch.cuda.synchronize()) if "torch" in name and device == "gpu" else (
+            lambda: _synchronize(xp))
+    calls = {name: 3 if config.quick else (10 if "loop" in name or device == "gpu" else 100) for name in fns}
+    return {name: 1e3 * s for name, s in _time_alternatives(fns, calls, config.rounds, sync).items()}
 
 
-def _torch_maml(torch, params, support, query):
+def _torch_maml(torch, params, support, query, device="cpu"):
     """The same second-order meta-gradient with PyTorch: torch.func over vmap, and
-    the per-task autograd.grad(create_graph=True) loop most MAML libraries use."""
+    (on the CPU) the per-task autograd.grad(create_graph=True) loop most MAML libraries use."""
     from torch.func import grad, vmap
-    torch.set_num_threads(1)
-    tp = [torch.tensor(p) for p in params]
-    xs, ys, xq, yq = (torch.tensor(a) for a in (*support, *query))
+    if device == "cpu":
+        torch.set_num_threads(1)
+    tp = [torch.tensor(to_host(p), device=device) for p in params]
+    xs, ys, xq, yq = (torch.tensor(to_host(a), device=device) for a in (*support, *query))
 
     def f(p, x):
         for l in range(0, len(p) - 2, 2):
@@ -1536,26 +1616,43 @@ def _torch_maml(torch, params, support, query):
             g = torch.autograd.grad(((f(ps, xs[t]) - ys[t]) ** 2).mean(), ps, create_graph=True)
             total = total + ((f([a - 0.01 * b for a, b in zip(ps, g)], xq[t]) - yq[t]) ** 2).mean()
         return torch.autograd.grad(total / xs.shape[0], ps)
-    return {"torch.func grad(vmap), second-order": lambda: vmapped(tp),
-            "torch autograd loop over tasks, second-order": loop}
+    fns = {"torch.func grad(vmap), second-order": lambda: vmapped(tp)}
+    if device == "cpu":
+        fns["torch autograd loop over tasks, second-order"] = loop
+    return fns
+
+
+def _print_rows(title, unit, rows, ratio_to=None):
+    print(f"\n{title:60s} {unit:>12}" + (f" {'vs ours':>8}" if ratio_to else ""))
+    for name, v in rows.items():
+        base = ratio_to(name) if ratio_to else None
+        print(f"{name:60s} {v:12.4g}" + (f" {v / base:7.1f}x" if base else ""))
 
 
 def run_bench(config, json_path=None):
     check_config(config)
     import platform
-    rng = np.random.default_rng(config.seed)
+    backend = xp  # what --device chose: the CPU alone, or the CPU and then the GPU
+    devices = {"cpu": np} if backend is np else {"cpu": np, "gpu": backend}
+    gpu_name = (f"; GPU: {backend.cuda.runtime.getDeviceProperties(0)['name'].decode()}, CuPy {backend.__version__}"
+                if "gpu" in devices else "")
     print(f"bench on {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, NumPy {np.__version__}"
-          f"{' (quick)' if config.quick else ''}; best of {config.rounds} interleaved rounds")
-    env = bench_env(config, rng)
-    print(f"\n{'CartPole env steps per second':48s} {'steps/s':>12}")
-    for name, v in env.items():
-        print(f"{name:48s} {v:12.3g}")
-    meta = bench_meta_grad(config, rng)
-    base = meta["maml_grad second-order, batched"]
-    print(f"\n{'meta-gradient, sinusoid setting':48s} {'ms':>8} {'vs ours':>8}")
-    for name, v in meta.items():
-        print(f"{name:48s} {v:8.3f} {v / base:7.1f}x")
-    result = {"env_steps_per_second": env, "meta_grad_ms": meta, "quick": config.quick}
+          f"{gpu_name}{' (quick)' if config.quick else ''}; best of {config.rounds} interleaved rounds")
+    env, meta = {}, {}
+    try:
+        for device, module in devices.items():
+            set_array_module(module)
+            rng = np.random.default_rng(config.seed)
+            env.update(bench_env(config, rng, device))
+            meta.update(bench_meta_grad(config, rng, device))
+    finally:
+        set_array_module(backend)
+    _print_rows("CartPole env steps per second", "steps/s", env)
+
+    setting = lambda name: name[name.rindex(" T="):]  # " T=25", or " T=100000 (gpu)"
+    _print_rows("meta-gradient, sinusoid problem (K=10, 1-40-40-1)", "ms", meta,
+                lambda name: meta[f"maml_grad second-order, batched{setting(name)}"])
+    result = {"env_steps_per_second": env, "meta_grad_ms": meta, "devices": list(devices), "quick": config.quick}
     if json_path:
         write_json(json_path, result)
     return result
@@ -1596,6 +1693,8 @@ def build_parser():
         p = sub.add_parser(name, help=cls.__doc__.splitlines()[0], description=cls.__doc__)
         _add_config_flags(p, cls)
         p.add_argument("--json", metavar="PATH", help="write the final metrics to this JSON file")
+        p.add_argument("--device", choices=cartpole.DEVICES, help="cpu (NumPy) or gpu (CuPy); default: the "
+                       "environment variable METARL_DEVICE, else cpu")
         if name in TRAINED:
             p.add_argument("--save", metavar="PATH", help="write a checkpoint (.npz) here as training goes")
             p.add_argument("--load", metavar="PATH", help="resume from this checkpoint")
@@ -1630,14 +1729,21 @@ def main(argv=None):
     cls, run = EXPERIMENTS[command]
     config = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
     _tune_allocator()
+    backend = xp
     try:
+        device = args.device or os.environ.get("METARL_DEVICE", "cpu")
+        if device not in cartpole.DEVICES:
+            raise ValueError(f"METARL_DEVICE must be one of {', '.join(cartpole.DEVICES)}; got {device!r}")
+        use_device(device)
         files = dict(save=args.save, load=args.load) if command in TRAINED else {}
         if command in PLOTTED:
             files["plot"] = args.plot
         run(config, json_path=args.json, **files)
-    except (ValueError, OSError) as e:  # bad flags or files: one line, no traceback
+    except (ValueError, OSError, ImportError) as e:  # bad flags or files, no CuPy: one line, no traceback
         print(f"metarl_min.py {command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        set_array_module(backend)
     return 0
 
 

@@ -5,6 +5,7 @@ PyTorch) were generated once in a scratch virtualenv and are embedded here;
 the script that made each set is described beside it.
 """
 
+import dataclasses
 import hashlib
 import math
 import unittest
@@ -670,8 +671,10 @@ class TestSine(unittest.TestCase):
             self.assertEqual(status, 0)
             result = _read_json(path)
         self.assertGreater(result["env_steps_per_second"]["VecCartPole N=256"], 0)
-        self.assertGreater(result["meta_grad_ms"]["maml_grad second-order, batched"], 0)
-        self.assertIn("maml_grad first-order, batched", out)
+        self.assertGreater(result["meta_grad_ms"]["maml_grad second-order, batched T=5"], 0)
+        self.assertGreater(result["meta_grad_ms"]["maml_grad second-order, loop over tasks T=5"], 0)
+        self.assertEqual(result["devices"], ["cpu"])
+        self.assertIn("maml_grad first-order, batched T=5", out)
 
     def test_help(self):
         proc = _cli("sine", "--help")
@@ -1006,6 +1009,231 @@ class TestQLearning(unittest.TestCase):
         self.assertEqual(set(result["solved_fraction"]), {"scratch", "meta"})
         self.assertEqual(len(result["kernel"]), 2)
         self.assertIn("median episodes to solve", out)
+
+
+# ----------------------------------------------------------------------------
+# The backend: xp is NumPy, an emulated device, or CuPy on a GPU.
+# ----------------------------------------------------------------------------
+def _on_host(obj, host_ok=False):
+    """obj with its device arrays seen as NumPy arrays. A NumPy array in obj is a
+    TypeError unless host_ok: CuPy's rule, as a host array mixed with device
+    arrays would be a hidden copy."""
+    kind = type(obj)
+    if kind is _DeviceArray:
+        return obj.view(np.ndarray)
+    if kind is np.ndarray and not host_ok:
+        raise TypeError(f"a host (NumPy) array of shape {obj.shape} mixed with device arrays")
+    if kind is tuple or kind is list:
+        return kind(_on_host(o, host_ok) for o in obj)
+    if kind is dict:
+        return {k: _on_host(v, host_ok) for k, v in obj.items()}
+    return obj
+
+
+def _on_device(obj):
+    kind = type(obj)
+    if kind is np.ndarray:
+        return obj.view(_DeviceArray)
+    if kind is tuple or kind is list:
+        return kind(_on_device(o) for o in obj)
+    return obj
+
+
+class _DeviceArray(np.ndarray):
+    """An array on an emulated device: NumPy's numbers, CuPy's strictness about host arrays."""
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        return _on_device(getattr(ufunc, method)(*_on_host(inputs), **_on_host(kwargs)))
+
+    def __array_function__(self, func, types, args, kwargs):
+        return _on_device(func(*_on_host(args), **_on_host(kwargs)))
+
+    def __getitem__(self, key):
+        return _on_device(self.view(np.ndarray)[_on_host(key)])
+
+    def __setitem__(self, key, value):
+        self.view(np.ndarray)[_on_host(key)] = _on_host(value)
+
+
+class _DeviceFunction:
+    def __init__(self, fn, takes_host):
+        self.fn, self.takes_host = fn, takes_host
+
+    def __call__(self, *args, **kwargs):
+        return _on_device(self.fn(*_on_host(args, self.takes_host), **_on_host(kwargs, self.takes_host)))
+
+
+class _DeviceNamespace:
+    """NumPy's functions (of `module`) returning device arrays; only the array
+    constructors take host arrays, as in CuPy."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name):
+        obj = getattr(self._module, name)
+        if callable(obj) and not isinstance(obj, type):
+            return _DeviceFunction(obj, name in ("asarray", "array", "ascontiguousarray"))
+        return obj
+
+
+class _EmulatedDevice(_DeviceNamespace):
+    """A stand-in for CuPy that runs anywhere: the project's code runs on it as on a
+    GPU (device arrays, device RNG, asnumpy), and a NumPy array mixed in is a TypeError."""
+    __name__ = "emulated device"
+    ndarray = _DeviceArray
+
+    def __init__(self):
+        super().__init__(np)
+        self.linalg = _DeviceNamespace(np.linalg)
+        self.random = _DeviceNamespace(np.random)
+        self.random.default_rng = lambda seed=None: _DeviceNamespace(np.random.default_rng(seed))
+
+    def asnumpy(self, a):
+        return np.array(_on_host(a))
+
+
+def _cupy_with_gpu():
+    try:
+        return cp.array_module("gpu")
+    except ImportError:
+        return None
+
+
+class TestBackend(unittest.TestCase):
+    def tearDown(self):
+        mm.set_array_module(np)
+
+    def test_numpy_is_the_default_and_cupy_is_not_imported(self):
+        self.assertIs(mm.xp, np)
+        self.assertIs(cp.xp, np)
+        proc = subprocess.run([sys.executable, "-c", "import sys, metarl_min; print('cupy' in sys.modules)"],
+                              capture_output=True, text=True, cwd=HERE, timeout=60)
+        self.assertEqual(proc.stdout.strip(), "False")
+
+    def test_gpu_without_cupy_is_one_clear_line(self):
+        with unittest.mock.patch.dict(sys.modules, {"cupy": None}):  # as if CuPy were not installed
+            with self.assertRaisesRegex(ImportError, "needs CuPy, which is not installed: pip install cupy"):
+                mm.use_device("gpu")
+            for argv, env in ((["sine", "--device", "gpu"], {}), (["sine"], {"METARL_DEVICE": "gpu"})):
+                with self.subTest(argv=argv, env=env), unittest.mock.patch.dict(os.environ, env):
+                    status, out, err = _run_main(argv)
+                    self.assertEqual(status, 2)
+                    self.assertEqual(len(err.strip().splitlines()), 1)
+                    self.assertIn("pip install cupy", err)
+                    self.assertEqual(out, "")
+        self.assertIs(mm.xp, np)  # a failed switch leaves NumPy in place
+        with self.assertRaisesRegex(ValueError, "device must be one of"):
+            mm.use_device("tpu")
+        with unittest.mock.patch.dict(os.environ, {"METARL_DEVICE": "tpu"}):
+            status, _, err = _run_main(["sine"])
+        self.assertEqual(status, 2)
+        self.assertIn("METARL_DEVICE must be one of cpu, gpu; got 'tpu'", err)
+
+    def test_emulated_device_gives_numpy_numbers(self):
+        """Each function run with xp an emulated device equals the NumPy run: the code
+        makes every array with xp and never mixes in a host array."""
+        dev = _EmulatedDevice()
+        rng = np.random.default_rng(0)
+        params = mm.init_mlp((1, 8, 8, 1), rng, "tanh", np.float64)
+        support, query = _batch(rng, "mse", 3, 4, 1, 1), _batch(rng, "mse", 3, 4, 1, 1)
+        host = mm.maml_grad(params, support, query, "mse", 0.1, 2)
+        tasks = cp.sample_tasks(np.random.default_rng(1), 6)
+        actions = np.random.default_rng(2).integers(0, 2, (40, 6))
+
+        def run_env():
+            env = cp.VecCartPole(6, **tasks)
+            outs = [env.reset(seed=3)[0]]
+            for a in actions:
+                outs.append(env.step(mm.xp.asarray(a))[0])
+            return outs
+        host_obs = run_env()
+        mm.set_array_module(dev)
+        self.assertIs(cp.xp, dev)
+        on_device = lambda arrays: [mm.xp.asarray(a) for a in arrays]
+        loss, grads = mm.maml_grad(on_device(params), tuple(on_device(support)), tuple(on_device(query)),
+                                   "mse", 0.1, 2)
+        self.assertIsInstance(grads[0], _DeviceArray)
+        self.assertEqual(loss, host[0])
+        for g, h in zip(grads, host[1]):
+            np.testing.assert_array_equal(mm.to_host(g), h)
+        device_obs = run_env()
+        self.assertIsInstance(device_obs[-1], _DeviceArray)
+        np.testing.assert_array_equal(np.array([mm.to_host(o) for o in device_obs]), np.array(host_obs))
+        with self.assertRaisesRegex(TypeError, "host"):  # the emulator does catch a mixed-in host array
+            mm.xp.ones(3) + np.ones(3)
+
+    def test_training_runs_on_an_emulated_device(self):
+        """Training, checkpoints, evaluation and JSON with every array on the emulated device.
+        Rollouts draw from the device's own generator, so the numbers differ from the CPU's,
+        but the seed fixes them and resuming ends where a straight run ends."""
+        config = mm.CartPoleConfig(iterations=2, meta_batch=3, fast_batch=3, hidden=8, log_every=1)
+        with tempfile.TemporaryDirectory() as d, contextlib.redirect_stdout(io.StringIO()):
+            ck = os.path.join(d, "ck.npz")
+            cpu, _, _ = mm.meta_rl_train("cartpole", config)
+            mm.set_array_module(_EmulatedDevice())
+            straight, _, extra = mm.meta_rl_train("cartpole", config)
+            mm.meta_rl_train("cartpole", dataclasses.replace(config, iterations=1), save=ck)
+            resumed, _, extra_resumed = mm.meta_rl_train("cartpole", config, load=ck)
+            self.assertIsInstance(resumed[0], _DeviceArray)
+            for s, r in zip(straight, resumed):
+                np.testing.assert_array_equal(mm.to_host(s), mm.to_host(r))
+            self.assertEqual(extra, extra_resumed)
+            self.assertFalse(np.array_equal(mm.to_host(straight[0]), cpu[0]))  # the device's own stream
+            # A whole command, the evaluation and JSON included (main keeps the emulated backend).
+            path = os.path.join(d, "nav.json")
+            with unittest.mock.patch.object(mm, "use_device", lambda device: None):
+                status, _, err = _run_main(["nav2d", "--iterations", "1", "--meta-batch", "2", "--fast-batch", "2",
+                                            "--eval-tasks", "2", "--hidden", "8", "--json", path])
+            self.assertEqual(status, 0, err)
+            self.assertEqual(set(_read_json(path)["return"]), {"0", "1", "2", "3"})
+            # Q-learning, table and kernel, on device envs.
+            tasks = cp.sample_tasks(np.random.default_rng(0), 2, "sunblaze")
+            for featurize, n_features in ((lambda obs: mm.discretize(obs, (1, 1, 6, 12)), 72),
+                                          (lambda obs: mm.poly_features(obs, 2), 15)):
+                weights = mm.xp.zeros((2, n_features, 2))
+                W, returns = mm.q_learn(mm.cartpole_envs(tasks, 1), weights, featurize, np.random.default_rng(1), 3)
+                self.assertEqual(W.shape, (2, n_features, 2))
+                self.assertTrue((mm.to_host(returns) > 0).all())
+                self.assertTrue(np.isinf(mm.to_host(mm.episodes_to_solve(returns, window=3))).all())
+
+    @unittest.skipUnless(_cupy_with_gpu(), "needs CuPy and a GPU")
+    def test_gpu_equals_cpu(self):
+        gpu = _cupy_with_gpu()
+        rng = np.random.default_rng(0)
+        params = mm.init_mlp((1, 40, 40, 1), rng, "relu", np.float64)
+        support, query = _batch(rng, "mse", 50, 10, 1, 1), _batch(rng, "mse", 50, 10, 1, 1)
+        host = mm.maml_grad(params, support, query, "mse", 0.01, 2)
+        tasks = cp.sample_tasks(np.random.default_rng(1), 1000)
+        state = np.random.default_rng(2).uniform(-0.05, 0.05, (1000, 4))
+        actions = np.random.default_rng(3).integers(0, 2, (20, 1000))
+
+        def run_env():
+            env = cp.VecCartPole(1000, **tasks)
+            env.reset(seed=0)
+            env.state = state
+            for a in actions:  # 20 steps: no episode ends, so no reset draw
+                obs = env.step(mm.xp.asarray(a))[0]
+            return mm.to_host(obs)
+        host_obs = run_env()
+        mm.set_array_module(gpu)
+        on_gpu = lambda arrays: [gpu.asarray(a) for a in arrays]
+        loss, grads = mm.maml_grad(on_gpu(params), tuple(on_gpu(support)), tuple(on_gpu(query)), "mse", 0.01, 2)
+        self.assertAlmostEqual(loss, host[0], places=10)
+        for g, h in zip(grads, host[1]):
+            np.testing.assert_allclose(mm.to_host(g), h, rtol=1e-8, atol=1e-12)
+        np.testing.assert_allclose(run_env(), host_obs, rtol=1e-6, atol=1e-7)
+
+    @unittest.skipUnless(_cupy_with_gpu(), "needs CuPy and a GPU")
+    def test_gpu_commands_are_reproducible(self):
+        argv = ["cartpole", "--device", "gpu", "--iterations", "2", "--meta-batch", "4", "--fast-batch", "4",
+                "--eval-tasks", "4", "--hidden", "8"]
+        with tempfile.TemporaryDirectory() as d:
+            a, b = os.path.join(d, "a.json"), os.path.join(d, "b.json")
+            self.assertEqual(_run_main(argv + ["--json", a])[0], 0)
+            self.assertEqual(_run_main(argv + ["--json", b])[0], 0)
+            self.assertEqual(_read_json(a)["return"], _read_json(b)["return"])
+        self.assertIs(mm.xp, np)  # main puts the backend back
 
 
 if __name__ == "__main__":
