@@ -39,6 +39,7 @@ What it leaves out: convolutional networks, batch norm, and any autograd.
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -674,9 +675,13 @@ def episode_returns(episodes):
 # 2018, eq. 6.8 and sec. 9.3): a table is one-hot features, a kernel its
 # explicit feature map. Batched: B envs, each with its own weights.
 # ----------------------------------------------------------------------------
-# The box the discretiser and the kernels scale states by: x, x_dot, theta, theta_dot.
+# The box the kernels scale states to [-1, 1] by: x, x_dot, theta, theta_dot.
 Q_STATE_LOW = np.array([-2.4, -3.0, -0.21, -3.5])
 Q_STATE_HIGH = -Q_STATE_LOW
+# The box the table's bins divide: the classic tabular CartPole agent's (x and theta at
+# the termination bounds, x_dot within 0.5 m/s, theta_dot within 50 degrees/s).
+TABLE_LOW = np.array([-2.4, -0.5, -0.21, -math.radians(50)])
+TABLE_HIGH = -TABLE_LOW
 
 
 def _check_int_at_least(name, value, low):
@@ -684,19 +689,20 @@ def _check_int_at_least(name, value, low):
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
-def discretize(obs, bins, low=Q_STATE_LOW, high=Q_STATE_HIGH):
+def discretize(obs, bins, low=TABLE_LOW, high=TABLE_HIGH):
     """The table row of each state: obs (B, n) -> (B,) int. Each variable i
     gets bins[i] equal bins on [low_i, high_i]; values outside go to the end
-    bins; a variable with 1 bin is ignored. Rows are C-order indices."""
+    bins; a variable with 1 bin is ignored. Rows are C-order indices:
+    row = sum_i idx_i prod_{j > i} bins_j."""
     bins = tuple(bins)
     for b in bins:
         _check_int_at_least("bins", b, 1)
     if len(bins) != obs.shape[-1]:
         raise ValueError(f"bins must give one count per state variable ({obs.shape[-1]}), got {bins}")
-    low, high = xp.asarray(low), xp.asarray(high)
-    frac = (xp.asarray(obs, dtype=np.float64) - low) / (high - low)  # (B, n), 0..1 inside the box
-    idx = xp.clip(xp.floor(frac * bins).astype(np.int64), 0, xp.array(bins) - 1)
-    return xp.ravel_multi_index(tuple(idx.T), bins)
+    frac = (xp.asarray(obs, dtype=np.float64) - xp.asarray(low)) / xp.asarray(high - low)  # (B, n), 0..1 inside
+    idx = xp.minimum(xp.maximum(xp.floor(frac * bins), 0.0), xp.asarray(bins) - 1.0)  # (B, n) bin of each
+    strides = np.cumprod((bins[1:] + (1,))[::-1])[::-1]  # prod_{j > i} bins_j
+    return (idx @ xp.asarray(strides, dtype=np.float64)).astype(np.int64)
 
 
 def poly_features(obs, degree, c=1.0, low=Q_STATE_LOW, high=Q_STATE_HIGH):
@@ -708,10 +714,18 @@ def poly_features(obs, degree, c=1.0, low=Q_STATE_LOW, high=Q_STATE_HIGH):
     if not c >= 0:
         raise ValueError(f"c must be >= 0, got {c!r}")
     s = 2.0 * (xp.asarray(obs, dtype=np.float64) - xp.asarray(low)) / xp.asarray(high - low) - 1.0
-    k = np.array(_compositions(degree, s.shape[-1] + 1))  # (F, n + 1): k_0, k_1, ..., k_n
+    root_coef, powers = _poly_terms(degree, s.shape[-1], float(c), xp)
+    s_pow = s[:, :, None] ** xp.arange(degree + 1)  # (B, n, d + 1): s_i^0 ... s_i^d
+    return root_coef * xp.prod(s_pow[:, xp.arange(s.shape[-1]), powers], axis=-1)  # (B, F): prod_i s_i^k_i
+
+
+@functools.lru_cache(maxsize=None)
+def _poly_terms(degree, n_vars, c, module):
+    """sqrt of the multinomial coefficients (F,) and the powers k_1..k_n (F, n_vars) of
+    poly_features, computed once per kernel and backend (no copy from the host per call)."""
+    k = np.array(_compositions(degree, n_vars + 1))  # (F, n + 1): k_0, k_1, ..., k_n
     coef = np.array([math.factorial(degree) / math.prod(math.factorial(int(ki)) for ki in row) for row in k])
-    coef *= float(c) ** k[:, 0]
-    return xp.asarray(np.sqrt(coef)) * xp.prod(s[:, None, :] ** xp.asarray(k[:, 1:]), axis=-1)  # (B, F)
+    return module.asarray(np.sqrt(coef * c ** k[:, 0])), module.asarray(k[:, 1:])
 
 
 def _compositions(total, parts):
@@ -726,10 +740,16 @@ def rbf_features(obs, per_dim=3, width=0.5, low=Q_STATE_LOW, high=Q_STATE_HIGH):
     per_dim^n centres in [-1, 1]^n, states scaled to [-1, 1]. obs (B, n) -> (B, per_dim^n)."""
     _check_int_at_least("per_dim", per_dim, 1)
     s = 2.0 * (xp.asarray(obs, dtype=np.float64) - xp.asarray(low)) / xp.asarray(high - low) - 1.0
-    axis = xp.linspace(-1.0, 1.0, per_dim)
-    centres = xp.stack(xp.meshgrid(*[axis] * s.shape[-1], indexing="ij"), axis=-1).reshape(-1, s.shape[-1])
-    d2 = ((s[:, None, :] - centres) ** 2).sum(axis=-1)  # (B, n_centres)
-    return xp.exp(-d2 / (2.0 * width ** 2))
+    centres = _rbf_centres(per_dim, s.shape[-1], xp)  # (C, n)
+    d2 = (s * s).sum(axis=1, keepdims=True) - 2.0 * s @ centres.T + (centres * centres).sum(axis=1)  # |s - c|^2
+    return xp.exp(-xp.maximum(d2, 0.0) / (2.0 * width ** 2))  # (B, C)
+
+
+@functools.lru_cache(maxsize=None)
+def _rbf_centres(per_dim, n_vars, module):
+    """The grid of per_dim^n_vars centres in [-1, 1]^n_vars, made once per grid and backend."""
+    axis = np.linspace(-1.0, 1.0, per_dim)
+    return module.asarray(np.stack(np.meshgrid(*[axis] * n_vars, indexing="ij"), axis=-1).reshape(-1, n_vars))
 
 
 def log_decay(episode, floor, decay=25.0):
@@ -768,7 +788,7 @@ def q_learn(env, weights, featurize, rng, episodes, alpha_min=0.1, epsilon_min=0
     (the tabular rule when phi is one-hot; no bootstrap past termination, but
     through truncation; for features other than one-hot, alpha is divided
     by |phi(s)|^2, which keeps the step stable). alpha and epsilon follow log_decay of the env's
-    episode count, from start_episode. Returns (weights, returns (B, episodes))."""
+    episode count, from start_episode (an int, or one per env). Returns (weights, returns (B, episodes))."""
     if not 0.0 < alpha_min <= 1.0:
         raise ValueError(f"alpha_min must be in (0, 1], got {alpha_min!r}")
     if not 0.0 <= gamma <= 1.0:
@@ -797,7 +817,9 @@ def q_learn(env, weights, featurize, rng, episodes, alpha_min=0.1, epsilon_min=0
         a = xp.where(u[:, 0] < epsilon, (u[:, 1] * A).astype(np.int64), q.argmax(axis=1))
         obs, reward, terminated, truncated, info = env.step(a)
         done = terminated | truncated
-        phi_next = featurize(xp.where(done[:, None], info["final_obs"], obs))
+        # phi(s') of this step, and phi of the next step's state (after an end, the next episode's first)
+        both = featurize(xp.concatenate([xp.where(done[:, None], info["final_obs"], obs), obs]))
+        phi_next, phi_after = both[:B], both[B:]
         td = reward + gamma * ~terminated * q_values(phi_next).max(axis=1) - q[rows, a]
         if tabular:
             W[rows, phi, a] += alpha * td
@@ -808,7 +830,7 @@ def q_learn(env, weights, featurize, rng, episodes, alpha_min=0.1, epsilon_min=0
         returns[ended, episode[ended]] = running[ended]
         episode += done
         running[done] = 0.0
-        phi = phi_next if not done.any() else featurize(obs)  # after an end, the next episode's first state
+        phi = phi_after
     return W, returns
 
 
@@ -971,6 +993,9 @@ def _atomic_write(path, write):
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private (0600); give it a new file's permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
@@ -1374,20 +1399,22 @@ def run_nav2d(config, json_path=None, save=None, load=None, plot=None):
 @dataclasses.dataclass
 class QLearnConfig:
     """Tabular and kernel Q-learning on CartPole tasks, from zero and from a meta-learned start."""
-    bins: str = hparam("1,1,6,12", "table bins for x, x_dot, theta, theta_dot (each >= 1)")
+    bins: str = hparam("1,1,6,3", "table bins for x, x_dot, theta, theta_dot (each >= 1; the classic agent's: 1,1,6,12)")
     alpha_min: float = hparam(0.1, "floor of the learning rate's log decay, in (0, 1]", 1e-9, 1.0)
-    epsilon_min: float = hparam(0.01, "floor of the exploration rate's log decay, in [0, 1]", 0.0, 1.0)
-    decay: float = hparam(25.0, "episodes scale of the log decay: rates fall from 1 after `decay` episodes", 1.0)
+    epsilon_min: float = hparam(0.0, "floor of the exploration rate's log decay, in [0, 1]", 0.0, 1.0)
+    decay: float = hparam(15.0, "episodes scale of the log decay: rates fall from 1 after `decay` episodes, "
+                          "and reach their floors after about 10 ** 0.9 decay", 1.0)
     gamma: float = hparam(0.99, "discount, in [0, 1]", 0.0, 1.0)
     episodes: int = hparam(400, "episodes per learning run on a held-out task", 100)
     family: str = hparam("sunblaze", "the tasks' physics (cartpole.py)", choices=("sunblaze", "carl", "reversed"))
-    eval_tasks: int = hparam(10, "held-out tasks", 1)
+    eval_tasks: int = hparam(20, "held-out tasks", 1)
     seeds: int = hparam(1, "learning runs (seeds) per held-out task", 1)
     iterations: int = hparam(5, "Reptile meta-iterations (the total, also when resuming)", 1)
     meta_tasks: int = hparam(20, "training tasks per meta-iteration", 1)
     meta_episodes: int = hparam(100, "episodes of Q-learning per task in each meta-iteration", 1)
     meta_step: float = hparam(0.5, "Reptile step: init += meta_step (mean learned table - init)", 0.0, 1.0)
-    warm_start: int = hparam(200, "the episode the schedules of a learner from the meta-learned start begin at", 0)
+    warm_start: int = hparam(150, "the episode the schedules of a learner from the meta-learned start begin at "
+                             "(from 150 with decay 15: no exploration, step size at its floor)", 0)
     degree: int = hparam(3, "polynomial kernel (c + s.s')^d: the degree d", 1)
     rbf_per_dim: int = hparam(3, "RBF kernel: centres per state variable (a grid)", 1)
     seed: int = hparam(0, "seed of every random draw", 0)
@@ -1439,15 +1466,21 @@ def run_qlearn(config, json_path=None, save=None, load=None):
     runs = config.eval_tasks * config.seeds
     kernels = {f"poly d={config.degree}": lambda obs: poly_features(obs, config.degree),
                f"rbf {config.rbf_per_dim}^4": lambda obs: rbf_features(obs, config.rbf_per_dim)}
-    learners = {"scratch": (table, xp.zeros_like(q_init), 0), "meta": (table, q_init, config.warm_start)}
-    learners.update({name: (f, xp.zeros((f(xp.zeros((1, 4))).shape[1], 2)), 0) for name, f in kernels.items()})
+    # Learners of the same features learn side by side in one batch: (name, initial weights, start episode).
+    groups = {"table": (table, [("scratch", xp.zeros_like(q_init), 0), ("meta", q_init, config.warm_start)])}
+    groups.update({name: (f, [(name, xp.zeros((f(xp.zeros((1, 4))).shape[1], 2)), 0)]) for name, f in kernels.items()})
     results, curves = {}, {}
-    for name, (featurize, init, start_episode) in learners.items():
-        starts = xp.broadcast_to(init, (runs,) + init.shape)
-        _, returns = learn(featurize, cartpole_envs(tasks, config.seeds), starts,
-                           np.random.default_rng([config.seed, 2]), config.episodes, start_episode)
-        results[name], curves[name] = to_host(episodes_to_solve(returns)), to_host(returns)
-        print(f"held-out tasks, {name}: done, {time.perf_counter() - t0:.0f} s", flush=True)
+    for featurize, members in groups.values():
+        starts = xp.concatenate([xp.broadcast_to(init, (runs,) + init.shape) for _, init, _ in members])
+        start_episode = xp.repeat(xp.asarray([s for _, _, s in members]), runs)
+        env = cartpole_envs({k: np.tile(v, len(members)) for k, v in tasks.items()}, config.seeds)
+        _, returns = learn(featurize, env, starts, np.random.default_rng([config.seed, 2]), config.episodes,
+                           start_episode)
+        for i, (name, _, _) in enumerate(members):
+            curves[name] = to_host(returns[i * runs:(i + 1) * runs])
+            results[name] = to_host(episodes_to_solve(curves[name]))
+        print(f"held-out tasks, {' and '.join(name for name, _, _ in members)}: done, "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
     seconds = time.perf_counter() - t0
 
     median = lambda solve: float(np.median(solve))

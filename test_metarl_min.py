@@ -640,6 +640,9 @@ class TestSine(unittest.TestCase):
             self.assertEqual(ra["mse"], rb["mse"])
             self.assertEqual(ra["pretrained_mse"], rb["pretrained_mse"])
             self.assertEqual([n for n in os.listdir(d) if n.startswith(".tmp")], [])
+            umask = os.umask(0)
+            os.umask(umask)
+            self.assertEqual(os.stat(a).st_mode & 0o777, 0o666 & ~umask)  # as any new file, not mkstemp's 0600
             # Other hyperparameters than the checkpoint's: one clear line.
             status, _, err = _run_main(self.SHORT + ["--load", ck, "--inner-lr", "0.02"])
             self.assertEqual(status, 2)
@@ -936,11 +939,12 @@ class TestQLearning(unittest.TestCase):
     def test_batched_equals_one_task_at_a_time(self):
         rng = np.random.default_rng(0)
         W0 = rng.normal(size=(3, 2, 2))
+        starts = np.array([0, 3, 10])  # each env's schedules start at its own episode
         batched, returns = mm.q_learn(_TwoStateEnv(3), W0, self.rows, np.random.default_rng(5), 20,
-                                      epsilon_min=0.4, decay=2.0)
+                                      epsilon_min=0.4, decay=2.0, start_episode=starts)
         for b in range(3):
             single, r = mm.q_learn(_TwoStateEnv(1), W0[b:b + 1], self.rows, _Columns(5, 3, b), 20,
-                                   epsilon_min=0.4, decay=2.0)
+                                   epsilon_min=0.4, decay=2.0, start_episode=int(starts[b]))
             np.testing.assert_allclose(single[0], batched[b], rtol=1e-12)
             np.testing.assert_array_equal(r[0], returns[b])
 
@@ -1130,36 +1134,40 @@ class TestBackend(unittest.TestCase):
         self.assertEqual(status, 2)
         self.assertIn("METARL_DEVICE must be one of cpu, gpu; got 'tpu'", err)
 
-    def test_emulated_device_gives_numpy_numbers(self):
-        """Each function run with xp an emulated device equals the NumPy run: the code
-        makes every array with xp and never mixes in a host array."""
-        dev = _EmulatedDevice()
+    def _check_same_as_numpy(self, module, rtol):
+        """maml_grad and 20 VecCartPole steps with xp = module equal NumPy's, within rtol (0: bit for bit)."""
         rng = np.random.default_rng(0)
-        params = mm.init_mlp((1, 8, 8, 1), rng, "tanh", np.float64)
-        support, query = _batch(rng, "mse", 3, 4, 1, 1), _batch(rng, "mse", 3, 4, 1, 1)
-        host = mm.maml_grad(params, support, query, "mse", 0.1, 2)
-        tasks = cp.sample_tasks(np.random.default_rng(1), 6)
-        actions = np.random.default_rng(2).integers(0, 2, (40, 6))
+        params = mm.init_mlp((1, 40, 40, 1), rng, "relu", np.float64)
+        support, query = _batch(rng, "mse", 50, 10, 1, 1), _batch(rng, "mse", 50, 10, 1, 1)
+        tasks = cp.sample_tasks(np.random.default_rng(1), 1000)
+        state = np.random.default_rng(2).uniform(-0.05, 0.05, (1000, 4))
+        actions = (np.arange(20)[:, None] + np.arange(1000)) % 2  # alternating pushes: no episode ends
 
-        def run_env():
-            env = cp.VecCartPole(6, **tasks)
-            outs = [env.reset(seed=3)[0]]
+        def run():
+            on_xp = lambda arrays: [mm.xp.asarray(a) for a in arrays]
+            loss, grads = mm.maml_grad(on_xp(params), tuple(on_xp(support)), tuple(on_xp(query)), "mse", 0.01, 2)
+            env = cp.VecCartPole(1000, **tasks)
+            env.reset(seed=0)
+            env.state = state
             for a in actions:
-                outs.append(env.step(mm.xp.asarray(a))[0])
-            return outs
-        host_obs = run_env()
-        mm.set_array_module(dev)
-        self.assertIs(cp.xp, dev)
-        on_device = lambda arrays: [mm.xp.asarray(a) for a in arrays]
-        loss, grads = mm.maml_grad(on_device(params), tuple(on_device(support)), tuple(on_device(query)),
-                                   "mse", 0.1, 2)
-        self.assertIsInstance(grads[0], _DeviceArray)
-        self.assertEqual(loss, host[0])
+                obs = env.step(mm.xp.asarray(a))[0]
+            return loss, grads, obs
+        host = run()
+        mm.set_array_module(module)
+        self.assertIs(cp.xp, module)
+        loss, grads, obs = run()
+        self.assertIsInstance(obs, module.ndarray)
+        self.assertIsInstance(grads[0], module.ndarray)
+        close = lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-12 if rtol else 0)
+        close(loss, host[0])
         for g, h in zip(grads, host[1]):
-            np.testing.assert_array_equal(mm.to_host(g), h)
-        device_obs = run_env()
-        self.assertIsInstance(device_obs[-1], _DeviceArray)
-        np.testing.assert_array_equal(np.array([mm.to_host(o) for o in device_obs]), np.array(host_obs))
+            close(mm.to_host(g), h)
+        close(mm.to_host(obs), host[2])
+
+    def test_emulated_device_gives_numpy_numbers(self):
+        """With xp an emulated device, the numbers are NumPy's bit for bit: the code
+        makes every array with xp and never mixes in a host array."""
+        self._check_same_as_numpy(_EmulatedDevice(), rtol=0)
         with self.assertRaisesRegex(TypeError, "host"):  # the emulator does catch a mixed-in host array
             mm.xp.ones(3) + np.ones(3)
 
@@ -1199,30 +1207,7 @@ class TestBackend(unittest.TestCase):
 
     @unittest.skipUnless(_cupy_with_gpu(), "needs CuPy and a GPU")
     def test_gpu_equals_cpu(self):
-        gpu = _cupy_with_gpu()
-        rng = np.random.default_rng(0)
-        params = mm.init_mlp((1, 40, 40, 1), rng, "relu", np.float64)
-        support, query = _batch(rng, "mse", 50, 10, 1, 1), _batch(rng, "mse", 50, 10, 1, 1)
-        host = mm.maml_grad(params, support, query, "mse", 0.01, 2)
-        tasks = cp.sample_tasks(np.random.default_rng(1), 1000)
-        state = np.random.default_rng(2).uniform(-0.05, 0.05, (1000, 4))
-        actions = np.random.default_rng(3).integers(0, 2, (20, 1000))
-
-        def run_env():
-            env = cp.VecCartPole(1000, **tasks)
-            env.reset(seed=0)
-            env.state = state
-            for a in actions:  # 20 steps: no episode ends, so no reset draw
-                obs = env.step(mm.xp.asarray(a))[0]
-            return mm.to_host(obs)
-        host_obs = run_env()
-        mm.set_array_module(gpu)
-        on_gpu = lambda arrays: [gpu.asarray(a) for a in arrays]
-        loss, grads = mm.maml_grad(on_gpu(params), tuple(on_gpu(support)), tuple(on_gpu(query)), "mse", 0.01, 2)
-        self.assertAlmostEqual(loss, host[0], places=10)
-        for g, h in zip(grads, host[1]):
-            np.testing.assert_allclose(mm.to_host(g), h, rtol=1e-8, atol=1e-12)
-        np.testing.assert_allclose(run_env(), host_obs, rtol=1e-6, atol=1e-7)
+        self._check_same_as_numpy(_cupy_with_gpu(), rtol=1e-6)
 
     @unittest.skipUnless(_cupy_with_gpu(), "needs CuPy and a GPU")
     def test_gpu_commands_are_reproducible(self):
