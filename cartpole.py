@@ -440,9 +440,8 @@ class VecCartPole(_Physics):
             final_obs = obs.copy(order="K")
             idx = xp.flatnonzero(done)
             new = self.np_random.uniform(low=self._low, high=self._high, size=(4, idx.size))  # Gymnasium's draw
-            for row in range(4):
-                s[row, idx] = new[row]
-                obs[idx, row] = new[row]
+            s[:, idx] = new
+            obs[idx] = new.T
             self.steps[idx] = 0
         return obs, reward, terminated, truncated, {"final_obs": final_obs, "_final_obs": done}
 

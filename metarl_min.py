@@ -806,12 +806,17 @@ def q_learn(env, weights, featurize, rng, episodes, alpha_min=0.1, epsilon_min=0
 
     def q_values(phi):  # (B, A)
         return W[rows, phi] if tabular else xp.einsum("bf,bfa->ba", phi, W)
+    # The schedules, per env and episode count (the last column for an env that has finished)
+    counts = xp.broadcast_to(xp.arange(episodes + 1) + xp.reshape(xp.asarray(start_episode), (-1, 1)),
+                             (B, episodes + 1))
+    alphas, epsilons = log_decay(counts, alpha_min, decay), log_decay(counts, epsilon_min, decay)
+    alphas[:, -1] = 0.0  # no more learning once an env has finished its episodes
     episode, running = xp.zeros(B, dtype=np.int64), xp.zeros(B)
     returns = xp.zeros((B, episodes))
     while (episode < episodes).any():
         learning = episode < episodes
-        alpha = log_decay(episode + start_episode, alpha_min, decay) * learning  # 0 once an env is done
-        epsilon = log_decay(episode + start_episode, epsilon_min, decay)
+        col = xp.minimum(episode, episodes)
+        alpha, epsilon = alphas[rows, col], epsilons[rows, col]
         q = q_values(phi)
         u = draws.random((B, 2))  # explore?, and which random action
         a = xp.where(u[:, 0] < epsilon, (u[:, 1] * A).astype(np.int64), q.argmax(axis=1))
