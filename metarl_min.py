@@ -812,9 +812,8 @@ def q_learn(env, weights, featurize, rng, episodes, alpha_min=0.1, epsilon_min=0
     alphas, epsilons = log_decay(counts, alpha_min, decay), log_decay(counts, epsilon_min, decay)
     alphas[:, -1] = 0.0  # no more learning once an env has finished its episodes
     episode, running = xp.zeros(B, dtype=np.int64), xp.zeros(B)
-    returns = xp.zeros((B, episodes))
+    returns = xp.zeros((B, episodes + 1))  # the last column takes the episodes of envs that have finished
     while (episode < episodes).any():
-        learning = episode < episodes
         col = xp.minimum(episode, episodes)
         alpha, epsilon = alphas[rows, col], epsilons[rows, col]
         q = q_values(phi)
@@ -831,12 +830,11 @@ def q_learn(env, weights, featurize, rng, episodes, alpha_min=0.1, epsilon_min=0
         else:  # the step scaled by 1 / |phi|^2, which is 1 for one-hot features (Sutton & Barto, sec. 9.5)
             W[rows, :, a] += (alpha * td / (phi * phi).sum(axis=1))[:, None] * phi
         running += reward
-        ended = xp.flatnonzero(done & learning)
-        returns[ended, episode[ended]] = running[ended]
+        returns[rows, col] = xp.where(done, running, returns[rows, col])
         episode += done
         running[done] = 0.0
         phi = phi_after
-    return W, returns
+    return W, returns[:, :-1]
 
 
 def episodes_to_solve(returns, threshold=475.0, window=100):
