@@ -689,6 +689,11 @@ def _check_int_at_least(name, value, low):
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
+def _in_box(obs, low, high):
+    """obs (B, n) as fractions of the box [low, high]: 0 at low, 1 at high, float64."""
+    return (xp.asarray(obs, dtype=np.float64) - xp.asarray(low)) / xp.asarray(high - low)
+
+
 def discretize(obs, bins, low=TABLE_LOW, high=TABLE_HIGH):
     """The table row of each state: obs (B, n) -> (B,) int. Each variable i
     gets bins[i] equal bins on [low_i, high_i]; values outside go to the end
@@ -699,8 +704,7 @@ def discretize(obs, bins, low=TABLE_LOW, high=TABLE_HIGH):
         _check_int_at_least("bins", b, 1)
     if len(bins) != obs.shape[-1]:
         raise ValueError(f"bins must give one count per state variable ({obs.shape[-1]}), got {bins}")
-    frac = (xp.asarray(obs, dtype=np.float64) - xp.asarray(low)) / xp.asarray(high - low)  # (B, n), 0..1 inside
-    idx = xp.minimum(xp.maximum(xp.floor(frac * bins), 0.0), xp.asarray(bins) - 1.0)  # (B, n) bin of each
+    idx = xp.minimum(xp.maximum(xp.floor(_in_box(obs, low, high) * bins), 0.0), xp.asarray(bins) - 1.0)  # (B, n)
     strides = np.cumprod((bins[1:] + (1,))[::-1])[::-1]  # prod_{j > i} bins_j
     return (idx @ xp.asarray(strides, dtype=np.float64)).astype(np.int64)
 
@@ -713,7 +717,7 @@ def poly_features(obs, degree, c=1.0, low=Q_STATE_LOW, high=Q_STATE_HIGH):
     _check_int_at_least("degree", degree, 1)
     if not c >= 0:
         raise ValueError(f"c must be >= 0, got {c!r}")
-    s = 2.0 * (xp.asarray(obs, dtype=np.float64) - xp.asarray(low)) / xp.asarray(high - low) - 1.0
+    s = 2.0 * _in_box(obs, low, high) - 1.0  # (B, n), in [-1, 1] inside the box
     root_coef, powers = _poly_terms(degree, s.shape[-1], float(c), xp)
     s_pow = s[:, :, None] ** xp.arange(degree + 1)  # (B, n, d + 1): s_i^0 ... s_i^d
     return root_coef * xp.prod(s_pow[:, xp.arange(s.shape[-1]), powers], axis=-1)  # (B, F): prod_i s_i^k_i
@@ -739,7 +743,7 @@ def rbf_features(obs, per_dim=3, width=0.5, low=Q_STATE_LOW, high=Q_STATE_HIGH):
     """Gaussian (RBF) kernel features exp(-|s - c_j|^2 / (2 width^2)) on a fixed grid of
     per_dim^n centres in [-1, 1]^n, states scaled to [-1, 1]. obs (B, n) -> (B, per_dim^n)."""
     _check_int_at_least("per_dim", per_dim, 1)
-    s = 2.0 * (xp.asarray(obs, dtype=np.float64) - xp.asarray(low)) / xp.asarray(high - low) - 1.0
+    s = 2.0 * _in_box(obs, low, high) - 1.0  # (B, n), in [-1, 1] inside the box
     centres = _rbf_centres(per_dim, s.shape[-1], xp)  # (C, n)
     d2 = (s * s).sum(axis=1, keepdims=True) - 2.0 * s @ centres.T + (centres * centres).sum(axis=1)  # |s - c|^2
     return xp.exp(-xp.maximum(d2, 0.0) / (2.0 * width ** 2))  # (B, C)
