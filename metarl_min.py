@@ -12,8 +12,10 @@ What it implements, top to bottom
      the Hessian", eqs. 4-5): a forward and a backward pass of directional
      derivatives, never a Hessian matrix, never finite differences.
   2. Losses, each with its value, gradient and second-order product: "mse",
-     "pg" (the REINFORCE surrogate of a categorical policy) and "gauss" (the
-     same for a Gaussian policy).
+     "pg" (the REINFORCE surrogate of a categorical policy), "gauss" (the
+     same for a Gaussian policy), and "pg_lvc"/"gauss_lvc", ProMP's
+     low-variance curvature surrogate (Rothfuss et al. 2019, sec. 5), whose
+     Hessian keeps the term of the pre-update sampling distribution.
   3. MAML (Finn, Abbeel & Levine 2017, Algorithm 1 and eq. 1) with the exact
      meta-gradient: the product of (I - inner_lr H_j) backwards through every
      inner step, batched over a leading task axis T; first-order MAML (sec.
@@ -267,8 +269,17 @@ def mse_hvp(out, y, r_out):  # the Hessian is 2 / (K n_out) I
     return (2.0 / (out.shape[-2] * out.shape[-1])) * r_out
 
 
-# "pg": L_t = -sum_k w_k log softmax(out_k)[a_k], target = (actions (T, K) int, weights (T, K)).
-# The weights carry advantages and any normalisation; a weight of 0 masks a sample.
+# Policies. A policy's network output out_k (n_out,) gives log pi(a_k | s_k). Each
+# policy has its log-likelihood (T, K), its score u_k = d log pi(a_k) / d out_k
+# (T, K, n_out), and the score's derivative along r_k, (du_k / d out_k) r_k:
+#   categorical over softmax(out):      u = onehot(a) - p,   (du/dout) r = -(diag(p) - p p^T) r
+#   Gaussian, out = [mu, s = log sigma] (d each),
+#     log pi = -sum_i [(a - mu)^2 e^{-2s} / 2 + s + log(2 pi) / 2]
+#     u = [(a - mu) e^{-2s},  (a - mu)^2 e^{-2s} - 1]
+#     (du/dout) r = -[e^{-2s} r_mu + c r_s,  c r_mu + c (a - mu) r_s],   c = 2 (a - mu) e^{-2s}
+# The log-std s is a network output: state-dependent, or the same in every state
+# when it is a bias-only output (init_mlp's bias_outputs); either way it adapts
+# in the inner loop like any weight.
 
 
 def log_softmax(z):
@@ -276,59 +287,101 @@ def log_softmax(z):
     return z - xp.log(xp.exp(z).sum(axis=-1, keepdims=True))
 
 
-def pg_loss(out, target):
-    actions, weights = target
-    logp = xp.take_along_axis(log_softmax(out), actions[..., None], axis=-1)[..., 0]  # (T, K)
-    return -(weights * logp).sum(axis=-1)
+def categorical_logp(out, actions):
+    return xp.take_along_axis(log_softmax(out), actions[..., None], axis=-1)[..., 0]
 
 
-def pg_grad(out, target):  # w_k (softmax(out_k) - onehot(a_k))
-    actions, weights = target
-    onehot = actions[..., None] == xp.arange(out.shape[-1])  # (T, K, n_out)
-    return weights[..., None] * (xp.exp(log_softmax(out)) - onehot)
+def categorical_score(out, actions):
+    return (actions[..., None] == xp.arange(out.shape[-1])) - xp.exp(log_softmax(out))
 
 
-def pg_hvp(out, target, r_out):  # w_k (diag(p) - p p^T) r
-    _, weights = target
+def categorical_score_jvp(out, actions, r):
     p = xp.exp(log_softmax(out))
-    return weights[..., None] * p * (r_out - (p * r_out).sum(axis=-1, keepdims=True))
+    return p * ((p * r).sum(axis=-1, keepdims=True) - r)
 
 
-# "gauss": a diagonal Gaussian policy whose network outputs [mean (d), log_std (d)]:
-# L_t = -sum_k w_k log N(a_k; mu_k, sigma_k^2)
-#     =  sum_k w_k sum_i [ (a - mu)^2 exp(-2 s) / 2 + s ] + const,   s = log sigma.
-# target = (actions (T, K, d), weights (T, K)). The log-std is an output of the
-# network (state-dependent), so it adapts in the inner loop like any weight.
-
-
-def _gauss_parts(out, target):
-    actions, weights = target
+def _gaussian_parts(out, actions):  # a - mu, e^{-2s}, s
     d = out.shape[-1] // 2
-    mu, s = out[..., :d], out[..., d:]
-    return actions - mu, xp.exp(-2.0 * s), s, weights[..., None]
+    s = out[..., d:]
+    return actions - out[..., :d], xp.exp(-2.0 * s), s
 
 
-def gauss_loss(out, target):
-    diff, prec, s, w = _gauss_parts(out, target)
-    return (w * (0.5 * diff * diff * prec + s + 0.5 * math.log(2 * math.pi))).sum(axis=(-2, -1))
+def gaussian_logp(out, actions):
+    diff, prec, s = _gaussian_parts(out, actions)
+    return -(0.5 * diff * diff * prec + s + 0.5 * math.log(2 * math.pi)).sum(axis=-1)
 
 
-def gauss_grad(out, target):  # dl/dmu = -(a - mu) e^{-2s};  dl/ds = 1 - (a - mu)^2 e^{-2s}
-    diff, prec, _, w = _gauss_parts(out, target)
-    return xp.concatenate([-w * diff * prec, w * (1.0 - diff * diff * prec)], axis=-1)
+def gaussian_score(out, actions):
+    diff, prec, _ = _gaussian_parts(out, actions)
+    return xp.concatenate([diff * prec, diff * diff * prec - 1.0], axis=-1)
 
 
-def gauss_hvp(out, target, r_out):
-    # d2l/dmu2 = e^{-2s};  d2l/dmu ds = 2 (a - mu) e^{-2s};  d2l/ds2 = 2 (a - mu)^2 e^{-2s}
-    diff, prec, _, w = _gauss_parts(out, target)
+def gaussian_score_jvp(out, actions, r):
+    diff, prec, _ = _gaussian_parts(out, actions)
     d = out.shape[-1] // 2
-    r_mu, r_s = r_out[..., :d], r_out[..., d:]
+    r_mu, r_s = r[..., :d], r[..., d:]
     cross = 2.0 * diff * prec
-    return xp.concatenate([w * (prec * r_mu + cross * r_s), w * (cross * r_mu + cross * diff * r_s)], axis=-1)
+    return -xp.concatenate([prec * r_mu + cross * r_s, cross * r_mu + cross * diff * r_s], axis=-1)
 
 
-LOSSES = {"mse": (mse_loss, mse_grad, mse_hvp), "pg": (pg_loss, pg_grad, pg_hvp),
-          "gauss": (gauss_loss, gauss_grad, gauss_hvp)}
+POLICIES = {"categorical": (categorical_logp, categorical_score, categorical_score_jvp),
+            "gaussian": (gaussian_logp, gaussian_score, gaussian_score_jvp)}
+
+
+# "pg", "gauss": the REINFORCE surrogate of a categorical or Gaussian policy,
+#   L_t = -sum_k w_k log pi(a_k | s_k),   target = (actions, weights (T, K)).
+# The weights carry advantages and any normalisation; a weight of 0 masks a sample.
+#   dL/d out_k = -w_k u_k;    (d^2 L / d out_k^2) r_k = -w_k (du_k / d out_k) r_k
+def reinforce_loss(policy):
+    """(value, gradient, Hessian product) of the REINFORCE surrogate of a policy of POLICIES."""
+    logp, score, score_jvp = POLICIES[policy]
+
+    def value(out, target):
+        actions, weights = target
+        return -(weights * logp(out, actions)).sum(axis=-1)
+
+    def grad(out, target):
+        actions, weights = target
+        return -weights[..., None] * score(out, actions)
+
+    def hess(out, target, r_out):
+        actions, weights = target
+        return -weights[..., None] * score_jvp(out, actions, r_out)
+    return value, grad, hess
+
+
+# "pg_lvc", "gauss_lvc": ProMP's low-variance curvature surrogate (Rothfuss et al.
+# 2019, "ProMP", sec. 5), for the inner step of meta-RL:
+#   L_t = -sum_k w_k rho_k,   rho_k = pi(a_k | s_k) / pi_old(a_k | s_k) = exp(log pi - old_logp),
+#   target = (actions, weights, old_logp (T, K)), old_logp from the policy that sampled.
+# Where pi = pi_old (rho = 1) its gradient is REINFORCE's, and its Hessian has one
+# more term, -sum_k w_k u_k u_k^T: the dependence of the pre-update episodes on
+# theta, which the REINFORCE surrogate's Hessian drops.
+#   dL/d out_k = -w_k rho_k u_k;   (d^2 L / d out_k^2) r_k = -w_k rho_k [(du_k / d out_k) r_k + u_k (u_k . r_k)]
+def lvc_loss(policy):
+    """(value, gradient, Hessian product) of the LVC surrogate of a policy of POLICIES."""
+    logp, score, score_jvp = POLICIES[policy]
+
+    def weighted_ratio(out, target):  # w_k rho_k (T, K)
+        actions, weights, old_logp = target
+        return weights * xp.exp(logp(out, actions) - old_logp)
+
+    def value(out, target):
+        return -weighted_ratio(out, target).sum(axis=-1)
+
+    def grad(out, target):
+        return -weighted_ratio(out, target)[..., None] * score(out, target[0])
+
+    def hess(out, target, r_out):
+        u = score(out, target[0])
+        return -weighted_ratio(out, target)[..., None] * (
+            score_jvp(out, target[0], r_out) + u * (u * r_out).sum(axis=-1, keepdims=True))
+    return value, grad, hess
+
+
+LOSSES = {"mse": (mse_loss, mse_grad, mse_hvp), "pg": reinforce_loss("categorical"),
+          "gauss": reinforce_loss("gaussian"), "pg_lvc": lvc_loss("categorical"), "gauss_lvc": lvc_loss("gaussian")}
+LOSS_POLICY = {"pg": "categorical", "gauss": "gaussian", "pg_lvc": "categorical", "gauss_lvc": "gaussian"}
 
 
 def loss_and_grad(params, batch, loss="mse", activation="tanh", scale=1.0):
@@ -396,12 +449,14 @@ def _check_batch(params, batch, loss, name):
         finite = [y]
         target = y
     else:
-        if not isinstance(batch[1], (tuple, list)) or len(batch[1]) != 2:
-            raise TypeError(f"{name} target for loss {loss!r} must be a pair (actions, weights)")
+        lvc = loss.endswith("_lvc")
+        fields = "a triple (actions, weights, old_logp)" if lvc else "a pair (actions, weights)"
+        if not isinstance(batch[1], (tuple, list)) or len(batch[1]) != 2 + lvc:
+            raise TypeError(f"{name} target for loss {loss!r} must be {fields}")
         actions, weights = xp.asarray(batch[1][0]), xp.asarray(batch[1][1], dtype=dtype)
         if weights.shape != (T, K):
             raise ValueError(f"{name} weights must have shape ({T}, {K}), got {weights.shape}")
-        if loss == "pg":
+        if LOSS_POLICY[loss] == "categorical":
             if actions.shape != (T, K) or actions.dtype.kind not in "iu":
                 raise ValueError(f"{name} actions must be integers of shape ({T}, {K}), got {actions.dtype} {actions.shape}")
             if actions.size and (actions.min() < 0 or actions.max() >= n_out):
@@ -409,12 +464,18 @@ def _check_batch(params, batch, loss, name):
             finite = [weights]
         else:
             if n_out % 2:
-                raise ValueError(f"loss 'gauss' needs an even number of outputs [mean, log_std], got {n_out}")
+                raise ValueError(f"loss {loss!r} needs an even number of outputs [mean, log_std], got {n_out}")
             actions = actions.astype(dtype)
             if actions.shape != (T, K, n_out // 2):
                 raise ValueError(f"{name} actions must have shape ({T}, {K}, {n_out // 2}), got {actions.shape}")
             finite = [actions, weights]
         target = (actions, weights)
+        if lvc:
+            old_logp = xp.asarray(batch[1][2], dtype=dtype)
+            if old_logp.shape != (T, K):
+                raise ValueError(f"{name} old_logp must have shape ({T}, {K}), got {old_logp.shape}")
+            finite.append(old_logp)
+            target += (old_logp,)
     for arr in finite:
         if not xp.isfinite(arr).all():
             raise ValueError(f"{name} target contains NaN or inf")
@@ -492,7 +553,8 @@ def maml_grad(params, support, query, loss="mse", inner_lr=0.01, inner_steps=1, 
     """MAML's meta-loss and its exact gradient w.r.t. params (never modified).
 
     support, query: (x (T, K, in), target) for T tasks; target is y
-    (T, K, out) for "mse", (actions, weights) for "pg" and "gauss". Per task,
+    (T, K, out) for "mse", (actions, weights) for "pg" and "gauss",
+    (actions, weights, old_logp) for "pg_lvc" and "gauss_lvc". Per task,
     theta'_t = theta - inner_lr grad L_support,t, inner_steps times; then
       meta_loss = mean_t L_query,t(theta'_t)
       grads     = d meta_loss / d theta  (through every inner step, Hessians included)
@@ -553,9 +615,6 @@ def adam_step(params, grads, state, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
 # A batch of episodes is a dict of arrays with a task axis T, E episodes per
 # task and H time steps (the longest episode; mask marks the real steps):
 #   obs (T, E, H, in), actions (T, E, H) int or (T, E, H, d), rewards (T, E, H), mask (T, E, H) bool.
-POLICIES = ("categorical", "gaussian")
-
-
 def sample_actions(out, rng, policy="categorical"):
     """Actions of the policy whose network output is out (T, E, n_out):
     categorical over softmax(out), or Gaussian N(mean, exp(log_std)^2) with out = [mean, log_std].
@@ -577,7 +636,7 @@ def rollout(params, env, n_tasks, rng, horizon, policy="categorical", activation
     Each env runs until its episode ends or `horizon` steps; the steps after
     the end are masked out. Returns the batch dict described above."""
     if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        raise ValueError(f"policy must be one of {tuple(POLICIES)}, got {policy!r}")
     n_envs = env.num_envs
     if n_tasks < 1 or n_envs % n_tasks:
         raise ValueError(f"env.num_envs ({n_envs}) must be a multiple of n_tasks ({n_tasks})")
@@ -663,6 +722,13 @@ def pg_batch(episodes, gamma=0.99, lam=1.0, dtype=np.float32):
     take = lambda a: xp.take_along_axis(a.reshape((T, -1) + a.shape[3:]),
                                         order.reshape(order.shape + (1,) * (a.ndim - 3)), axis=1)
     return take(episodes["obs"]).astype(dtype), (take(episodes["actions"]), take(weights).astype(dtype))
+
+
+def with_old_logp(params, batch, policy="categorical", activation="tanh"):
+    """A "pg"/"gauss" batch made a batch of their LVC losses: the log-probabilities
+    of its actions under params, the policy that sampled them, join the target."""
+    x, (actions, weights) = batch
+    return x, (actions, weights, POLICIES[policy][0](mlp_forward(params, x, activation)[0], actions))
 
 
 def episode_returns(episodes):
@@ -1189,6 +1255,8 @@ class CartPoleConfig:
     gae_lambda: float = hparam(1.0, "GAE lambda; 1 is returns minus the baseline, as in the paper", 0.0, 1.0)
     algorithm: str = hparam("maml", "the meta-learner, on the same rollouts", choices=("maml", "reptile"))
     first_order: bool = hparam(False, "first-order MAML: drop the second-order term")
+    lvc: bool = hparam(False, "second-order MAML only: ProMP's LVC surrogate for the inner step, whose Hessian "
+                       "keeps the term of the pre-update sampling distribution")
     reptile_steps: int = hparam(3, "Reptile only: SGD steps on each task's pre- and post-update episodes", 1, 20)
     eval_tasks: int = hparam(40, "held-out tasks for the final evaluation", 2)
     seed: int = hparam(0, "seed of every random draw", 0)
@@ -1201,6 +1269,8 @@ class Nav2DConfig(CartPoleConfig):
     inner_lr: float = hparam(0.1, "alpha: step size of the inner policy-gradient step (the paper's 0.1)", 0.0)
     meta_lr: float = hparam(0.003, "beta: Adam step size of the outer loop", 0.0)
     hidden: int = hparam(100, "units in each of the two hidden ReLU layers (the paper's 100)", 1)
+    init_log_std: float = hparam(-0.5, "log-std of the Gaussian policy at initialisation (rllab's 0 is a velocity "
+                                 "noise of 0.1 per step; lower lets adapted policies stop at the goal)", -5.0, 2.0)
     log_every: int = hparam(10, "iterations between progress lines and checkpoints", 1)
 
 
@@ -1226,10 +1296,24 @@ META_RL_PROBLEMS = {
                   loss="gauss", activation="relu", horizon=NAV_MAX_EPISODE_STEPS),
 }
 RL_EVAL_STEPS = (0, 1, 2, 3)
-# The baselines adapt with the best of these step sizes on validation tasks; MAML uses inner_lr.
+# Test-time step sizes, each chosen on validation tasks. The baselines adapt with the best of
+# RL_BASELINE_LRS at every step. MAML's first step is its trained inner_lr; its later steps use
+# the best of these fractions of it (the authors' test script halves it after the first step:
+# with advantages normalised, a step's size does not shrink as the policy nears the optimum).
 RL_BASELINE_LRS = (0.1, 0.3, 1.0, 3.0)
+RL_LATER_LR_FRACTIONS = (1.0, 0.5, 0.25)
 # The MAML paper, Table 4 (2D navigation), MAML row: return after 0, 1, 2, 3 policy-gradient steps.
 NAV_PAPER = {"0": -40.41, "1": -11.68, "2": -3.33, "3": -3.23}
+
+
+def init_policy(problem, config, rng):
+    """The policy network of a meta-RL problem; a Gaussian policy's log-std starts at config.init_log_std."""
+    spec = META_RL_PROBLEMS[problem]
+    params = init_mlp((spec["n_in"], config.hidden, config.hidden, spec["n_out"]), rng, spec["activation"],
+                      bias_outputs=spec["bias_outputs"])
+    if spec["bias_outputs"]:
+        params[-1][-spec["bias_outputs"]:] = config.init_log_std
+    return params
 
 
 def meta_rl_train(problem, config, save=None, load=None):
@@ -1247,8 +1331,7 @@ def meta_rl_train(problem, config, save=None, load=None):
         start, rng, models, opts, extra = load_checkpoint(load, config)
     else:
         start, rng = 0, np.random.default_rng(config.seed)
-        init = init_mlp((spec["n_in"], config.hidden, config.hidden, spec["n_out"]), rng, act,
-                        bias_outputs=spec["bias_outputs"])
+        init = init_policy(problem, config, rng)
         models = {"meta": init, "pretrained": [p.copy() for p in init]}
         opts = {k: adam_init(p) for k, p in models.items()}
         extra = {"env_steps": 0, "curve": []}  # curve: [iteration, pre, post, pretrained] per progress line
@@ -1268,6 +1351,10 @@ def meta_rl_train(problem, config, save=None, load=None):
         query = batch(post)
         if config.algorithm == "reptile":
             _, grads = reptile_grad(models["meta"], support, query, loss, config.inner_lr, config.reptile_steps, act)
+        elif config.lvc:  # each batch with its actions' log-probabilities under the policy that sampled it
+            _, grads = maml_grad(models["meta"], with_old_logp(models["meta"], support, spec["policy"], act),
+                                 with_old_logp(adapted, query, spec["policy"], act), loss + "_lvc", config.inner_lr,
+                                 1, False, act)
         else:
             _, grads = maml_grad(models["meta"], support, query, loss, config.inner_lr, 1, config.first_order, act)
         models["meta"], opts["meta"] = adam_step(models["meta"], grads, opts["meta"], config.meta_lr)
@@ -1289,10 +1376,12 @@ def meta_rl_train(problem, config, save=None, load=None):
     return models["meta"], models["pretrained"], extra
 
 
-def meta_rl_evaluate(params, problem, config, tasks, rng, inner_lr):
-    """Each task's mean return after 0, 1, 2, 3 inner policy-gradient steps of
-    inner_lr, each step on fresh_batch fresh episodes of the current policy
-    (which also give the return at that step): {steps: (n_tasks,) returns}."""
+def meta_rl_evaluate(params, problem, config, tasks, rng, inner_lr, later_lr=None):
+    """Each task's mean return after 0, 1, 2, 3 inner policy-gradient steps,
+    the first of inner_lr and the others of later_lr (default: inner_lr), each
+    step on fast_batch fresh episodes of the current policy (which also give
+    the return at that step): {steps: (n_tasks,) returns}."""
+    later_lr = inner_lr if later_lr is None else later_lr
     spec = META_RL_PROBLEMS[problem]
     env = spec["make_env"](tasks, config.fast_batch)
     n_tasks = env.num_envs // config.fast_batch
@@ -1302,7 +1391,7 @@ def meta_rl_evaluate(params, problem, config, tasks, rng, inner_lr):
         result[str(s)] = episode_returns(episodes).mean(axis=1)
         if s < max(RL_EVAL_STEPS):
             batch = pg_batch(episodes, config.gamma, config.gae_lambda)
-            params = adapt(params, batch, spec["loss"], inner_lr, 1, spec["activation"])[0][-1]
+            params = adapt(params, batch, spec["loss"], later_lr if s else inner_lr, 1, spec["activation"])[0][-1]
     return result
 
 
@@ -1343,37 +1432,46 @@ def plot_meta_rl(plt, path, title, curve, results):
 
 def run_meta_rl(problem, config, json_path=None, save=None, load=None, plot=None):
     check_config(config)
+    if config.lvc and (config.algorithm != "maml" or config.first_order):
+        raise ValueError("--lvc changes only the second-order term: it needs --algorithm maml without --first-order")
     plt = _check_plot(plot)
     t0 = time.perf_counter()
     spec = META_RL_PROBLEMS[problem]
-    name = f"{'first-order ' if config.first_order else ''}MAML" if config.algorithm == "maml" else "Reptile"
+    name = (f"{'first-order ' if config.first_order else ''}MAML{'+LVC' if config.lvc else ''}"
+            if config.algorithm == "maml" else "Reptile")
     print(f"{problem}: {name}, {config.iterations} iterations x {config.meta_batch} tasks x {config.fast_batch} "
           f"episodes, seed {config.seed}")
     meta, pretrained, extra = meta_rl_train(problem, config, save, load)
     # Held-out tasks, validation tasks and the random init: streams of their own, untouched by resuming.
     tasks = spec["sample_tasks"](np.random.default_rng([config.seed, 1]), config.eval_tasks)
     validation = spec["sample_tasks"](np.random.default_rng([config.seed, 2]), 20)
-    random_init = init_mlp((spec["n_in"], config.hidden, config.hidden, spec["n_out"]),
-                           np.random.default_rng([config.seed, 3]), spec["activation"],
-                           bias_outputs=spec["bias_outputs"])
-    models = {name: (meta, config.inner_lr), "pretrained": (pretrained, None), "random init": (random_init, None)}
-    results = {}
-    for label, (params, lr) in models.items():
-        if lr is None:  # a baseline: its best step size, by the mean return after 1-3 steps on validation tasks
-            lr = best_step_size(lambda lr, rng: -np.mean([float(r.mean()) for s, r in meta_rl_evaluate(
-                params, problem, config, validation, rng, lr).items() if s != "0"]), RL_BASELINE_LRS,
-                np.random.default_rng([config.seed, 4]))
-        returns = meta_rl_evaluate(params, problem, config, tasks, np.random.default_rng([config.seed, 5]), lr)
-        results[label] = {s: mean_ci95(r) for s, r in returns.items()}
-        models[label] = (params, lr)
+    random_init = init_policy(problem, config, np.random.default_rng([config.seed, 3]))
+
+    def tuned(params, step_sizes, first=None):
+        """The step size with the best mean validation return after steps 1-3; with `first`
+        given, the size of the later steps, after a first step of `first` (scored on steps 2-3)."""
+        scored = ("1", "2", "3") if first is None else ("2", "3")
+        score = lambda lr, rng: -np.mean([float(r.mean()) for s, r in meta_rl_evaluate(
+            params, problem, config, validation, rng, lr if first is None else first, lr).items() if s in scored])
+        return best_step_size(score, step_sizes, np.random.default_rng([config.seed, 4]))
+
+    models = {name: (meta, config.inner_lr, tuned(meta, [f * config.inner_lr for f in RL_LATER_LR_FRACTIONS],
+                                                  config.inner_lr))}
+    for label, params in (("pretrained", pretrained), ("random init", random_init)):
+        lr = tuned(params, RL_BASELINE_LRS)
+        models[label] = (params, lr, lr)
+    results = {label: {s: mean_ci95(r) for s, r in meta_rl_evaluate(
+        params, problem, config, tasks, np.random.default_rng([config.seed, 5]), first, later).items()}
+        for label, (params, first, later) in models.items()}
     seconds = time.perf_counter() - t0
 
     print(f"\n{problem}: mean return on {config.eval_tasks} held-out tasks (+- 95% CI) after k policy-gradient "
           f"steps of {config.fast_batch} episodes each; seed {config.seed}")
-    print(f"{'steps':>5}" + "".join(f"  {f'{label} (lr {models[label][1]})':>22}" for label in results)
+    step_sizes = lambda first, later: f"lr {first}" + (f", then {later:g}" if later != first else "")
+    print(f"{'steps':>5}" + "".join(f"  {f'{label} ({step_sizes(*models[label][1:])})':>26}" for label in results)
           + ("  MAML (paper)" if problem == "nav2d" else ""))
     for s in map(str, RL_EVAL_STEPS):
-        print(f"{s:>5}" + "".join(f"  {results[label][s][0]:12.2f} +- {results[label][s][1]:6.2f}" for label in results)
+        print(f"{s:>5}" + "".join(f"  {results[label][s][0]:16.2f} +- {results[label][s][1]:6.2f}" for label in results)
               + (f"  {NAV_PAPER[s]:12.2f}" if problem == "nav2d" else ""))
     print(f"({extra['env_steps']:,} training env steps; {seconds:.0f} s)")
     ours, base, rand = (results[k] for k in (name, "pretrained", "random init"))
@@ -1382,6 +1480,7 @@ def run_meta_rl(problem, config, json_path=None, save=None, load=None, plot=None
     result["pretrained_return"], result["pretrained_return_ci95"] = means_and_cis(base)
     result["random_init_return"], result["random_init_return_ci95"] = means_and_cis(rand)
     result.update(baseline_lr={"pretrained": models["pretrained"][1], "random init": models["random init"][1]},
+                  later_lr=models[name][2],
                   env_steps=extra["env_steps"], seconds=seconds, config=dataclasses.asdict(config))
     if json_path:
         write_json(json_path, result)

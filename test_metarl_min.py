@@ -351,9 +351,17 @@ def _batch(rng, loss, T, K, n_in, n_out):
     x = rng.normal(size=(T, K, n_in))
     if loss == "mse":
         return x, rng.normal(size=(T, K, n_out))
-    if loss == "pg":
-        return x, (rng.integers(0, n_out, (T, K)), rng.normal(size=(T, K)))
-    return x, (rng.normal(size=(T, K, n_out // 2)), rng.uniform(0.1, 0.5, size=(T, K)))
+    if mm.LOSS_POLICY[loss] == "categorical":
+        target = (rng.integers(0, n_out, (T, K)), rng.normal(size=(T, K)))
+    else:
+        target = (rng.normal(size=(T, K, n_out // 2)), rng.uniform(0.1, 0.5, size=(T, K)))
+    if loss.endswith("_lvc"):  # the sampling policy's log-probabilities
+        target += (rng.normal(-2.0, 0.5, size=(T, K)),)
+    return x, target
+
+
+def _gaussian(loss):
+    return mm.LOSS_POLICY.get(loss) == "gaussian"
 
 
 def _fd_grad(f, params, eps=1e-6):
@@ -402,10 +410,10 @@ class TestGradients(unittest.TestCase):
     def test_backward_and_hvp_against_finite_differences(self):
         # "gauss" also with a state-independent log-std: bias-only outputs (init_mlp's bias_outputs).
         cases = [(loss, act, bias) for loss in mm.LOSSES for act in mm.ACTIVATIONS
-                 for bias in ((0, 2) if loss == "gauss" else (0,))]
+                 for bias in ((0, 2) if _gaussian(loss) else (0,))]
         for loss, activation, bias_outputs in cases:
             with self.subTest(loss=loss, activation=activation, bias_outputs=bias_outputs):
-                n_out = 4 if loss == "gauss" else 3
+                n_out = 4 if _gaussian(loss) else 3
                 params = mm.init_mlp((2, 5, 4, n_out), self.rng, activation, np.float64, bias_outputs)
                 batch = _batch(self.rng, loss, 3, 4, 2, n_out)
                 values, grads, _ = mm.loss_and_grad(params, batch, loss, activation)
@@ -425,14 +433,38 @@ class TestGradients(unittest.TestCase):
                                                           mm.loss_and_grad(minus, batch, loss, activation)[1])]
                 self.assertLess(_rel_err(hv, fd), 1e-6)
 
+    def test_lvc_adds_the_score_outer_product_to_the_hessian(self):
+        # Where old_logp = log pi (rho = 1), the LVC gradient is REINFORCE's, and its Hessian is
+        # REINFORCE's plus -sum_k w_k g_k g_k^T, g_k the gradient of log pi(a_k | s_k): here taken
+        # sample by sample in a loop.
+        for loss, n_out, bias_outputs in (("pg", 3, 0), ("gauss", 4, 2)):
+            with self.subTest(loss=loss):
+                params = mm.init_mlp((2, 5, n_out), self.rng, "tanh", np.float64, bias_outputs)
+                x, target = _batch(self.rng, loss, 2, 4, 2, n_out)
+                logp = mm.POLICIES[mm.LOSS_POLICY[loss]][0]
+                lvc = (x, target + (logp(mm.mlp_forward(params, x, "tanh")[0], target[0]),))
+                _, plain_grads, _ = mm.loss_and_grad(params, (x, target), loss, "tanh")
+                _, lvc_grads, _ = mm.loss_and_grad(params, lvc, loss + "_lvc", "tanh")
+                self.assertLess(_rel_err(lvc_grads, plain_grads), 1e-12)
+                v = [self.rng.normal(size=(2,) + p.shape) for p in params]
+                expected = mm.hvp(params, (x, target), v, loss, "tanh")
+                for t in range(2):
+                    for k in range(4):  # g_k = -grad log pi(a_k | s_k): the REINFORCE loss of one sample, weight 1
+                        one = (x[t:t + 1, k:k + 1], (target[0][t:t + 1, k:k + 1], np.ones((1, 1))))
+                        g = [gi[0] for gi in mm.loss_and_grad(params, one, loss, "tanh")[1]]
+                        g_dot_v = sum(float((gi * vi[t]).sum()) for gi, vi in zip(g, v))
+                        for e, gi in zip(expected, g):
+                            e[t] -= target[1][t, k] * gi * g_dot_v
+                self.assertLess(_rel_err(mm.hvp(params, lvc, v, loss + "_lvc", "tanh"), expected), 1e-10)
+
     def test_maml_grad_against_finite_differences(self):
         cases = [(loss, act, bias) for loss in mm.LOSSES for act in mm.ACTIVATIONS
-                 for bias in ((0, 2) if loss == "gauss" else (0,))]
+                 for bias in ((0, 2) if _gaussian(loss) else (0,))]
         for loss, activation, bias_outputs in cases:
             for steps in (1, 2, 3):
                 with self.subTest(loss=loss, activation=activation, bias_outputs=bias_outputs, inner_steps=steps):
-                    n_out = 4 if loss == "gauss" else 3
-                    lr = 0.02 if loss == "gauss" else 0.1
+                    n_out = 4 if _gaussian(loss) else 3
+                    lr = 0.02 if _gaussian(loss) else 0.1
                     params = mm.init_mlp((2, 5, 4, n_out), self.rng, activation, np.float64, bias_outputs)
                     support = _batch(self.rng, loss, 3, 4, 2, n_out)
                     query = _batch(self.rng, loss, 3, 5, 2, n_out)
@@ -554,6 +586,11 @@ class TestMamlContract(unittest.TestCase):
             (dict(loss="pg", query=(q[0], (np.zeros((3, 5), int), np.ones((3, 5))))), TypeError, "pair"),
             (dict(loss="pg", support=(s[0], (np.full((3, 5), 3), np.ones((3, 5)))),
                   query=(q[0], (np.zeros((3, 5), int), np.ones((3, 5))))), ValueError, "actions must be in"),
+            (dict(loss="pg_lvc", support=(s[0], (np.zeros((3, 5), int), np.ones((3, 5)))),
+                  query=(q[0], (np.zeros((3, 5), int), np.ones((3, 5)), np.zeros((3, 5))))), TypeError, "triple"),
+            (dict(loss="pg_lvc", support=(s[0], (np.zeros((3, 5), int), np.ones((3, 5)), np.zeros((3, 4)))),
+                  query=(q[0], (np.zeros((3, 5), int), np.ones((3, 5)), np.zeros((3, 5))))), ValueError,
+             r"support old_logp must have shape \(3, 5\)"),
         ]
         for override, err, pattern in cases:
             kwargs = dict(params=p, support=s, query=q)
@@ -825,6 +862,35 @@ class TestPolicyGradient(unittest.TestCase):
             mm.VecNav2D(np.zeros((3, 3)))
 
 
+    def test_gaussian_policy_starts_at_init_log_std(self):
+        config = mm.Nav2DConfig(hidden=8, init_log_std=-1.5)
+        params = mm.init_policy("nav2d", config, np.random.default_rng(0))
+        out = mm.mlp_forward(params, np.random.default_rng(1).uniform(-0.5, 0.5, (1, 5, 2)).astype(np.float32),
+                             "relu")[0]
+        np.testing.assert_array_equal(out[..., 2:], -1.5)  # the log-std, the same in every state
+        self.assertFalse(np.allclose(out[0, 0, :2], out[0, 1, :2]))  # the mean follows the state
+        cart = mm.init_policy("cartpole", mm.CartPoleConfig(hidden=8), np.random.default_rng(0))
+        plain = mm.init_mlp((4, 8, 8, 2), np.random.default_rng(0), "tanh")
+        for a, b in zip(cart, plain):
+            np.testing.assert_array_equal(a, b)
+
+    def test_evaluation_steps_equal_a_loop_by_hand(self):
+        # Step 1 of inner_lr, then steps of later_lr, each on fresh episodes of the current policy.
+        config = mm.Nav2DConfig(hidden=8, fast_batch=3)
+        params = mm.init_policy("nav2d", config, np.random.default_rng(0))
+        goals = mm.sample_nav_tasks(np.random.default_rng(1), 2)
+        got = mm.meta_rl_evaluate(params, "nav2d", config, goals, np.random.default_rng(2), 0.3, 0.05)
+        rng, p = np.random.default_rng(2), params
+        for step, lr in zip("0123", (0.3, 0.05, 0.05, None)):
+            episodes = mm.rollout(p, mm.nav_envs(goals, 3), 2, rng, mm.NAV_MAX_EPISODE_STEPS, "gaussian", "relu")
+            np.testing.assert_array_equal(got[step], mm.episode_returns(episodes).mean(axis=1))
+            if lr is not None:
+                p = mm.adapt(p, mm.pg_batch(episodes), "gauss", lr, 1, "relu")[0][-1]
+        same = mm.meta_rl_evaluate(params, "nav2d", config, goals, np.random.default_rng(2), 0.3, None)
+        np.testing.assert_array_equal(same["1"], got["1"])  # later_lr does not touch the first step
+        self.assertFalse(np.array_equal(same["2"], got["2"]))
+
+
 class TestMetaRL(unittest.TestCase):
     SHORT = ["cartpole", "--iterations", "8", "--meta-batch", "10", "--fast-batch", "10", "--eval-tasks", "10",
              "--log-every", "4"]
@@ -842,6 +908,8 @@ class TestMetaRL(unittest.TestCase):
         self.assertGreater(result["env_steps"], 0)
         self.assertGreater(result["seconds"], 0)
         self.assertGreater(result["return"]["1"], 1.3 * result["return"]["0"])
+        # MAML's later steps: a fraction of its inner_lr, chosen on validation tasks.
+        self.assertIn(result["later_lr"], [f * 0.5 for f in mm.RL_LATER_LR_FRACTIONS])
 
     def test_resume_ends_where_a_straight_run_ends(self):
         with tempfile.TemporaryDirectory() as d:
@@ -856,11 +924,15 @@ class TestMetaRL(unittest.TestCase):
                 self.assertEqual(ra[key], rb[key])
 
     def test_algorithms_run(self):
-        for flags in (["--first-order"], ["--algorithm", "reptile"]):
+        for flags in (["--first-order"], ["--algorithm", "reptile"], ["--lvc"]):
             with self.subTest(flags=flags):
                 status, out, err = _run_main(["cartpole", "--iterations", "2", "--meta-batch", "2", "--fast-batch",
                                               "2", "--eval-tasks", "2", "--hidden", "8"] + flags)
                 self.assertEqual(status, 0, err)
+        for flags in (["--lvc", "--first-order"], ["--lvc", "--algorithm", "reptile"]):
+            status, out, err = _run_main(["cartpole"] + flags)
+            self.assertEqual(status, 2)
+            self.assertIn("--lvc changes only the second-order term", err)
         status, out, err = _run_main(["nav2d", "--iterations", "1", "--meta-batch", "2", "--fast-batch", "2",
                                       "--eval-tasks", "2", "--hidden", "8"])
         self.assertEqual(status, 0, err)
