@@ -379,9 +379,10 @@ def lvc_loss(policy):
     return value, grad, hess
 
 
-LOSSES = {"mse": (mse_loss, mse_grad, mse_hvp), "pg": reinforce_loss("categorical"),
-          "gauss": reinforce_loss("gaussian"), "pg_lvc": lvc_loss("categorical"), "gauss_lvc": lvc_loss("gaussian")}
 LOSS_POLICY = {"pg": "categorical", "gauss": "gaussian", "pg_lvc": "categorical", "gauss_lvc": "gaussian"}
+LOSSES = {"mse": (mse_loss, mse_grad, mse_hvp),
+          **{name: (lvc_loss if name.endswith("_lvc") else reinforce_loss)(policy)
+             for name, policy in LOSS_POLICY.items()}}
 
 
 def loss_and_grad(params, batch, loss="mse", activation="tanh", scale=1.0):
@@ -1354,7 +1355,7 @@ def meta_rl_train(problem, config, save=None, load=None):
         elif config.lvc:  # each batch with its actions' log-probabilities under the policy that sampled it
             _, grads = maml_grad(models["meta"], with_old_logp(models["meta"], support, spec["policy"], act),
                                  with_old_logp(adapted, query, spec["policy"], act), loss + "_lvc", config.inner_lr,
-                                 1, False, act)
+                                 1, config.first_order, act)
         else:
             _, grads = maml_grad(models["meta"], support, query, loss, config.inner_lr, 1, config.first_order, act)
         models["meta"], opts["meta"] = adam_step(models["meta"], grads, opts["meta"], config.meta_lr)
