@@ -407,6 +407,17 @@ class TestGradients(unittest.TestCase):
             np.testing.assert_allclose(d2(h) + 0 * z, (d1(f(z + eps)) - d1(f(z - eps))) / (2 * eps), atol=1e-6,
                                        err_msg=name)
 
+    def test_sum_over_samples_equals_a_loop(self):
+        for shape in ((3, 1, 2), (3, 7, 1), (2, 50, 5), (1, 4, 3), (4, 3)):
+            for dtype in (np.float32, np.float64):
+                delta = self.rng.normal(size=shape).astype(dtype)
+                loop = np.zeros(shape[:-2] + shape[-1:], np.float64)
+                for k in range(shape[-2]):
+                    loop += delta[..., k, :]
+                total = mm._sum_k(delta)
+                self.assertEqual((total.shape, total.dtype), (loop.shape, dtype))
+                np.testing.assert_allclose(total, loop, rtol=1e-5 if dtype == np.float32 else 1e-12)
+
     def test_backward_and_hvp_against_finite_differences(self):
         # "gauss" also with a state-independent log-std: bias-only outputs (init_mlp's bias_outputs).
         cases = [(loss, act, bias) for loss in mm.LOSSES for act in mm.ACTIVATIONS
