@@ -338,9 +338,11 @@ def cartpole_dynamics(s, force, p, work=None):
         theta += m.multiply(theta_dot, p.tau, out=step)
 
 
-def _terminated(s):
-    """|x| > 2.4 or |theta| > 12 degrees, for the (4, N) state (|a| > b is a < -b or a > b)."""
-    return (abs(s[0]) > X_THRESHOLD) | (abs(s[2]) > THETA_THRESHOLD_RADIANS)
+def _terminated(s, work=None):
+    """|x| > 2.4 or |theta| > 12 degrees, for the (4, N) state (|a| > b is a < -b or a > b).
+    ``work``, if given, is a (2, N) float64 scratch array for |x| and |theta|."""
+    abs_x, abs_theta = abs(s[::2]) if work is None else xp.abs(s[::2], out=work)
+    return (abs_x > X_THRESHOLD) | (abs_theta > THETA_THRESHOLD_RADIANS)
 
 
 # ----------------------------------------------------------------------------
@@ -429,7 +431,7 @@ class VecCartPole(_Physics):
         cartpole_dynamics(s, force, self, work)
         self.steps += 1
 
-        terminated = _terminated(s)
+        terminated = _terminated(s, work[:2])  # the scratch is free again
         truncated = self.steps >= self.max_episode_steps
         reward = -terminated.astype(np.float32) if self.sutton_barto_reward else xp.ones(self.num_envs, np.float32)
         obs = s.T.astype(np.float32)  # (N, 4), Fortran-ordered as Gymnasium's: no transposing copy
