@@ -338,11 +338,9 @@ def cartpole_dynamics(s, force, p, work=None):
         theta += m.multiply(theta_dot, p.tau, out=step)
 
 
-def _terminated(s, work=None):
-    """|x| > 2.4 or |theta| > 12 degrees, for the (4, N) state (|a| > b is a < -b or a > b).
-    ``work``, if given, is a (2, N) float64 scratch array for |x| and |theta|."""
-    abs_x, abs_theta = abs(s[::2]) if work is None else xp.abs(s[::2], out=work)
-    return (abs_x > X_THRESHOLD) | (abs_theta > THETA_THRESHOLD_RADIANS)
+def _terminated(s):
+    """|x| > 2.4 or |theta| > 12 degrees, for the (4, N) state (|a| > b is a < -b or a > b)."""
+    return (abs(s[0]) > X_THRESHOLD) | (abs(s[2]) > THETA_THRESHOLD_RADIANS)
 
 
 # ----------------------------------------------------------------------------
@@ -431,16 +429,16 @@ class VecCartPole(_Physics):
         cartpole_dynamics(s, force, self, work)
         self.steps += 1
 
-        terminated = _terminated(s, work[:2])  # the scratch is free again
+        terminated = _terminated(s)
         truncated = self.steps >= self.max_episode_steps
         reward = -terminated.astype(np.float32) if self.sutton_barto_reward else xp.ones(self.num_envs, np.float32)
         obs = s.T.astype(np.float32)  # (N, 4), Fortran-ordered as Gymnasium's: no transposing copy
 
         done = terminated | truncated
         final_obs = obs
-        if done.any():  # same-step autoreset of the ended episodes
+        idx = done.nonzero()[0]
+        if idx.size:  # same-step autoreset of the ended episodes
             final_obs = obs.copy(order="K")
-            idx = xp.flatnonzero(done)
             new = self.np_random.uniform(low=self._low, high=self._high, size=(4, idx.size))  # Gymnasium's draw
             s[:, idx] = new
             obs[idx] = new.T
