@@ -436,7 +436,7 @@ class VecCartPole(_Physics):
 
         done = terminated | truncated
         final_obs = obs
-        idx = done.nonzero()[0]
+        idx = xp.nonzero(done)[0]
         if idx.size:  # same-step autoreset of the ended episodes
             final_obs = obs.copy(order="K")
             new = self.np_random.uniform(low=self._low, high=self._high, size=(4, idx.size))  # Gymnasium's draw
