@@ -15,15 +15,20 @@ What it implements, top to bottom
      "pg" (the REINFORCE surrogate of a categorical policy), "gauss" (the
      same for a Gaussian policy), and "pg_lvc"/"gauss_lvc", ProMP's
      low-variance curvature surrogate (Rothfuss et al. 2019, sec. 5), whose
-     Hessian keeps the term of the pre-update sampling distribution.
+     Hessian keeps the term of the pre-update sampling distribution. Each
+     policy also has its KL divergence and Fisher product, for TRPO.
   3. MAML (Finn, Abbeel & Levine 2017, Algorithm 1 and eq. 1) with the exact
      meta-gradient: the product of (I - inner_lr H_j) backwards through every
      inner step, batched over a leading task axis T; first-order MAML (sec.
      5.2); Meta-SGD (Li et al. 2017, eq. 2), whose learning rates get their
      gradient from the same backward pass; Reptile (Nichol, Achiam & Schulman
      2018, Algorithm 2); one optimiser, Adam (Kingma & Ba 2015, Algorithm 1).
-     Then policy gradients (one rollout function, a linear baseline, GAE) and
-     Q-learning with tables and kernel features, batched over environments.
+     Then policy gradients (one rollout function, a linear baseline, GAE);
+     TRPO (Schulman et al. 2015, appendix C) as MAML's outer step, the MAML
+     paper's choice for meta-RL, its metric the meta-Fisher J^T F J built
+     from exact products (J through the inner update, F by the Gauss-Newton
+     product of each policy's Fisher); and Q-learning with tables and kernel
+     features, batched over environments.
   4. Tasks: the sinusoid regression and the 2D navigation of the MAML paper
      (secs. 5.1 and 5.3); CartPole's tasks are in cartpole.py.
   5. Experiments, each with its hyperparameters in one dataclass: sine,
@@ -219,6 +224,23 @@ def mlp_backward(params, hs, d_out, activation="tanh"):
     return grads, (deltas, ghs, slopes)
 
 
+def mlp_jvp(params, hs, slopes, v):
+    """The R-operator's forward pass: the directional derivatives R{h_l}, R{z_l}
+    of every layer along v (R{out} = R{z_L} is the network's Jacobian times v).
+    slopes[l] = f'(z_{l-1}), as cached by mlp_backward."""
+    n_layers = len(params) // 2
+    # R{z_l} = R{h_l} W_l + h_l V_l + Vb_l,   R{h_{l+1}} = f'(z_l) R{z_l}   (R{h_0} = R{x} = 0)
+    r_hs, r_zs = [None] * n_layers, [None] * n_layers
+    for l in range(n_layers):
+        r_z = _affine(hs[l], v[2 * l], v[2 * l + 1])
+        if l > 0:
+            r_z[..., :params[2 * l].shape[-1]] += _mm(r_hs[l], params[2 * l])
+        r_zs[l] = r_z
+        if l < n_layers - 1:
+            r_hs[l + 1] = slopes[l + 1] * r_z
+    return r_hs, r_zs
+
+
 def mlp_rop(params, hs, back, v, r_d_out_fn, activation="tanh"):
     """Pearlmutter's R-operator: the Hessian-vector product H v, per task.
 
@@ -231,15 +253,7 @@ def mlp_rop(params, hs, back, v, r_d_out_fn, activation="tanh"):
     d2 = ACTIVATIONS[activation][2]
     n_layers = len(params) // 2
     deltas, ghs, slopes = back
-    # Forward:  R{z_l} = R{h_l} W_l + h_l V_l + Vb_l,   R{h_{l+1}} = f'(z_l) R{z_l}   (R{h_0} = R{x} = 0)
-    r_hs, r_zs = [None] * n_layers, [None] * n_layers
-    for l in range(n_layers):
-        r_z = _affine(hs[l], v[2 * l], v[2 * l + 1])
-        if l > 0:
-            r_z[..., :params[2 * l].shape[-1]] += _mm(r_hs[l], params[2 * l])
-        r_zs[l] = r_z
-        if l < n_layers - 1:
-            r_hs[l + 1] = slopes[l + 1] * r_z
+    r_hs, r_zs = mlp_jvp(params, hs, slopes, v)
     # Backward:  R{delta_L} = (d^2 L / d out^2) R{out}
     r_delta = r_d_out_fn(r_zs[-1])
     hv = [None] * len(params)
@@ -262,6 +276,16 @@ def mlp_rop(params, hs, back, v, r_d_out_fn, activation="tanh"):
             if not isinstance(curvature, float):  # ReLU's is the scalar 0: no term
                 r_delta += curvature * r_zs[l - 1] * ghs[l]
     return hv
+
+
+def mlp_gnvp(params, hs, v, m_fn, activation="tanh"):
+    """The Gauss-Newton product G v = J^T M J v, per task (Schraudolph 2002): J = d out / d theta
+    and M = m_fn, a positive semi-definite product in the outputs. It is the Hessian of a loss whose
+    gradient in out is 0, as a KL divergence's at its minimum: the R-operator less its delta terms.
+    hs: mlp_forward's cache at params."""
+    slopes = [None] + [ACTIVATIONS[activation][1](h) for h in hs[1:]]
+    r_out = mlp_jvp(params, hs, slopes, v)[1][-1]  # J v:  (T, K, n_out)
+    return mlp_backward(params, hs, m_fn(r_out), activation)[0]  # J^T (M J v)
 
 
 # ============================================================================
@@ -339,6 +363,36 @@ def gaussian_score_jvp(out, actions, r):
 
 POLICIES = {"categorical": (categorical_logp, categorical_score, categorical_score_jvp),
             "gaussian": (gaussian_logp, gaussian_score, gaussian_score_jvp)}
+
+
+# KL(pi_old || pi) between the policies of two outputs, per sample (T, K), and the
+# Fisher information F of the policy as a product in out (F = the KL's Hessian at
+# out = out_old), TRPO's metric:
+#   categorical:  KL = sum_a p_old (log p_old - log p),   F r = p r - p (p . r)
+#   Gaussian:     KL = sum_i [s - s_old + (e^{2 s_old} + (mu - mu_old)^2) e^{-2s} / 2 - 1/2],
+#                 F r = [e^{-2s} r_mu,  2 r_s]
+def categorical_kl(old_out, out):
+    log_p_old = log_softmax(old_out)
+    return (xp.exp(log_p_old) * (log_p_old - log_softmax(out))).sum(axis=-1)
+
+
+def categorical_fisher(out, r):
+    p = xp.exp(log_softmax(out))
+    return p * (r - (p * r).sum(axis=-1, keepdims=True))
+
+
+def gaussian_kl(old_out, out):
+    d = out.shape[-1] // 2
+    s_old, s, diff = old_out[..., d:], out[..., d:], out[..., :d] - old_out[..., :d]
+    return (s - s_old + 0.5 * (xp.exp(2.0 * s_old) + diff * diff) * xp.exp(-2.0 * s) - 0.5).sum(axis=-1)
+
+
+def gaussian_fisher(out, r):
+    d = out.shape[-1] // 2
+    return xp.concatenate([xp.exp(-2.0 * out[..., d:]) * r[..., :d], 2.0 * r[..., d:]], axis=-1)
+
+
+POLICY_KL = {"categorical": (categorical_kl, categorical_fisher), "gaussian": (gaussian_kl, gaussian_fisher)}
 
 
 # "pg", "gauss": the REINFORCE surrogate of a categorical or Gaussian policy,
@@ -434,6 +488,16 @@ def _check_activation(activation):
         raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
 
 
+def _check_int_at_least(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_number(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
 def _check_params(params):
     if not isinstance(params, (list, tuple)) or len(params) < 2 or len(params) % 2:
         raise TypeError("params must be a list [W1, b1, W2, b2, ...] of arrays")
@@ -501,8 +565,7 @@ def _check_meta_args(params, support, query, loss, inner_steps, activation):
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {tuple(LOSSES)}, got {loss!r}")
     _check_activation(activation)
-    if isinstance(inner_steps, bool) or not isinstance(inner_steps, (int, np.integer)) or inner_steps < 0:
-        raise ValueError(f"inner_steps must be an integer >= 0, got {inner_steps!r}")
+    _check_int_at_least("inner_steps", inner_steps, 0)
     support = _check_batch(params, support, loss, "support")
     query = _check_batch(params, query, loss, "query")
     if support[0].shape[0] != query[0].shape[0]:
@@ -532,34 +595,52 @@ def adapt(params, support, loss="mse", inner_lr=0.01, inner_steps=1, activation=
     return thetas, caches, inner_grads
 
 
-def _maml(params, support, query, loss, inner_lr, inner_steps, first_order, activation):
-    """Meta-loss and its gradient w.r.t. params (and w.r.t. inner_lr when it is a list)."""
-    thetas, caches, inner_grads = adapt(params, support, loss, inner_lr, inner_steps, activation)
-    # v = d meta_loss / d theta'_t, per task; meta_loss = mean_t L_query,t(theta'_t)
-    losses, v, _ = loss_and_grad(thetas[-1], query, loss, activation, scale=1.0 / support[0].shape[0])
+# ===================== Differentiating through the inner update =====================
+# theta_{j+1} = theta_j - alpha * g_j(theta_j)   (alpha a scalar, or a vector for Meta-SGD)
+#   => J_j = d theta_{j+1} / d theta_j = I - diag(alpha) H_j,    H_j = Hessian of L_support at theta_j
+# Backwards, the meta-gradient:  dL/d theta_j = J_j^T dL/d theta_{j+1} = (I - H_j diag(alpha)) dL/d theta_{j+1}
+#   (H_j symmetric):  v <- v - H_j (alpha * v),  one exact Hessian-vector product per step;
+#   and for Meta-SGD:  dL/d alpha += -g_j * dL/d theta_{j+1}, summed over tasks.
+# Forwards, for TRPO's metric:  J v = J_{n-1} ... J_0 v:  v <- v - alpha * (H_j v), step after step.
+# First-order MAML drops H_j: v passes through unchanged.
+def _backprop_inner(v, thetas, caches, support, inner_lr, loss, first_order, activation, inner_grads=None):
+    """v = dL/d theta' (per task) -> dL/d theta (per task), and dL/d inner_lr when it is a list (Meta-SGD)."""
     meta_lr = isinstance(inner_lr, list)
-    lrs = _per_param(inner_lr, params)
-    lr_grads = [xp.zeros_like(p) for p in params] if meta_lr else None
-
-    # ===================== Differentiating through the inner update =====================
-    # theta_{j+1} = theta_j - alpha * g_j(theta_j)   (alpha a scalar, or a vector for Meta-SGD)
-    #   => d theta_{j+1} / d theta_j = I - diag(alpha) H_j,    H_j = Hessian of L_support at theta_j
-    #   => dL/d theta_j = (I - H_j diag(alpha)) dL/d theta_{j+1}  (H_j symmetric):
-    #        v <- v - H_j (alpha * v),  one exact Hessian-vector product per step, backwards.
-    #   and for Meta-SGD:  dL/d alpha += -g_j * dL/d theta_{j+1}, summed over tasks.
-    # First-order MAML drops H_j: v passes through unchanged.
-    for j in reversed(range(inner_steps)):
+    lrs = _per_param(inner_lr, thetas[0])
+    lr_grads = [xp.zeros_like(p) for p in thetas[0]] if meta_lr else None
+    for j in reversed(range(len(caches))):
         if meta_lr:
             for i, (g, vi) in enumerate(zip(inner_grads[j], v)):
                 lr_grads[i] = lr_grads[i] - (g * vi).sum(axis=0)
         if not first_order:
             hv = hvp(thetas[j], support, [lr * vi for lr, vi in zip(lrs, v)], loss, activation, cache=caches[j])
             v = [vi - h for vi, h in zip(v, hv)]
-    # ====================================================================================
+    return v, lr_grads
 
-    grads = [(vi.sum(axis=0) if vi.ndim > p.ndim else vi).astype(p.dtype, copy=False)  # shared: sum over tasks
-             for vi, p in zip(v, params)]
-    return float(losses.sum()) / losses.shape[0], grads, lr_grads
+
+def _forward_inner(v, thetas, caches, support, inner_lr, loss, activation):
+    """J v: a direction v of theta (shared) -> the direction it moves each task's theta' (per task)."""
+    lrs = _per_param(inner_lr, thetas[0])
+    for j in range(len(caches)):
+        hv = hvp(thetas[j], support, v, loss, activation, cache=caches[j])
+        v = [vi - lr * h for vi, h, lr in zip(v, hv, lrs)]
+    return v
+# ====================================================================================
+
+
+def _sum_tasks(v, params):
+    """Per-task directions (T, ...) -> their sum over tasks, shaped and typed as the shared params."""
+    return [(vi.sum(axis=0) if vi.ndim > p.ndim else vi).astype(p.dtype, copy=False) for vi, p in zip(v, params)]
+
+
+def _maml(params, support, query, loss, inner_lr, inner_steps, first_order, activation):
+    """Meta-loss, its gradient w.r.t. params (and w.r.t. inner_lr when it is a list), and the
+    params of every inner step (adapt's thetas)."""
+    thetas, caches, inner_grads = adapt(params, support, loss, inner_lr, inner_steps, activation)
+    # v = d meta_loss / d theta'_t, per task; meta_loss = mean_t L_query,t(theta'_t)
+    losses, v, _ = loss_and_grad(thetas[-1], query, loss, activation, scale=1.0 / support[0].shape[0])
+    v, lr_grads = _backprop_inner(v, thetas, caches, support, inner_lr, loss, first_order, activation, inner_grads)
+    return float(losses.sum()) / losses.shape[0], _sum_tasks(v, params), lr_grads, thetas
 
 
 def maml_grad(params, support, query, loss="mse", inner_lr=0.01, inner_steps=1, first_order=False,
@@ -574,9 +655,8 @@ def maml_grad(params, support, query, loss="mse", inner_lr=0.01, inner_steps=1, 
       grads     = d meta_loss / d theta  (through every inner step, Hessians included)
     first_order=True drops the Hessian terms (first-order MAML)."""
     support, query = _check_meta_args(params, support, query, loss, inner_steps, activation)
-    if not isinstance(inner_lr, (int, float, np.floating)) or isinstance(inner_lr, bool) or not math.isfinite(inner_lr):
-        raise ValueError(f"inner_lr must be a finite number, got {inner_lr!r}")
-    meta_loss, grads, _ = _maml(params, support, query, loss, float(inner_lr), inner_steps, first_order, activation)
+    _check_number("inner_lr", inner_lr)
+    meta_loss, grads, _, _ = _maml(params, support, query, loss, float(inner_lr), inner_steps, first_order, activation)
     return meta_loss, grads
 
 
@@ -591,7 +671,7 @@ def meta_sgd_grad(params, inner_lrs, support, query, loss="mse", inner_steps=1, 
             xp.shape(a) != p.shape for a, p in zip(inner_lrs, params)):
         raise ValueError("inner_lrs must be a list of arrays shaped as params")
     lrs = [xp.asarray(a, dtype=p.dtype) for a, p in zip(inner_lrs, params)]
-    meta_loss, grads, lr_grads = _maml(params, support, query, loss, lrs, inner_steps, first_order, activation)
+    meta_loss, grads, lr_grads, _ = _maml(params, support, query, loss, lrs, inner_steps, first_order, activation)
     return meta_loss, grads, [g.astype(p.dtype) for g, p in zip(lr_grads, params)]
 
 
@@ -750,6 +830,131 @@ def episode_returns(episodes):
     return episodes["rewards"].sum(axis=-1)
 
 
+def step_weights(episodes):
+    """(T, K) weights of the mean over each task's steps, packed as pg_batch packs them:
+    1/n_t on the first n_t samples of task t (its real steps), 0 on the padding."""
+    mask = episodes["mask"]
+    n = mask.reshape(mask.shape[0], -1).sum(axis=1, keepdims=True)  # (T, 1)
+    return (xp.arange(int(n.max())) < n) / n
+
+
+# ----------------------------------------------------------------------------
+# TRPO, the MAML paper's outer step for meta-RL (sec. 5.3; Schulman et al. 2015,
+# "Trust Region Policy Optimization", sec. 6 and appendix C), on the meta-objective:
+#   minimise  L(theta)  = mean_t -sum_k w_k pi'_t(a_k|s_k) / pi_old,t(a_k|s_k)
+#   s.t.      KL(theta) = mean_t  sum_k m_k KL(pi_old,t(.|s_k) || pi'_t(.|s_k)) <= max_kl
+# over the query batch, with pi'_t the policy of theta'_t = adapt(theta) and
+# pi_old,t the adapted policy of the current theta, which sampled the query. There
+# grad L is MAML's meta-gradient g, and KL's Hessian is the meta-Fisher matrix
+#   F = mean_t J_t^T F_t J_t,   J_t = d theta'_t / d theta,   F_t = the Fisher of pi'_t,
+# a product of three exact ones: J v forwards through the inner update, F_t v by
+# the Gauss-Newton product, J^T backwards as in the meta-gradient. The step is
+# d = F^-1 g by conjugate gradient, scaled so that the quadratic model of the KL,
+# 1/2 d^T F d, equals max_kl, then shortened until L improves within the exact KL.
+# ----------------------------------------------------------------------------
+def conjugate_gradient(matvec, b, iters=10, tol=1e-10):
+    """x with A x = b for a symmetric positive-definite A given as matvec(x), both lists of arrays
+    (Hestenes & Stiefel 1952; Nocedal & Wright 2006, Algorithm 5.2), from x = 0: iters steps at
+    most, fewer once |b - A x|^2 <= tol |b|^2."""
+    dot = lambda u, w: sum(float((ui * wi).sum()) for ui, wi in zip(u, w))
+    x = [xp.zeros_like(bi) for bi in b]
+    r, p = list(b), list(b)  # residual b - A x, search direction
+    rr = dot(r, r)
+    done = tol * rr
+    for _ in range(iters):
+        if rr <= done:
+            break
+        Ap = matvec(p)
+        step = rr / dot(p, Ap)
+        x = [xi + step * pi for xi, pi in zip(x, p)]
+        r = [ri - step * ai for ri, ai in zip(r, Ap)]
+        rr, rr_old = dot(r, r), rr
+        p = [ri + (rr / rr_old) * pi for ri, pi in zip(r, p)]
+    return x
+
+
+def _meta_fisher(params, thetas, support, x_q, old_out, kl_weights, loss, inner_lr, first_order, activation,
+                 damping=0.0):
+    """v -> (F + damping I) v with F = mean_t J_t^T F_t J_t, the Hessian of the meta-KL at params
+    (thetas: adapt's params of every inner step from params; old_out: the adapted policies' outputs
+    at the query states x_q). Per task: J v forwards, the Gauss-Newton product, J^T backwards."""
+    fisher = POLICY_KL[LOSS_POLICY[loss]][1]
+    caches = [loss_and_grad(theta, support, loss, activation)[2] for theta in thetas[:-1]]
+    hs_q = mlp_forward(thetas[-1], x_q, activation)[1]
+    m = kl_weights[..., None] / x_q.shape[0]  # the mean over tasks of the weighted sum over states
+
+    def product(v):
+        u = v if first_order else _forward_inner(v, thetas, caches, support, inner_lr, loss, activation)
+        u = mlp_gnvp(thetas[-1], hs_q, u, lambda r: m * fisher(old_out, r), activation)  # F_t J_t v
+        if not first_order:
+            u = _backprop_inner(u, thetas, caches, support, inner_lr, loss, False, activation)[0]
+        return [ui + damping * vi for ui, vi in zip(_sum_tasks(u, params), v)]
+    return product
+
+
+def maml_trpo_step(params, support, query, kl_weights, loss="pg", inner_lr=0.1, inner_steps=1, first_order=False,
+                   activation="tanh", max_kl=0.01, cg_iters=10, damping=1e-5, backtrack=0.8, max_backtracks=15,
+                   fisher_stride=10):
+    """One TRPO step on MAML's meta-objective (the block above). Returns (new params, info).
+
+    support, query: batches as for maml_grad with a policy loss ("pg", "gauss", or their
+    "_lvc" forms for the inner step); the query was sampled by the adapted policies.
+    kl_weights (T, K_query): m_k, the weights of the KL's mean over the query's states
+    (step_weights). inner_steps=0 is plain TRPO. first_order drops J (J = I).
+    The meta-Fisher is estimated on every fisher_stride-th sample, its weights scaled
+    to match (rllab's subsample_factor); the line search uses every sample. CG runs
+    cg_iters steps on F + damping I; the step is backtracked by the factor backtrack up
+    to max_backtracks times. info: {"kl", "improvement" (of L), "step_fraction"}; where
+    no step passes, params come back as they are with step_fraction 0."""
+    if loss not in LOSS_POLICY:
+        raise ValueError(f"loss must be a policy loss, one of {tuple(LOSS_POLICY)}, got {loss!r}")
+    support, query = _check_meta_args(params, support, query, loss, inner_steps, activation)
+    _check_number("inner_lr", inner_lr)
+    for name, value, low in (("cg_iters", cg_iters, 1), ("max_backtracks", max_backtracks, 1),
+                             ("fisher_stride", fisher_stride, 1)):
+        _check_int_at_least(name, value, low)
+    for name, value, ok, allowed in (("max_kl", max_kl, lambda v: v > 0, "> 0"), ("damping", damping, lambda v: v >= 0, ">= 0"),
+                                     ("backtrack", backtrack, lambda v: 0 < v < 1, "in (0, 1)")):
+        _check_number(name, value)
+        if not ok(value):
+            raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    x_q, (actions, weights) = query[0], query[1][:2]
+    T = x_q.shape[0]
+    kl_weights = xp.asarray(kl_weights, dtype=params[0].dtype)
+    if kl_weights.shape != weights.shape or not xp.isfinite(kl_weights).all() or (kl_weights < 0).any():
+        raise ValueError(f"kl_weights must be finite and >= 0, of shape {weights.shape}, got {kl_weights.shape}")
+    policy = LOSS_POLICY[loss]
+    logp, surrogate = POLICIES[policy][0], lvc_loss(policy)[0]  # L: the LVC surrogate's value on the query
+    kl = POLICY_KL[policy][0]
+
+    _, g, _, thetas = _maml(params, support, query, loss, float(inner_lr), inner_steps, first_order, activation)
+    adapted = thetas[-1]
+    old_out = mlp_forward(adapted, x_q, activation)[0]  # (T, K, n_out): pi_old
+    target = (actions, weights, logp(old_out, actions))
+    objective = lambda out: float(surrogate(out, target).sum()) / T  # L at the adapted policies of out
+    mean_kl = lambda out: float((kl_weights * kl(old_out, out)).sum()) / T
+
+    # The meta-Fisher product on every fisher_stride-th sample (weights scaled by the stride).
+    s = fisher_stride
+    x_s, (a_s, w_s, *rest) = support
+    thin_support = (x_s[:, ::s], (a_s[:, ::s], w_s[:, ::s] * s, *(r[:, ::s] for r in rest)))
+    fisher_vector = _meta_fisher(params, thetas, thin_support, x_q[:, ::s], old_out[:, ::s], kl_weights[:, ::s] * s,
+                                 loss, inner_lr, first_order, activation, damping)
+    direction = conjugate_gradient(fisher_vector, g, cg_iters)  # F^-1 g
+    quadratic = sum(float((d * fd).sum()) for d, fd in zip(direction, fisher_vector(direction)))  # d^T F d
+    before = objective(old_out)
+    if quadratic > 0 and math.isfinite(quadratic):
+        scale = math.sqrt(2.0 * max_kl / quadratic)  # 1/2 (scale d)^T F (scale d) = max_kl
+        for i in range(max_backtracks):
+            fraction = backtrack ** i
+            new = [(p - (fraction * scale) * d).astype(p.dtype) for p, d in zip(params, direction)]
+            out = mlp_forward(adapt(new, support, loss, inner_lr, inner_steps, activation)[0][-1], x_q, activation)[0]
+            improvement, step_kl = before - objective(out), mean_kl(out)
+            if improvement > 0 and step_kl <= max_kl:  # False for NaN too
+                return new, {"kl": step_kl, "improvement": improvement, "step_fraction": fraction}
+    return list(params), {"kl": 0.0, "improvement": 0.0, "step_fraction": 0.0}
+
+
 # ----------------------------------------------------------------------------
 # Value-based: Q-learning with linear features (Watkins 1989; Sutton & Barto
 # 2018, eq. 6.8 and sec. 9.3): a table is one-hot features, a kernel its
@@ -762,11 +967,6 @@ Q_STATE_HIGH = -Q_STATE_LOW
 # the termination bounds, x_dot within 0.5 m/s, theta_dot within 50 degrees/s).
 TABLE_LOW = np.array([-2.4, -0.5, -0.21, -math.radians(50)])
 TABLE_HIGH = -TABLE_LOW
-
-
-def _check_int_at_least(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def _in_box(obs, low, high):
@@ -1272,6 +1472,10 @@ class CartPoleConfig:
     lvc: bool = hparam(False, "second-order MAML only: ProMP's LVC surrogate for the inner step, whose Hessian "
                        "keeps the term of the pre-update sampling distribution")
     reptile_steps: int = hparam(3, "Reptile only: SGD steps on each task's pre- and post-update episodes", 1, 20)
+    outer: str = hparam("adam", "MAML's outer step: Adam on the meta-gradient (meta_lr), or TRPO on the meta-objective "
+                        "(max_kl), as in the MAML paper; the pretrained baseline takes the same", choices=("adam", "trpo"))
+    max_kl: float = hparam(0.01, "TRPO only: the trust region, the mean KL of the adapted policies per step (the "
+                           "paper's 0.01)", 0.0)
     eval_tasks: int = hparam(40, "held-out tasks for the final evaluation", 2)
     seed: int = hparam(0, "seed of every random draw", 0)
     log_every: int = hparam(5, "iterations between progress lines and checkpoints", 1)
@@ -1337,8 +1541,8 @@ def meta_rl_train(problem, config, save=None, load=None):
     Each iteration: sample meta_batch tasks; run fast_batch episodes of the
     policy in each (support); take one inner policy-gradient step per task;
     run fast_batch episodes of each adapted policy (query); step Adam on the
-    meta-gradient. Returns (meta params, pretrained params, extra) where extra
-    holds env_steps and the training curve."""
+    meta-gradient, or take a TRPO step (config.outer). Returns (meta params,
+    pretrained params, extra) where extra holds env_steps and the training curve."""
     spec = META_RL_PROBLEMS[problem]
     loss, act = spec["loss"], spec["activation"]
     if load:
@@ -1347,13 +1551,17 @@ def meta_rl_train(problem, config, save=None, load=None):
         start, rng = 0, np.random.default_rng(config.seed)
         init = init_policy(problem, config, rng)
         models = {"meta": init, "pretrained": [p.copy() for p in init]}
-        opts = {k: adam_init(p) for k, p in models.items()}
+        opts = {k: adam_init(p) for k, p in models.items()} if config.outer == "adam" else {}
         extra = {"env_steps": 0, "curve": []}  # curve: [iteration, pre, post, pretrained] per progress line
     T = config.meta_batch
     roll = lambda params, env: rollout(params, env, T, rng, spec["horizon"], spec["policy"], act)
     batch = lambda episodes: pg_batch(episodes, config.gamma, config.gae_lambda)
     mean_return = lambda episodes: float(episode_returns(episodes).mean())
     progress = Progress(config.iterations, start)
+
+    def adam(name, grads):
+        models[name], opts[name] = adam_step(models[name], grads, opts[name], config.meta_lr)
+
     window = []
     for it in range(start, config.iterations):
         tasks = spec["sample_tasks"](rng, T)
@@ -1363,21 +1571,26 @@ def meta_rl_train(problem, config, save=None, load=None):
         adapted = adapt(models["meta"], support, loss, config.inner_lr, 1, act)[0][-1]
         post = roll(adapted, env)
         query = batch(post)
+        meta_batches = (support, query, loss)
+        if config.lvc:  # each batch with its actions' log-probabilities under the policy that sampled it
+            meta_batches = (with_old_logp(models["meta"], support, spec["policy"], act),
+                            with_old_logp(adapted, query, spec["policy"], act), loss + "_lvc")
         if config.algorithm == "reptile":
-            _, grads = reptile_grad(models["meta"], support, query, loss, config.inner_lr, config.reptile_steps, act)
-        elif config.lvc:  # each batch with its actions' log-probabilities under the policy that sampled it
-            _, grads = maml_grad(models["meta"], with_old_logp(models["meta"], support, spec["policy"], act),
-                                 with_old_logp(adapted, query, spec["policy"], act), loss + "_lvc", config.inner_lr,
-                                 1, config.first_order, act)
+            adam("meta", reptile_grad(models["meta"], support, query, loss, config.inner_lr, config.reptile_steps,
+                                      act)[1])
+        elif config.outer == "trpo":
+            models["meta"] = maml_trpo_step(models["meta"], *meta_batches[:2], step_weights(post), meta_batches[2],
+                                            config.inner_lr, 1, config.first_order, act, config.max_kl)[0]
         else:
-            _, grads = maml_grad(models["meta"], support, query, loss, config.inner_lr, 1, config.first_order, act)
-        models["meta"], opts["meta"] = adam_step(models["meta"], grads, opts["meta"], config.meta_lr)
-        # The baseline: 2 * fast_batch episodes per task, a plain policy-gradient step on all of them.
+            adam("meta", maml_grad(models["meta"], *meta_batches, config.inner_lr, 1, config.first_order, act)[1])
+        # The baseline: 2 * fast_batch episodes per task, a plain policy-gradient (or TRPO) step on all of them.
         joint = roll(models["pretrained"], spec["make_env"](tasks, 2 * config.fast_batch))
         both = batch(joint)
-        _, grads = maml_grad(models["pretrained"], both, both, loss, inner_steps=0, activation=act)
-        models["pretrained"], opts["pretrained"] = adam_step(models["pretrained"], grads, opts["pretrained"],
-                                                             config.meta_lr)
+        if config.outer == "trpo":
+            models["pretrained"] = maml_trpo_step(models["pretrained"], both, both, step_weights(joint), loss,
+                                                  inner_steps=0, activation=act, max_kl=config.max_kl)[0]
+        else:
+            adam("pretrained", maml_grad(models["pretrained"], both, both, loss, inner_steps=0, activation=act)[1])
         extra["env_steps"] += int(sum(e["mask"].sum() for e in (pre, post, joint)))
         window.append((mean_return(pre), mean_return(post), mean_return(joint)))
         if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
@@ -1448,11 +1661,13 @@ def run_meta_rl(problem, config, json_path=None, save=None, load=None, plot=None
     check_config(config)
     if config.lvc and (config.algorithm != "maml" or config.first_order):
         raise ValueError("--lvc changes only the second-order term: it needs --algorithm maml without --first-order")
+    if config.outer == "trpo" and config.algorithm != "maml":
+        raise ValueError("--outer trpo steps on MAML's meta-objective: it needs --algorithm maml")
     plt = _check_plot(plot)
     t0 = time.perf_counter()
     spec = META_RL_PROBLEMS[problem]
     name = (f"{'first-order ' if config.first_order else ''}MAML{'+LVC' if config.lvc else ''}"
-            if config.algorithm == "maml" else "Reptile")
+            f"{'-TRPO' if config.outer == 'trpo' else ''}" if config.algorithm == "maml" else "Reptile")
     print(f"{problem}: {name}, {config.iterations} iterations x {config.meta_batch} tasks x {config.fast_batch} "
           f"episodes, seed {config.seed}")
     meta, pretrained, extra = meta_rl_train(problem, config, save, load)

@@ -7,6 +7,7 @@ the script that made each set is described beside it.
 
 import dataclasses
 import hashlib
+import itertools
 import math
 import unittest
 
@@ -902,6 +903,159 @@ class TestPolicyGradient(unittest.TestCase):
         self.assertFalse(np.array_equal(same["2"], got["2"]))
 
 
+class TestTRPO(unittest.TestCase):
+    """TRPO's pieces against central finite differences (float64): the policies' KL and Fisher,
+    the Gauss-Newton product, conjugate gradient, the meta-Fisher as the meta-KL's Hessian."""
+
+    def setUp(self):
+        self.rng = np.random.default_rng(3)
+
+    def test_policy_kl_and_its_hessian_the_fisher(self):
+        nodes, weights = np.polynomial.hermite_e.hermegauss(4)  # exact for the quadratic log-ratio of Gaussians
+        weights = weights / weights.sum()
+        for policy, n_out in (("categorical", 3), ("gaussian", 4)):
+            with self.subTest(policy=policy):
+                kl, fisher = mm.POLICY_KL[policy]
+                logp = mm.POLICIES[policy][0]
+                old, out = 0.5 * self.rng.normal(size=(2, 5, n_out)), 0.5 * self.rng.normal(size=(2, 5, n_out))
+                np.testing.assert_allclose(kl(old, old), 0.0, atol=1e-12)
+                # KL(old || new) = E_{a ~ pi_old}[log pi_old(a) - log pi(a)], by the policies' log-likelihoods.
+                expected = np.zeros((2, 5))
+                if policy == "categorical":
+                    for a in range(n_out):
+                        actions = np.full((2, 5), a)
+                        expected += np.exp(logp(old, actions)) * (logp(old, actions) - logp(out, actions))
+                else:
+                    for (i, zi), (j, zj) in itertools.product(enumerate(nodes), repeat=2):
+                        actions = old[..., :2] + np.exp(old[..., 2:]) * np.array([zi, zj])
+                        expected += weights[i] * weights[j] * (logp(old, actions) - logp(out, actions))
+                np.testing.assert_allclose(kl(old, out), expected, rtol=1e-10)
+                # The Fisher product is the KL's Hessian at out = old: u^T F r by second differences.
+                u, r, eps = self.rng.normal(size=old.shape), self.rng.normal(size=old.shape), 1e-4
+                quad = lambda w: (kl(old, old + eps * w) + kl(old, old - eps * w)) / eps ** 2  # w^T F w
+                np.testing.assert_allclose((u * fisher(old, r)).sum(-1), (quad(u + r) - quad(u - r)) / 4,
+                                           rtol=1e-5, atol=1e-8)
+
+    def test_gauss_newton_product(self):
+        # u^T J^T M J v = (J u) . M (J v), J u by central differences of the network's output.
+        for activation, bias_outputs in (("tanh", 0), ("relu", 2)):
+            params = mm.init_mlp((2, 5, 4, 4), self.rng, activation, np.float64, bias_outputs)
+            x = self.rng.normal(size=(3, 6, 2))
+            c = self.rng.uniform(0.5, 2.0, size=(3, 6, 4))
+            u, v = ([self.rng.normal(size=p.shape) for p in params] for _ in range(2))
+            gv = mm.mlp_gnvp(params, mm.mlp_forward(params, x, activation)[1], v, lambda r: c * r, activation)
+            eps = 1e-6
+            jac = lambda d: (mm.mlp_forward([p + eps * di for p, di in zip(params, d)], x, activation)[0]
+                             - mm.mlp_forward([p - eps * di for p, di in zip(params, d)], x, activation)[0]) / (2 * eps)
+            expected = (jac(u) * c * jac(v)).sum(axis=(1, 2))  # per task
+            got = sum((ui * gi).sum(axis=tuple(range(1, gi.ndim))) for ui, gi in zip(u, gv))
+            np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+    def test_conjugate_gradient_solves_spd_systems(self):
+        m = self.rng.normal(size=(7, 7))
+        A = m @ m.T + np.eye(7)
+        b = self.rng.normal(size=7)
+        split = lambda z: [z[:3], z[3:].reshape(2, 2)]  # a list of arrays, as params are
+        matvec = lambda xs: split(A @ np.concatenate([xi.ravel() for xi in xs]))
+        x = mm.conjugate_gradient(matvec, split(b), iters=7)
+        np.testing.assert_allclose(np.concatenate([xi.ravel() for xi in x]), np.linalg.solve(A, b), rtol=1e-8)
+
+    def test_meta_fisher_is_the_hessian_of_the_meta_kl(self):
+        eps = 3e-5  # the second differences' error falls as eps^2 down to here (measured)
+        for loss, n_out, bias_outputs in (("pg", 3, 0), ("gauss", 4, 2), ("gauss_lvc", 4, 0)):
+            for steps, first_order in ((0, False), (1, False), (2, False), (1, True)):
+                with self.subTest(loss=loss, inner_steps=steps, first_order=first_order):
+                    kl = mm.POLICY_KL[mm.LOSS_POLICY[loss]][0]
+                    params = mm.init_mlp((2, 5, 4, n_out), self.rng, "tanh", np.float64, bias_outputs)
+                    support, x_q = _batch(self.rng, loss, 3, 4, 2, n_out), self.rng.normal(size=(3, 5, 2))
+                    kl_weights = self.rng.uniform(0.1, 1.0, size=(3, 5))
+                    thetas = mm.adapt(params, support, loss, 0.1, steps, "tanh")[0]
+                    old_out = mm.mlp_forward(thetas[-1], x_q, "tanh")[0]
+                    product = mm._meta_fisher(params, thetas, support, x_q, old_out, kl_weights, loss, 0.1,
+                                              first_order, "tanh")
+
+                    def meta_kl(d):  # first-order: the same shift of every task's adapted params (J = I)
+                        moved = ([t + di for t, di in zip(thetas[-1], d)] if first_order else
+                                 mm.adapt([p + di for p, di in zip(params, d)], support, loss, 0.1, steps, "tanh")[0][-1])
+                        return (kl_weights * kl(old_out, mm.mlp_forward(moved, x_q, "tanh")[0])).sum() / 3
+
+                    quad = lambda w: (meta_kl([eps * wi for wi in w]) + meta_kl([-eps * wi for wi in w])) / eps ** 2
+                    u, v = ([self.rng.normal(size=p.shape) for p in params] for _ in range(2))
+                    got = sum(float((ui * fi).sum()) for ui, fi in zip(u, product(v)))
+                    expected = (quad([a + b for a, b in zip(u, v)]) - quad([a - b for a, b in zip(u, v)])) / 4
+                    self.assertLess(abs(got - expected), 1e-5 * (abs(expected) + 1e-3))
+
+    def _problem(self, loss="gauss", n_out=4, bias_outputs=2, dtype=np.float64):
+        params = mm.init_mlp((2, 6, 6, n_out), self.rng, "tanh", dtype, bias_outputs)
+        support, query = _batch(self.rng, loss, 3, 8, 2, n_out), _batch(self.rng, loss, 3, 8, 2, n_out)
+        kl_weights = np.ones((3, 8)) / 8
+        return params, support, query, kl_weights
+
+    def test_step_improves_the_surrogate_within_the_trust_region(self):
+        for loss, n_out, bias_outputs, steps in (("gauss", 4, 2, 1), ("pg", 3, 0, 1), ("pg", 3, 0, 0), ("gauss", 4, 0, 2)):
+            with self.subTest(loss=loss, inner_steps=steps):
+                params, support, query, kl_weights = self._problem(loss, n_out, bias_outputs)
+                before = [p.copy() for p in params]
+                max_kl = 1e-4
+                new, info = mm.maml_trpo_step(params, support, query, kl_weights, loss, 0.1, steps,
+                                              activation="tanh", max_kl=max_kl, cg_iters=100, damping=1e-2,
+                                              fisher_stride=1)
+                for p, q in zip(params, before):
+                    np.testing.assert_array_equal(p, q)
+                # The reported KL and improvement, recomputed from the adapted policies.
+                logp, kl = mm.POLICIES[mm.LOSS_POLICY[loss]][0], mm.POLICY_KL[mm.LOSS_POLICY[loss]][0]
+                out = lambda P: mm.mlp_forward(mm.adapt(P, support, loss, 0.1, steps, "tanh")[0][-1], query[0],
+                                               "tanh")[0]
+                old_out, new_out = out(params), out(new)
+                actions, weights = query[1]
+                ratio = np.exp(logp(new_out, actions) - logp(old_out, actions))
+                self.assertAlmostEqual(info["improvement"], (weights * (ratio - 1)).sum() / 3, places=12)
+                self.assertGreater(info["improvement"], 0)
+                self.assertAlmostEqual(info["kl"], (kl_weights * kl(old_out, new_out)).sum() / 3, places=14)
+                # The step is the natural gradient, -F^-1 g (F with its damping, exact here: stride 1 and CG
+                # run to convergence), scaled so that the quadratic model 1/2 d^T F d of the KL is max_kl,
+                # then shortened by the line search.
+                g = mm.maml_grad(params, support, query, loss, 0.1, steps, False, "tanh")[1]
+                step = [q - p for p, q in zip(params, new)]
+                thetas = mm.adapt(params, support, loss, 0.1, steps, "tanh")[0]
+                f_step = mm._meta_fisher(params, thetas, support, query[0], old_out, kl_weights, loss, 0.1, False,
+                                         "tanh", 1e-2)(step)
+                dot = lambda a, b: sum(float((ai * bi).sum()) for ai, bi in zip(a, b))
+                # (CG stops at a residual of 1e-5 |g|.)
+                self.assertLess(_rel_err(f_step, [gi * (dot(f_step, g) / dot(g, g)) for gi in g]), 1e-4)
+                self.assertLess(dot(f_step, g), 0)
+                self.assertAlmostEqual(0.5 * dot(step, f_step) / info["step_fraction"] ** 2 / max_kl, 1.0, places=6)
+
+    def test_no_gradient_no_step_and_dtype_kept(self):
+        params, support, query, kl_weights = self._problem(dtype=np.float32)
+        flat = (query[0], (query[1][0], np.zeros((3, 8))))  # every advantage 0: nothing to gain
+        new, info = mm.maml_trpo_step(params, support, flat, kl_weights, "gauss", 0.1, activation="tanh")
+        self.assertEqual(info, {"kl": 0.0, "improvement": 0.0, "step_fraction": 0.0})
+        for p, q in zip(new, params):
+            np.testing.assert_array_equal(p, q)
+        new, _ = mm.maml_trpo_step(params, support, query, kl_weights, "gauss", 0.1, activation="tanh")
+        self.assertEqual([p.dtype for p in new], [np.float32] * len(params))
+
+    def test_errors(self):
+        params, support, query, kl_weights = self._problem()
+        cases = [(dict(loss="mse"), "loss must be a policy loss"), (dict(max_kl=0.0), "max_kl must be > 0"),
+                 (dict(backtrack=1.0), r"backtrack must be in \(0, 1\)"), (dict(damping=-1.0), "damping"),
+                 (dict(cg_iters=0), "cg_iters must be an integer >= 1"), (dict(fisher_stride=2.0), "fisher_stride"),
+                 (dict(max_backtracks=0), "max_backtracks"), (dict(kl_weights=kl_weights[:, :3]), "kl_weights"),
+                 (dict(kl_weights=-kl_weights), "kl_weights"), (dict(inner_lr=float("inf")), "inner_lr")]
+        for override, pattern in cases:
+            kwargs = dict(params=params, support=support, query=query, kl_weights=kl_weights, loss="gauss")
+            kwargs.update(override)
+            with self.subTest(override=list(override)), self.assertRaisesRegex(ValueError, pattern):
+                mm.maml_trpo_step(**kwargs)
+
+    def test_step_weights_match_pg_batch_packing(self):
+        mask = np.zeros((2, 2, 4), bool)
+        mask[0, 0, :3] = mask[0, 1, :1] = mask[1, 0, :4] = mask[1, 1, :2] = True  # 4 and 6 steps
+        weights = mm.step_weights({"mask": mask})
+        np.testing.assert_allclose(weights, [[0.25] * 4 + [0, 0], [1 / 6] * 6])
+
+
 class TestMetaRL(unittest.TestCase):
     SHORT = ["cartpole", "--iterations", "8", "--meta-batch", "10", "--fast-batch", "10", "--eval-tasks", "10",
              "--log-every", "4"]
@@ -923,19 +1077,21 @@ class TestMetaRL(unittest.TestCase):
         self.assertIn(result["later_lr"], [f * 0.5 for f in mm.RL_LATER_LR_FRACTIONS])
 
     def test_resume_ends_where_a_straight_run_ends(self):
-        with tempfile.TemporaryDirectory() as d:
-            ck, a, b = (os.path.join(d, n) for n in ("ck.npz", "a.json", "b.json"))
-            base = ["cartpole", "--meta-batch", "3", "--fast-batch", "3", "--eval-tasks", "3", "--log-every", "2",
-                    "--hidden", "8"]
-            self.assertEqual(_run_main(base + ["--iterations", "4", "--json", a])[0], 0)
-            self.assertEqual(_run_main(base + ["--iterations", "2", "--save", ck])[0], 0)
-            self.assertEqual(_run_main(base + ["--iterations", "4", "--load", ck, "--json", b])[0], 0)
-            ra, rb = _read_json(a), _read_json(b)
-            for key in ("return", "pretrained_return", "random_init_return", "env_steps"):
-                self.assertEqual(ra[key], rb[key])
+        for outer in ("adam", "trpo"):  # TRPO keeps no optimiser state
+            with self.subTest(outer=outer), tempfile.TemporaryDirectory() as d:
+                ck, a, b = (os.path.join(d, n) for n in ("ck.npz", "a.json", "b.json"))
+                base = ["cartpole", "--meta-batch", "3", "--fast-batch", "3", "--eval-tasks", "3", "--log-every", "2",
+                        "--hidden", "8", "--outer", outer]
+                self.assertEqual(_run_main(base + ["--iterations", "4", "--json", a])[0], 0)
+                self.assertEqual(_run_main(base + ["--iterations", "2", "--save", ck])[0], 0)
+                self.assertEqual(_run_main(base + ["--iterations", "4", "--load", ck, "--json", b])[0], 0)
+                ra, rb = _read_json(a), _read_json(b)
+                for key in ("return", "pretrained_return", "random_init_return", "env_steps"):
+                    self.assertEqual(ra[key], rb[key])
 
     def test_algorithms_run(self):
-        for flags in (["--first-order"], ["--algorithm", "reptile"], ["--lvc"]):
+        for flags in (["--first-order"], ["--algorithm", "reptile"], ["--lvc"], ["--outer", "trpo"],
+                      ["--outer", "trpo", "--lvc"]):
             with self.subTest(flags=flags):
                 status, out, err = _run_main(["cartpole", "--iterations", "2", "--meta-batch", "2", "--fast-batch",
                                               "2", "--eval-tasks", "2", "--hidden", "8"] + flags)
@@ -944,6 +1100,9 @@ class TestMetaRL(unittest.TestCase):
             status, out, err = _run_main(["cartpole"] + flags)
             self.assertEqual(status, 2)
             self.assertIn("--lvc changes only the second-order term", err)
+        status, out, err = _run_main(["cartpole", "--outer", "trpo", "--algorithm", "reptile"])
+        self.assertEqual((status, err.count("\n")), (2, 1))
+        self.assertIn("--outer trpo steps on MAML's meta-objective", err)
         status, out, err = _run_main(["nav2d", "--iterations", "1", "--meta-batch", "2", "--fast-batch", "2",
                                       "--eval-tasks", "2", "--hidden", "8"])
         self.assertEqual(status, 0, err)
@@ -1275,7 +1434,7 @@ class TestBackend(unittest.TestCase):
             path = os.path.join(d, "nav.json")
             with unittest.mock.patch.object(mm, "use_device", lambda device: None):
                 status, _, err = _run_main(["nav2d", "--iterations", "1", "--meta-batch", "2", "--fast-batch", "2",
-                                            "--eval-tasks", "2", "--hidden", "8", "--json", path])
+                                            "--eval-tasks", "2", "--hidden", "8", "--json", path, "--outer", "trpo"])
             self.assertEqual(status, 0, err)
             self.assertEqual(set(_read_json(path)["return"]), {"0", "1", "2", "3"})
             # Q-learning, table and kernel, on device envs.
