@@ -634,13 +634,12 @@ def _sum_tasks(v, params):
 
 
 def _maml(params, support, query, loss, inner_lr, inner_steps, first_order, activation):
-    """Meta-loss, its gradient w.r.t. params (and w.r.t. inner_lr when it is a list), and the
-    params of every inner step (adapt's thetas)."""
+    """Meta-loss and its gradient w.r.t. params (and w.r.t. inner_lr when it is a list)."""
     thetas, caches, inner_grads = adapt(params, support, loss, inner_lr, inner_steps, activation)
     # v = d meta_loss / d theta'_t, per task; meta_loss = mean_t L_query,t(theta'_t)
     losses, v, _ = loss_and_grad(thetas[-1], query, loss, activation, scale=1.0 / support[0].shape[0])
     v, lr_grads = _backprop_inner(v, thetas, caches, support, inner_lr, loss, first_order, activation, inner_grads)
-    return float(losses.sum()) / losses.shape[0], _sum_tasks(v, params), lr_grads, thetas
+    return float(losses.sum()) / losses.shape[0], _sum_tasks(v, params), lr_grads
 
 
 def maml_grad(params, support, query, loss="mse", inner_lr=0.01, inner_steps=1, first_order=False,
@@ -656,7 +655,7 @@ def maml_grad(params, support, query, loss="mse", inner_lr=0.01, inner_steps=1, 
     first_order=True drops the Hessian terms (first-order MAML)."""
     support, query = _check_meta_args(params, support, query, loss, inner_steps, activation)
     _check_number("inner_lr", inner_lr)
-    meta_loss, grads, _, _ = _maml(params, support, query, loss, float(inner_lr), inner_steps, first_order, activation)
+    meta_loss, grads, _ = _maml(params, support, query, loss, float(inner_lr), inner_steps, first_order, activation)
     return meta_loss, grads
 
 
@@ -671,7 +670,7 @@ def meta_sgd_grad(params, inner_lrs, support, query, loss="mse", inner_steps=1, 
             xp.shape(a) != p.shape for a, p in zip(inner_lrs, params)):
         raise ValueError("inner_lrs must be a list of arrays shaped as params")
     lrs = [xp.asarray(a, dtype=p.dtype) for a, p in zip(inner_lrs, params)]
-    meta_loss, grads, lr_grads, _ = _maml(params, support, query, loss, lrs, inner_steps, first_order, activation)
+    meta_loss, grads, lr_grads = _maml(params, support, query, loss, lrs, inner_steps, first_order, activation)
     return meta_loss, grads, [g.astype(p.dtype) for g, p in zip(lr_grads, params)]
 
 
@@ -910,6 +909,7 @@ def maml_trpo_step(params, support, query, kl_weights, loss="pg", inner_lr=0.1, 
         raise ValueError(f"loss must be a policy loss, one of {tuple(LOSS_POLICY)}, got {loss!r}")
     support, query = _check_meta_args(params, support, query, loss, inner_steps, activation)
     _check_number("inner_lr", inner_lr)
+    inner_lr = float(inner_lr)
     for name, value, low in (("cg_iters", cg_iters, 1), ("max_backtracks", max_backtracks, 1),
                              ("fisher_stride", fisher_stride, 1)):
         _check_int_at_least(name, value, low)
@@ -927,9 +927,10 @@ def maml_trpo_step(params, support, query, kl_weights, loss="pg", inner_lr=0.1, 
     logp, surrogate = POLICIES[policy][0], lvc_loss(policy)[0]  # L: the LVC surrogate's value on the query
     kl = POLICY_KL[policy][0]
 
-    _, g, _, thetas = _maml(params, support, query, loss, float(inner_lr), inner_steps, first_order, activation)
-    adapted = thetas[-1]
-    old_out = mlp_forward(adapted, x_q, activation)[0]  # (T, K, n_out): pi_old
+    # g = MAML's meta-gradient, in _maml's three steps; the query's forward pass gives pi_old's outputs.
+    thetas, caches, _ = adapt(params, support, loss, inner_lr, inner_steps, activation)
+    _, v, (old_out, _, _) = loss_and_grad(thetas[-1], query, loss, activation, scale=1.0 / T)  # old_out (T, K, n_out)
+    g = _sum_tasks(_backprop_inner(v, thetas, caches, support, inner_lr, loss, first_order, activation)[0], params)
     target = (actions, weights, logp(old_out, actions))
     objective = lambda out: float(surrogate(out, target).sum()) / T  # L at the adapted policies of out
     mean_kl = lambda out: float((kl_weights * kl(old_out, out)).sum()) / T
@@ -1571,18 +1572,20 @@ def meta_rl_train(problem, config, save=None, load=None):
         adapted = adapt(models["meta"], support, loss, config.inner_lr, 1, act)[0][-1]
         post = roll(adapted, env)
         query = batch(post)
-        meta_batches = (support, query, loss)
+        meta_loss, meta_support, meta_query = loss, support, query
         if config.lvc:  # each batch with its actions' log-probabilities under the policy that sampled it
-            meta_batches = (with_old_logp(models["meta"], support, spec["policy"], act),
-                            with_old_logp(adapted, query, spec["policy"], act), loss + "_lvc")
+            meta_loss = loss + "_lvc"
+            meta_support = with_old_logp(models["meta"], support, spec["policy"], act)
+            meta_query = with_old_logp(adapted, query, spec["policy"], act)
         if config.algorithm == "reptile":
             adam("meta", reptile_grad(models["meta"], support, query, loss, config.inner_lr, config.reptile_steps,
                                       act)[1])
         elif config.outer == "trpo":
-            models["meta"] = maml_trpo_step(models["meta"], *meta_batches[:2], step_weights(post), meta_batches[2],
+            models["meta"] = maml_trpo_step(models["meta"], meta_support, meta_query, step_weights(post), meta_loss,
                                             config.inner_lr, 1, config.first_order, act, config.max_kl)[0]
         else:
-            adam("meta", maml_grad(models["meta"], *meta_batches, config.inner_lr, 1, config.first_order, act)[1])
+            adam("meta", maml_grad(models["meta"], meta_support, meta_query, meta_loss, config.inner_lr, 1,
+                                   config.first_order, act)[1])
         # The baseline: 2 * fast_batch episodes per task, a plain policy-gradient (or TRPO) step on all of them.
         joint = roll(models["pretrained"], spec["make_env"](tasks, 2 * config.fast_batch))
         both = batch(joint)
