@@ -1090,8 +1090,7 @@ class TestMetaRL(unittest.TestCase):
                     self.assertEqual(ra[key], rb[key])
 
     def test_algorithms_run(self):
-        for flags in (["--first-order"], ["--algorithm", "reptile"], ["--lvc"], ["--outer", "trpo"],
-                      ["--outer", "trpo", "--lvc"]):
+        for flags in (["--first-order"], ["--algorithm", "reptile"], ["--lvc"], ["--outer", "trpo", "--lvc"]):
             with self.subTest(flags=flags):
                 status, out, err = _run_main(["cartpole", "--iterations", "2", "--meta-batch", "2", "--fast-batch",
                                               "2", "--eval-tasks", "2", "--hidden", "8"] + flags)
