@@ -1666,6 +1666,8 @@ def run_meta_rl(problem, config, json_path=None, save=None, load=None, plot=None
         raise ValueError("--lvc changes only the second-order term: it needs --algorithm maml without --first-order")
     if config.outer == "trpo" and config.algorithm != "maml":
         raise ValueError("--outer trpo steps on MAML's meta-objective: it needs --algorithm maml")
+    if config.outer == "trpo" and not config.max_kl > 0:
+        raise ValueError(f"--max-kl must be > 0 with --outer trpo; got {config.max_kl!r}")
     plt = _check_plot(plot)
     t0 = time.perf_counter()
     spec = META_RL_PROBLEMS[problem]

@@ -1102,6 +1102,9 @@ class TestMetaRL(unittest.TestCase):
         status, out, err = _run_main(["cartpole", "--outer", "trpo", "--algorithm", "reptile"])
         self.assertEqual((status, err.count("\n")), (2, 1))
         self.assertIn("--outer trpo steps on MAML's meta-objective", err)
+        status, out, err = _run_main(["nav2d", "--outer", "trpo", "--max-kl", "0"])
+        self.assertEqual((status, err.count("\n"), out), (2, 1, ""))
+        self.assertIn("--max-kl must be > 0", err)
         status, out, err = _run_main(["nav2d", "--iterations", "1", "--meta-batch", "2", "--fast-batch", "2",
                                       "--eval-tasks", "2", "--hidden", "8"])
         self.assertEqual(status, 0, err)
