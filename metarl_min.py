@@ -851,23 +851,27 @@ def step_weights(episodes):
 # d = F^-1 g by conjugate gradient, scaled so that the quadratic model of the KL,
 # 1/2 d^T F d, equals max_kl, then shortened until L improves within the exact KL.
 # ----------------------------------------------------------------------------
+def _dot(u, w):
+    """The inner product of two directions, lists of arrays shaped as params: sum_i <u_i, w_i>."""
+    return sum(float((ui * wi).sum()) for ui, wi in zip(u, w))
+
+
 def conjugate_gradient(matvec, b, iters=10, tol=1e-10):
     """x with A x = b for a symmetric positive-definite A given as matvec(x), both lists of arrays
     (Hestenes & Stiefel 1952; Nocedal & Wright 2006, Algorithm 5.2), from x = 0: iters steps at
     most, fewer once |b - A x|^2 <= tol |b|^2."""
-    dot = lambda u, w: sum(float((ui * wi).sum()) for ui, wi in zip(u, w))
     x = [xp.zeros_like(bi) for bi in b]
     r, p = list(b), list(b)  # residual b - A x, search direction
-    rr = dot(r, r)
+    rr = _dot(r, r)
     done = tol * rr
     for _ in range(iters):
         if rr <= done:
             break
         Ap = matvec(p)
-        step = rr / dot(p, Ap)
+        step = rr / _dot(p, Ap)
         x = [xi + step * pi for xi, pi in zip(x, p)]
         r = [ri - step * ai for ri, ai in zip(r, Ap)]
-        rr, rr_old = dot(r, r), rr
+        rr, rr_old = _dot(r, r), rr
         p = [ri + (rr / rr_old) * pi for ri, pi in zip(r, p)]
     return x
 
@@ -913,11 +917,14 @@ def maml_trpo_step(params, support, query, kl_weights, loss="pg", inner_lr=0.1, 
     for name, value, low in (("cg_iters", cg_iters, 1), ("max_backtracks", max_backtracks, 1),
                              ("fisher_stride", fisher_stride, 1)):
         _check_int_at_least(name, value, low)
-    for name, value, ok, allowed in (("max_kl", max_kl, lambda v: v > 0, "> 0"), ("damping", damping, lambda v: v >= 0, ">= 0"),
-                                     ("backtrack", backtrack, lambda v: 0 < v < 1, "in (0, 1)")):
+    for name, value in (("max_kl", max_kl), ("damping", damping), ("backtrack", backtrack)):
         _check_number(name, value)
-        if not ok(value):
-            raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    if max_kl <= 0:
+        raise ValueError(f"max_kl must be > 0, got {max_kl!r}")
+    if damping < 0:
+        raise ValueError(f"damping must be >= 0, got {damping!r}")
+    if not 0 < backtrack < 1:
+        raise ValueError(f"backtrack must be in (0, 1), got {backtrack!r}")
     x_q, (actions, weights) = query[0], query[1][:2]
     T = x_q.shape[0]
     kl_weights = xp.asarray(kl_weights, dtype=params[0].dtype)
@@ -942,7 +949,7 @@ def maml_trpo_step(params, support, query, kl_weights, loss="pg", inner_lr=0.1, 
     fisher_vector = _meta_fisher(params, thetas, thin_support, x_q[:, ::s], old_out[:, ::s], kl_weights[:, ::s] * s,
                                  loss, inner_lr, first_order, activation, damping)
     direction = conjugate_gradient(fisher_vector, g, cg_iters)  # F^-1 g
-    quadratic = sum(float((d * fd).sum()) for d, fd in zip(direction, fisher_vector(direction)))  # d^T F d
+    quadratic = _dot(direction, fisher_vector(direction))  # d^T F d
     before = objective(old_out)
     if quadratic > 0 and math.isfinite(quadratic):
         scale = math.sqrt(2.0 * max_kl / quadratic)  # 1/2 (scale d)^T F (scale d) = max_kl

@@ -981,7 +981,7 @@ class TestTRPO(unittest.TestCase):
 
                     quad = lambda w: (meta_kl([eps * wi for wi in w]) + meta_kl([-eps * wi for wi in w])) / eps ** 2
                     u, v = ([self.rng.normal(size=p.shape) for p in params] for _ in range(2))
-                    got = sum(float((ui * fi).sum()) for ui, fi in zip(u, product(v)))
+                    got = mm._dot(u, product(v))
                     expected = (quad([a + b for a, b in zip(u, v)]) - quad([a - b for a, b in zip(u, v)])) / 4
                     self.assertLess(abs(got - expected), 1e-5 * (abs(expected) + 1e-3))
 
@@ -1020,7 +1020,7 @@ class TestTRPO(unittest.TestCase):
                 thetas = mm.adapt(params, support, loss, 0.1, steps, "tanh")[0]
                 f_step = mm._meta_fisher(params, thetas, support, query[0], old_out, kl_weights, loss, 0.1, False,
                                          "tanh", 1e-2)(step)
-                dot = lambda a, b: sum(float((ai * bi).sum()) for ai, bi in zip(a, b))
+                dot = mm._dot
                 # (CG stops at a residual of 1e-5 |g|.)
                 self.assertLess(_rel_err(f_step, [gi * (dot(f_step, g) / dot(g, g)) for gi in g]), 1e-4)
                 self.assertLess(dot(f_step, g), 0)
