@@ -992,7 +992,8 @@ def discretize(obs, bins, low=TABLE_LOW, high=TABLE_HIGH):
         _check_int_at_least("bins", b, 1)
     if len(bins) != obs.shape[-1]:
         raise ValueError(f"bins must give one count per state variable ({obs.shape[-1]}), got {bins}")
-    idx = xp.minimum(xp.maximum(xp.floor(_in_box(obs, low, high) * bins), 0.0), xp.asarray(bins) - 1.0)  # (B, n)
+    counts = xp.asarray(bins, dtype=np.float64)
+    idx = xp.minimum(xp.maximum(xp.floor(_in_box(obs, low, high) * counts), 0.0), counts - 1.0)  # (B, n)
     strides = np.cumprod((bins[1:] + (1,))[::-1])[::-1]  # prod_{j > i} bins_j
     return (idx @ xp.asarray(strides, dtype=np.float64)).astype(np.int64)
 

@@ -1291,6 +1291,9 @@ class _DeviceArray(np.ndarray):
     """An array on an emulated device: NumPy's numbers, CuPy's strictness about host arrays."""
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        sequences = [type(i).__name__ for i in inputs if type(i) in (list, tuple)]
+        if sequences:  # CuPy's operands are arrays and scalars
+            raise TypeError(f"a {sequences[0]} operand of {ufunc.__name__} on the device")
         return _on_device(getattr(ufunc, method)(*_on_host(inputs), **_on_host(kwargs)))
 
     def __array_function__(self, func, types, args, kwargs):
@@ -1385,7 +1388,7 @@ class TestBackend(unittest.TestCase):
         support, query = _batch(rng, "mse", 50, 10, 1, 1), _batch(rng, "mse", 50, 10, 1, 1)
         tasks = cp.sample_tasks(np.random.default_rng(1), 1000)
         state = np.random.default_rng(2).uniform(-0.05, 0.05, (1000, 4))
-        actions = (np.arange(20)[:, None] + np.arange(1000)) % 2  # alternating pushes: no episode ends
+        actions = (np.arange(20)[:, None] + np.arange(1000)) % 2  # alternating pushes
 
         def run():
             on_xp = lambda arrays: [mm.xp.asarray(a) for a in arrays]
@@ -1393,20 +1396,26 @@ class TestBackend(unittest.TestCase):
             env = cp.VecCartPole(1000, **tasks)
             env.reset(seed=0)
             env.state = state
+            ended = mm.xp.zeros(1000, dtype=bool)
             for a in actions:
-                obs = env.step(mm.xp.asarray(a))[0]
-            return loss, grads, obs
+                obs, _, terminated, truncated, _ = env.step(mm.xp.asarray(a))
+                ended |= terminated | truncated
+            return loss, grads, obs, ended
         host = run()
         mm.set_array_module(module)
         self.assertIs(cp.xp, module)
-        loss, grads, obs = run()
+        loss, grads, obs, ended = run()
         self.assertIsInstance(obs, module.ndarray)
         self.assertIsInstance(grads[0], module.ndarray)
         close = lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-12 if rtol else 0)
         close(loss, host[0])
         for g, h in zip(grads, host[1]):
             close(mm.to_host(g), h)
-        close(mm.to_host(obs), host[2])
+        # The same episodes end; a new one starts from the device's own reset draws, so
+        # the observations are compared where no episode has ended (about 900 of 1000).
+        np.testing.assert_array_equal(mm.to_host(ended), host[3])
+        self.assertTrue(50 < host[3].sum() < 200)
+        close(mm.to_host(obs)[~host[3]], host[2][~host[3]])
 
     def test_emulated_device_gives_numpy_numbers(self):
         """With xp an emulated device, the numbers are NumPy's bit for bit: the code
