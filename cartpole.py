@@ -30,6 +30,7 @@ is Gymnasium's own, which is what makes the trajectories bit-identical.
 """
 
 import math
+import types
 
 import numpy as np
 
@@ -276,7 +277,7 @@ class CartPoleEnv(_Physics):
         s = self._state.reshape(4, 1).copy()  # a new array each step, as Gymnasium's
         cartpole_dynamics(s, force, self)
         self._state = s.reshape(4)
-        terminated = bool(_terminated(s)[0])
+        terminated = bool(_terminated(s[0], s[2])[0])
         if not terminated:
             reward = 0.0 if self.sutton_barto_reward else 1.0
         elif self.steps_beyond_terminated is None:  # the pole just fell
@@ -290,41 +291,43 @@ class CartPoleEnv(_Physics):
         return np.array(self._state, dtype=np.float32), reward, terminated, truncated, {}
 
 
-def cartpole_dynamics(s, force, p, work=None):
+def cartpole_dynamics(s, force, p, work=None, m=np):
     """One integration step of the cart-pole equations (module docstring), in place.
 
-    s: (4, N) float64 rows x, x_dot, theta, theta_dot, overwritten with the
-    next state; force: (N,) in newtons; p: the physics (scalars or (N,)
-    arrays). ``work``, if given, is a (4, N) float64 scratch array, so that a
-    step allocates nothing. Each line keeps the order of Gymnasium's floating-
-    point operations (a*b == b*a exactly, (a*b)*c != a*(b*c)): that order is
-    what makes the trajectories bit-identical."""
-    m = xp if isinstance(s, xp.ndarray) else np  # CartPoleEnv's state is NumPy whatever the backend
+    s: the state rows x, x_dot, theta, theta_dot (a (4, N) float64 array, or
+    four (N,) arrays), overwritten with the next state; force: (N,) in
+    newtons; p: the physics (scalars or (N,) arrays). ``work``, if given, is a
+    (4, N) float64 scratch array, so that a step allocates nothing; m: the
+    array module (NumPy, CuPy, or CuPy tracing this function into one kernel
+    with cupy.fuse: hence ``out=`` results used by name, never by side
+    effect). Each line keeps the order of Gymnasium's floating-point
+    operations (a*b == b*a exactly, (a*b)*c != a*(b*c)): that order is what
+    makes the trajectories bit-identical."""
     x, x_dot, theta, theta_dot = s
-    cos, sin, temp, acc = m.empty_like(s) if work is None else work
+    cos, sin, temp, acc = (None,) * 4 if work is None else work
     total_mass, polemass_length = p.total_mass, p.polemass_length
-    m.cos(theta, out=cos)
-    m.sin(theta, out=sin)
+    cos = m.cos(theta, out=cos)
+    sin = m.sin(theta, out=sin)
     # temp = (F + m_p l thetadot^2 sin) / (m_c + m_p)
-    m.square(theta_dot, out=temp)
+    temp = m.square(theta_dot, out=temp)
     temp *= polemass_length
     temp *= sin
     temp += force
     temp /= total_mass
     # thetaacc = (g sin - cos temp) / (l (4/3 - m_p cos^2 / (m_c + m_p)))
     thetaacc = m.multiply(cos, temp, out=acc)
-    m.subtract(m.multiply(sin, p.gravity, out=sin), thetaacc, out=thetaacc)  # sin no longer needed
+    thetaacc = m.subtract(m.multiply(sin, p.gravity, out=sin), thetaacc, out=thetaacc)  # sin no longer needed
     denom = m.square(cos, out=sin)
     denom *= p.masspole
     denom /= total_mass
-    m.subtract(4.0 / 3.0, denom, out=denom)
+    denom = m.subtract(4.0 / 3.0, denom, out=denom)
     denom *= p.length
     thetaacc /= denom
     # xacc = temp - m_p l thetaacc cos / (m_c + m_p)
-    xacc = m.multiply(thetaacc, polemass_length, out=sin)
+    xacc = m.multiply(thetaacc, polemass_length, out=denom)  # denom no longer needed
     xacc *= cos
     xacc /= total_mass
-    m.subtract(temp, xacc, out=xacc)
+    xacc = m.subtract(temp, xacc, out=xacc)
     step = temp  # temp no longer needed: step holds tau * (a rate)
     if p.kinematics_integrator == "euler":  # positions move with the old velocities
         x += m.multiply(x_dot, p.tau, out=step)
@@ -338,9 +341,33 @@ def cartpole_dynamics(s, force, p, work=None):
         theta += m.multiply(theta_dot, p.tau, out=step)
 
 
-def _terminated(s):
-    """|x| > 2.4 or |theta| > 12 degrees, for the (4, N) state (|a| > b is a < -b or a > b)."""
-    return (abs(s[0]) > X_THRESHOLD) | (abs(s[2]) > THETA_THRESHOLD_RADIANS)
+def _terminated(x, theta, m=np):
+    """|x| > 2.4 or |theta| > 12 degrees."""
+    return (m.abs(x) > X_THRESHOLD) | (m.abs(theta) > THETA_THRESHOLD_RADIANS)
+
+
+_fused_steps = {}  # (array module, integrator) -> VecCartPole.step's arithmetic as one GPU kernel
+
+
+def _fused_step(kinematics_integrator):
+    """The arithmetic of VecCartPole.step (force, cartpole_dynamics, step count,
+    termination, truncation, float32 observation) as one GPU kernel: cupy.fuse
+    traces the very functions the CPU runs. One pass over memory in place of
+    some thirty, each reading and writing (N,) arrays."""
+    key = (xp, kinematics_integrator)
+    if key not in _fused_steps:
+        def step(x, x_dot, theta, theta_dot, steps, action, gravity, masscart, masspole, length, force_mag, tau,
+                 max_episode_steps, obs_x, obs_x_dot, obs_theta, obs_theta_dot):
+            p = types.SimpleNamespace(gravity=gravity, masspole=masspole, length=length, tau=tau,
+                                      total_mass=masspole + masscart, polemass_length=masspole * length,
+                                      kinematics_integrator=kinematics_integrator)  # _Physics's, inside the kernel
+            cartpole_dynamics((x, x_dot, theta, theta_dot), action * (2.0 * force_mag) - force_mag, p, m=xp)
+            steps += 1
+            for value, obs in zip((x, x_dot, theta, theta_dot), (obs_x, obs_x_dot, obs_theta, obs_theta_dot)):
+                xp.positive(value, out=obs)  # float64 -> float32 as astype: round to nearest
+            return _terminated(x, theta, xp), steps >= max_episode_steps
+        _fused_steps[key] = xp.fuse(kernel_name="cartpole_step")(step)
+    return _fused_steps[key]
 
 
 # ----------------------------------------------------------------------------
@@ -386,6 +413,8 @@ class VecCartPole(_Physics):
         self._low, self._high = RESET_LOW, RESET_HIGH
         self._work = xp.empty((4, self.num_envs))  # scratch for cartpole_dynamics
         self._force = xp.empty(self.num_envs)
+        # On CuPy, step in one fused kernel (set False for separate CuPy operations, as bench compares).
+        self.fused = hasattr(xp, "fuse")
 
     @property
     def state(self):
@@ -422,17 +451,23 @@ class VecCartPole(_Physics):
             raise ValueError("actions must be 0 (push left) or 1 (push right); got other values")
         if self._s is None:
             raise RuntimeError("Call reset() before step().")
-        s, work = self._s, self._work
-        # F = +force_mag for action 1, -force_mag for 0: a * 2f - f is exact in floating point.
-        force = xp.multiply(actions, 2.0 * self.force_mag, out=self._force)
-        force -= self.force_mag
-        cartpole_dynamics(s, force, self, work)
-        self.steps += 1
-
-        terminated = _terminated(s)
-        truncated = self.steps >= self.max_episode_steps
+        s = self._s
+        if self.fused:  # the else branch, as one GPU kernel
+            obs_rows = xp.empty((4, self.num_envs), np.float32)
+            terminated, truncated = _fused_step(self.kinematics_integrator)(
+                *s, self.steps, actions, *(getattr(self, name) for name in PHYSICS), self.max_episode_steps,
+                *obs_rows)
+            obs = obs_rows.T
+        else:
+            # F = +force_mag for action 1, -force_mag for 0: a * 2f - f is exact in floating point.
+            force = xp.multiply(actions, 2.0 * self.force_mag, out=self._force)
+            force -= self.force_mag
+            cartpole_dynamics(s, force, self, self._work, xp)
+            self.steps += 1
+            terminated = _terminated(s[0], s[2], xp)
+            truncated = self.steps >= self.max_episode_steps
+            obs = s.T.astype(np.float32)  # (N, 4), Fortran-ordered as Gymnasium's: no transposing copy
         reward = -terminated.astype(np.float32) if self.sutton_barto_reward else xp.ones(self.num_envs, np.float32)
-        obs = s.T.astype(np.float32)  # (N, 4), Fortran-ordered as Gymnasium's: no transposing copy
 
         done = terminated | truncated
         final_obs = obs

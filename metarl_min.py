@@ -1907,7 +1907,13 @@ def bench_env(config, rng, device="cpu"):
     suffix = "" if device == "cpu" else f" ({device})"
     for n in sizes:
         actions = [rng.integers(0, 2, n) for _ in range(4)]
-        envs = {f"VecCartPole N={n}{suffix}": (cartpole.VecCartPole(n), [xp.asarray(a) for a in actions])}
+        device_actions = [xp.asarray(a) for a in actions]
+        envs = {f"VecCartPole N={n}{suffix}": (cartpole.VecCartPole(n), device_actions)}
+        if device == "gpu":  # beside the fused kernel: the same step as separate CuPy operations, and per-task physics
+            envs[f"VecCartPole N={n} (gpu, separate ops)"] = (cartpole.VecCartPole(n), device_actions)
+            envs[f"VecCartPole N={n} (gpu, separate ops)"][0].fused = False
+            tasks = cartpole.sample_tasks(np.random.default_rng(config.seed), n)
+            envs[f"VecCartPole N={n} (gpu, per-task physics)"] = (cartpole.VecCartPole(n, **tasks), device_actions)
         if gym_cartpole is not None:
             envs[f"gymnasium CartPoleVectorEnv N={n}"] = (gym_cartpole.CartPoleVectorEnv(num_envs=n), actions)
         for name, (env, acts) in envs.items():

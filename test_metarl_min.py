@@ -1463,6 +1463,34 @@ class TestBackend(unittest.TestCase):
         self._check_same_as_numpy(_cupy_with_gpu(), rtol=1e-6)
 
     @unittest.skipUnless(_cupy_with_gpu(), "needs CuPy and a GPU")
+    def test_gpu_fused_step_equals_separate_operations(self):
+        """VecCartPole's one-kernel step (cupy.fuse) against the same step as separate CuPy
+        operations: both integrators, both rewards, with termination, truncation and autoreset."""
+        gpu = _cupy_with_gpu()
+        mm.set_array_module(gpu)
+        tasks = cp.sample_tasks(np.random.default_rng(1), 1000)
+        actions = np.random.default_rng(2).integers(0, 2, (60, 1000))
+        for integrator in cp.INTEGRATORS:
+            for sutton in (False, True):
+                envs = [cp.VecCartPole(1000, kinematics_integrator=integrator, sutton_barto_reward=sutton,
+                                       max_episode_steps=40, **tasks) for _ in range(2)]
+                envs[1].fused = False
+                self.assertTrue(envs[0].fused)
+                for env in envs:
+                    env.reset(seed=3)
+                ended = np.zeros(2, int)  # episodes terminated, truncated
+                for a in actions:
+                    fused, separate = (env.step(gpu.asarray(a)) for env in envs)
+                    for u, v in zip(fused[1:4] + (fused[4]["_final_obs"],), separate[1:4] + (separate[4]["_final_obs"],)):
+                        np.testing.assert_array_equal(mm.to_host(u), mm.to_host(v))
+                    # The kernel may contract a*b + c into one rounding (FMA): the last bits can differ.
+                    for u, v in ((fused[0], separate[0]), (fused[4]["final_obs"], separate[4]["final_obs"])):
+                        np.testing.assert_allclose(mm.to_host(u), mm.to_host(v), rtol=0, atol=1e-6)
+                    np.testing.assert_allclose(mm.to_host(envs[0].state), mm.to_host(envs[1].state), rtol=0, atol=1e-9)
+                    ended += [int(mm.to_host(fused[2]).sum()), int(mm.to_host(fused[3]).sum())]
+                self.assertTrue((ended > 0).all(), ended)
+
+    @unittest.skipUnless(_cupy_with_gpu(), "needs CuPy and a GPU")
     def test_gpu_commands_are_reproducible(self):
         argv = ["cartpole", "--device", "gpu", "--iterations", "2", "--meta-batch", "4", "--fast-batch", "4",
                 "--eval-tasks", "4", "--hidden", "8"]
