@@ -630,7 +630,16 @@ def _forward_inner(v, thetas, caches, support, inner_lr, loss, activation):
 
 def _sum_tasks(v, params):
     """Per-task directions (T, ...) -> their sum over tasks, shaped and typed as the shared params."""
-    return [(vi.sum(axis=0) if vi.ndim > p.ndim else vi).astype(p.dtype, copy=False) for vi, p in zip(v, params)]
+    return [(_sum_leading(vi) if vi.ndim > p.ndim else vi).astype(p.dtype, copy=False) for vi, p in zip(v, params)]
+
+
+def _sum_leading(a):
+    """The sum over the first axis. On CuPy, as the product 1^T a (one cuBLAS call): its reduction
+    over a leading axis is ten times slower (2.4 against 0.22 ms for (100000, 40, 40) float32 on
+    an H100). NumPy keeps its own sum, with which the README's results were made."""
+    if not hasattr(xp, "cuda"):
+        return a.sum(axis=0)
+    return (_ones_row(a.shape[0], a.dtype, xp) @ a.reshape(a.shape[0], -1)).reshape(a.shape[1:])
 
 
 def _maml(params, support, query, loss, inner_lr, inner_steps, first_order, activation):
