@@ -16,7 +16,8 @@ past termination (we return the same rewards, silently).
 
 Backend: ``VecCartPole`` computes with the module-level array module ``xp``,
 NumPy unless ``use_device("gpu")`` swaps in CuPy (imported only then); its
-arrays, and the RNG that resets its episodes, then live on the GPU.
+arrays, and the RNG that resets its episodes, then live on the GPU, and its
+step runs as one kernel that ``cupy.fuse`` traces from ``cartpole_dynamics``.
 ``CartPoleEnv`` is one environment stepped from Python and always uses NumPy.
 
 The equations are those of Barto, Sutton & Anderson (1983) as corrected by
