@@ -1834,8 +1834,8 @@ def run_qlearn(config, json_path=None, save=None, load=None):
         _, returns = learn(featurize, env, starts, np.random.default_rng([config.seed, 2]), config.episodes,
                            start_episode)
         for i, (name, _, _) in enumerate(members):
-            curves[name] = to_host(returns[i * runs:(i + 1) * runs])
-            results[name] = to_host(episodes_to_solve(curves[name]))
+            curve = returns[i * runs:(i + 1) * runs]
+            curves[name], results[name] = to_host(curve), to_host(episodes_to_solve(curve))
         print(f"held-out tasks, {' and '.join(name for name, _, _ in members)}: done, "
               f"{time.perf_counter() - t0:.0f} s", flush=True)
     seconds = time.perf_counter() - t0

@@ -1448,6 +1448,18 @@ class TestBackend(unittest.TestCase):
                                             "--eval-tasks", "2", "--hidden", "8", "--json", path, "--outer", "trpo"])
             self.assertEqual(status, 0, err)
             self.assertEqual(set(_read_json(path)["return"]), {"0", "1", "2", "3"})
+            # The qlearn command, evaluation included, on episodes cut at 10 steps.
+            make_envs = mm.cartpole_envs
+
+            def short_envs(tasks, episodes):
+                env = make_envs(tasks, episodes)
+                env.max_episode_steps = 10
+                return env
+            with unittest.mock.patch.object(mm, "use_device", lambda device: None), \
+                    unittest.mock.patch.object(mm, "cartpole_envs", short_envs):
+                status, _, err = _run_main(["qlearn", "--iterations", "1", "--meta-tasks", "2", "--meta-episodes", "100",
+                                            "--eval-tasks", "2", "--episodes", "100", "--rbf-per-dim", "2"])
+            self.assertEqual(status, 0, err)
             # Q-learning, table and kernel, on device envs.
             tasks = cp.sample_tasks(np.random.default_rng(0), 2, "sunblaze")
             for featurize, n_features in ((lambda obs: mm.discretize(obs, (1, 1, 6, 12)), 72),
