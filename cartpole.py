@@ -300,8 +300,8 @@ def cartpole_dynamics(s, force, p, work=None, m=np):
     newtons; p: the physics (scalars or (N,) arrays). ``work``, if given, is a
     (4, N) float64 scratch array, so that a step allocates nothing; m: the
     array module (NumPy, CuPy, or CuPy tracing this function into one kernel
-    with cupy.fuse: hence ``out=`` results used by name, never by side
-    effect). Each line keeps the order of Gymnasium's floating-point
+    with cupy.fuse, where a scratch array is a register: hence each ``out=``
+    call's result is taken by name). Each line keeps the order of Gymnasium's floating-point
     operations (a*b == b*a exactly, (a*b)*c != a*(b*c)): that order is what
     makes the trajectories bit-identical."""
     x, x_dot, theta, theta_dot = s

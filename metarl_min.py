@@ -1919,8 +1919,9 @@ def bench_env(config, rng, device="cpu"):
         device_actions = [xp.asarray(a) for a in actions]
         envs = {f"VecCartPole N={n}{suffix}": (cartpole.VecCartPole(n), device_actions)}
         if device == "gpu":  # beside the fused kernel: the same step as separate CuPy operations, and per-task physics
-            envs[f"VecCartPole N={n} (gpu, separate ops)"] = (cartpole.VecCartPole(n), device_actions)
-            envs[f"VecCartPole N={n} (gpu, separate ops)"][0].fused = False
+            separate = cartpole.VecCartPole(n)
+            separate.fused = False
+            envs[f"VecCartPole N={n} (gpu, separate ops)"] = (separate, device_actions)
             tasks = cartpole.sample_tasks(np.random.default_rng(config.seed), n)
             envs[f"VecCartPole N={n} (gpu, per-task physics)"] = (cartpole.VecCartPole(n, **tasks), device_actions)
         if gym_cartpole is not None:
