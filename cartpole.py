@@ -412,8 +412,7 @@ class VecCartPole(_Physics):
         self._s = None  # (4, N): rows x, x_dot, theta, theta_dot, each contiguous
         self.steps = xp.zeros(self.num_envs, dtype=np.int64)  # steps in the current episode
         self._low, self._high = RESET_LOW, RESET_HIGH
-        self._work = xp.empty((4, self.num_envs))  # scratch for cartpole_dynamics
-        self._force = xp.empty(self.num_envs)
+        self._work = self._force = None  # scratch of the unfused step, made at its first call
         # On CuPy, step in one fused kernel (set False for separate CuPy operations, as bench compares).
         self.fused = hasattr(xp, "fuse")
 
@@ -460,6 +459,8 @@ class VecCartPole(_Physics):
                 *obs_rows)
             obs = obs_rows.T
         else:
+            if self._work is None:  # not before: the fused step needs none (640 MB at N = 2^24)
+                self._work, self._force = xp.empty((4, self.num_envs)), xp.empty(self.num_envs)
             # F = +force_mag for action 1, -force_mag for 0: a * 2f - f is exact in floating point.
             force = xp.multiply(actions, 2.0 * self.force_mag, out=self._force)
             force -= self.force_mag
