@@ -611,7 +611,7 @@ def _backprop_inner(v, thetas, caches, support, inner_lr, loss, first_order, act
     for j in reversed(range(len(caches))):
         if meta_lr:
             for i, (g, vi) in enumerate(zip(inner_grads[j], v)):
-                lr_grads[i] = lr_grads[i] - (g * vi).sum(axis=0)
+                lr_grads[i] = lr_grads[i] - _sum_leading(g * vi)
         if not first_order:
             hv = hvp(thetas[j], support, [lr * vi for lr, vi in zip(lrs, v)], loss, activation, cache=caches[j])
             v = [vi - h for vi, h in zip(v, hv)]
