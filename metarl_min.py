@@ -1483,6 +1483,8 @@ class CartPoleConfig:
     inner_lr: float = hparam(0.5, "alpha: step size of the inner policy-gradient step", 0.0)
     meta_lr: float = hparam(0.01, "beta: Adam step size of the outer loop", 0.0)
     hidden: int = hparam(32, "units in each of the two hidden layers of the policy", 1)
+    init_out_scale: float = hparam(1.0, "factor on the policy's last-layer weights at initialisation (init_mlp's "
+                                   "scale times this)", 0.0, 1.0)
     gamma: float = hparam(0.99, "discount of the returns-to-go", 0.0, 1.0)
     gae_lambda: float = hparam(1.0, "GAE lambda; 1 is returns minus the baseline, as in the paper", 0.0, 1.0)
     algorithm: str = hparam("maml", "the meta-learner, on the same rollouts", choices=("maml", "reptile"))
@@ -1503,8 +1505,14 @@ class CartPoleConfig:
 class Nav2DConfig(CartPoleConfig):
     """Meta-RL on the MAML paper's 2D navigation: reach a goal the policy does not observe."""
     inner_lr: float = hparam(0.1, "alpha: step size of the inner policy-gradient step (the paper's 0.1)", 0.0)
-    meta_lr: float = hparam(0.003, "beta: Adam step size of the outer loop", 0.0)
+    meta_lr: float = hparam(0.003, "beta: Adam step size of the outer loop (--outer adam)", 0.0)
     hidden: int = hparam(100, "units in each of the two hidden ReLU layers (the paper's 100)", 1)
+    init_out_scale: float = hparam(0.01, "factor on the policy's last-layer weights at initialisation: small, the "
+                                   "initial policy's mean is near 0 everywhere (CleanRL's 0.01); at 1, TRPO's "
+                                   "pre-update policy drifted away on half the seeds", 0.0, 1.0)
+    outer: str = hparam("trpo", "MAML's outer step: TRPO on the meta-objective (max_kl), as in the MAML paper, or "
+                        "Adam on the meta-gradient (meta_lr); the pretrained baseline takes the same",
+                        choices=("trpo", "adam"))
     init_log_std: float = hparam(-0.5, "log-std of the Gaussian policy at initialisation (rllab's 0 is a velocity "
                                  "noise of 0.1 per step; lower lets adapted policies stop at the goal)", -5.0, 2.0)
     log_every: int = hparam(10, "iterations between progress lines and checkpoints", 1)
@@ -1543,10 +1551,12 @@ NAV_PAPER = {"0": -40.41, "1": -11.68, "2": -3.33, "3": -3.23}
 
 
 def init_policy(problem, config, rng):
-    """The policy network of a meta-RL problem; a Gaussian policy's log-std starts at config.init_log_std."""
+    """The policy network of a meta-RL problem: its last-layer weights scaled by config.init_out_scale,
+    a Gaussian policy's log-std starting at config.init_log_std."""
     spec = META_RL_PROBLEMS[problem]
     params = init_mlp((spec["n_in"], config.hidden, config.hidden, spec["n_out"]), rng, spec["activation"],
                       bias_outputs=spec["bias_outputs"])
+    params[-2] = params[-2] * config.init_out_scale
     if spec["bias_outputs"]:
         params[-1][-spec["bias_outputs"]:] = config.init_log_std
     return params
@@ -2102,16 +2112,22 @@ def build_parser():
 
 
 def _tune_allocator():
-    """Keep 64 MB of freed memory in the process (glibc's M_TOP_PAD).
+    """Let glibc keep freed memory in the process instead of giving it back to the OS.
 
-    By default glibc gives freed memory back to the OS at once, so each new
-    ~100 KB array (a (T, 40, 40) gradient) page-faults anew: measured here,
-    maml_grad in the sinusoid setting spends a third of its time so. Only the
-    command line does this; importing this file changes nothing."""
+    By default each freed array goes back to the OS, and the next one page-faults
+    anew: measured here, maml_grad in the sinusoid setting spent a third of its time
+    so. Setting any of these options also turns off glibc's own adaptive threshold,
+    so all three are set: M_TOP_PAD (64 MB kept when the heap shrinks), M_MMAP_THRESHOLD
+    (arrays up to 32 MB, glibc's most, from the heap, not from mmap: nav2d's (20, 2000,
+    100) float32 arrays are 16 MB) and M_TRIM_THRESHOLD (give memory back only above
+    256 MB free). Only the command line does this; importing this file changes nothing."""
     import ctypes
     import platform
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
-        ctypes.CDLL(None).mallopt(-2, 64 << 20)  # M_TOP_PAD = -2
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-2, 64 << 20)  # M_TOP_PAD
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
 
 
 DEFAULT_COMMAND = "cartpole"  # what plain `python metarl_min.py [flags]` runs

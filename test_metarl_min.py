@@ -886,6 +886,15 @@ class TestPolicyGradient(unittest.TestCase):
         for a, b in zip(cart, plain):
             np.testing.assert_array_equal(a, b)
 
+    def test_init_out_scale_scales_the_last_weights_only(self):
+        plain = mm.init_mlp((2, 8, 8, 4), np.random.default_rng(0), "relu", bias_outputs=2)
+        for scale in (0.01, 1.0):
+            config = mm.Nav2DConfig(hidden=8, init_out_scale=scale, init_log_std=0.0)
+            params = mm.init_policy("nav2d", config, np.random.default_rng(0))
+            for i, (a, b) in enumerate(zip(params, plain)):
+                np.testing.assert_array_equal(a, b * scale if i == len(params) - 2 else b)
+                self.assertEqual(a.dtype, np.float32)
+
     def test_evaluation_steps_equal_a_loop_by_hand(self):
         # Step 1 of inner_lr, then steps of later_lr, each on fresh episodes of the current policy.
         config = mm.Nav2DConfig(hidden=8, fast_batch=3)
