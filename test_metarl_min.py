@@ -590,11 +590,11 @@ class TestMamlContract(unittest.TestCase):
             (dict(support=(s[0][..., :0], s[1])), ValueError, r"support x must have shape \(T, K, 1\)"),
             (dict(query=(q[0], q[1][:, :2])), ValueError, "query y must have shape"),
             (dict(query=(q[0][:2], q[1][:2])), ValueError, "same number of tasks"),
-            (dict(support=(np.full_like(s[0], np.nan), s[1])), ValueError, "NaN or inf"),
-            (dict(query=(q[0], np.full_like(q[1], np.inf))), ValueError, "NaN or inf"),
+            (dict(support=(np.full_like(s[0], np.nan), s[1])), ValueError, r"support x contains NaN or inf"),
+            (dict(query=(q[0], np.full_like(q[1], np.inf))), ValueError, r"query target contains NaN or inf"),
             (dict(params=[p[0]]), TypeError, "params must be a list"),
             (dict(params=[p[0].astype(int), p[1], p[2], p[3]]), TypeError, "float32 or float64"),
-            (dict(params=[p[0] * np.nan, p[1], p[2], p[3]]), ValueError, "NaN or inf"),
+            (dict(params=[p[0] * np.nan, p[1], p[2], p[3]]), ValueError, r"params\[0\] contains NaN or inf"),
             (dict(loss="pg", query=(q[0], (np.zeros((3, 5), int), np.ones((3, 5))))), TypeError, "pair"),
             (dict(loss="pg", support=(s[0], (np.full((3, 5), 3), np.ones((3, 5)))),
                   query=(q[0], (np.zeros((3, 5), int), np.ones((3, 5))))), ValueError, "actions must be in"),
@@ -1482,6 +1482,30 @@ class TestBackend(unittest.TestCase):
     @unittest.skipUnless(_cupy_with_gpu(), "needs CuPy and a GPU")
     def test_gpu_equals_cpu(self):
         self._check_same_as_numpy(_cupy_with_gpu(), rtol=1e-6)
+
+    @unittest.skipUnless(_cupy_with_gpu(), "needs CuPy and a GPU")
+    def test_gpu_matmul_equals_numpy(self):
+        """_matmul's own cuBLAS call (transpose flags, leading dimensions, a matrix shared by all
+        tasks) against NumPy's @, on transposed views, slices and length-1 axes."""
+        gpu = _cupy_with_gpu()
+        mm.set_array_module(gpu)
+        rng = np.random.default_rng(0)
+        for dtype, tol in ((np.float32, 1e-5), (np.float64, 1e-12)):
+            for T, m, k, n in ((7, 10, 40, 40), (7, 40, 10, 40), (5, 1, 10, 40), (5, 10, 1, 40), (5, 40, 10, 1),
+                               (6, 1, 1, 1)):
+                for a_t, b_t, a_shared, b_shared in itertools.product((False, True), repeat=4):
+                    if a_shared and b_shared:
+                        continue
+                    a = rng.standard_normal(((1,) if a_shared else (T,)) + ((k, m) if a_t else (m, k))).astype(dtype)
+                    b = rng.standard_normal(((1,) if b_shared else (T,)) + ((n, k) if b_t else (k, n))).astype(dtype)
+                    a, b = (x.swapaxes(-1, -2) if t else x for x, t in ((a, a_t), (b, b_t)))
+                    a, b = (x[0] if shared else x for x, shared in ((a, a_shared), (b, b_shared)))
+                    with self.subTest(dtype=dtype, shape=(T, m, k, n), transposed=(a_t, b_t), shared=(a_shared, b_shared)):
+                        got = mm._matmul(gpu.asarray(a), gpu.asarray(b))
+                        np.testing.assert_allclose(mm.to_host(got), a @ b, rtol=tol, atol=tol)
+        x, w = gpu.asarray(rng.standard_normal((9, 12, 40))), gpu.asarray(rng.standard_normal((9, 40, 41)))
+        for a, b in ((x[:, 2:], w[..., :40]), (x[1:], w[1:, :, 1:]), (x[..., :30], w[:, :30])):  # views inside a buffer
+            np.testing.assert_allclose(mm.to_host(mm._matmul(a, b)), mm.to_host(a) @ mm.to_host(b), rtol=1e-12, atol=1e-12)
 
     @unittest.skipUnless(_cupy_with_gpu(), "needs CuPy and a GPU")
     def test_gpu_fused_step_equals_separate_operations(self):
