@@ -246,15 +246,21 @@ def mlp_forward(params, x, activation="tanh"):
         hs.append(f(z))
 
 
-def mlp_backward(params, hs, d_out, activation="tanh"):
+def mlp_slopes(hs, activation="tanh"):
+    """slopes[l] = f'(z_{l-1}), the activation's slope at each hidden layer's output h_l (none at the input)."""
+    d1 = ACTIVATIONS[activation][1]
+    return [None] + [d1(h) for h in hs[1:]]
+
+
+def mlp_backward(params, hs, d_out, activation="tanh", slopes=None):
     """Per-task gradient of the loss, given d_out = dL/d out (T, K, n_out).
 
     Returns grads [(T, in, out), (T, out), ...] and the backward cache
     (deltas, ghs, slopes) that the R-operator needs: deltas[l] = dL/dz_l,
-    ghs[l] = dL/dh_l and slopes[l] = f'(z_{l-1}), the activation's slope at h_l."""
-    d1 = ACTIVATIONS[activation][1]
+    ghs[l] = dL/dh_l and slopes = mlp_slopes(hs), computed here unless given."""
     n_layers = len(params) // 2
-    grads, deltas, ghs, slopes = [None] * len(params), [None] * n_layers, [None] * n_layers, [None] * n_layers
+    slopes = mlp_slopes(hs, activation) if slopes is None else slopes
+    grads, deltas, ghs = [None] * len(params), [None] * n_layers, [None] * n_layers
     delta = d_out
     for l in reversed(range(n_layers)):
         deltas[l] = delta
@@ -263,7 +269,6 @@ def mlp_backward(params, hs, d_out, activation="tanh"):
         grads[2 * l + 1] = _sum_k(delta)  # dL/db_l = sum_k delta_l
         if l > 0:
             ghs[l] = _mm(delta_w, _T(params[2 * l]))  # dL/dh_l = delta_l W_l^T
-            slopes[l] = d1(hs[l])
             delta = ghs[l] * slopes[l]  # through h_l = f(z_{l-1}):  dL/dz_{l-1}
     return grads, (deltas, ghs, slopes)
 
@@ -271,7 +276,7 @@ def mlp_backward(params, hs, d_out, activation="tanh"):
 def mlp_jvp(params, hs, slopes, v):
     """The R-operator's forward pass: the directional derivatives R{h_l}, R{z_l}
     of every layer along v (R{out} = R{z_L} is the network's Jacobian times v).
-    slopes[l] = f'(z_{l-1}), as cached by mlp_backward."""
+    slopes = mlp_slopes(hs), as mlp_backward caches them."""
     n_layers = len(params) // 2
     # R{z_l} = R{h_l} W_l + h_l V_l + Vb_l,   R{h_{l+1}} = f'(z_l) R{z_l}   (R{h_0} = R{x} = 0)
     r_hs, r_zs = [None] * n_layers, [None] * n_layers
@@ -323,14 +328,13 @@ def mlp_rop(params, hs, back, v, r_d_out_fn, activation="tanh"):
     return hv
 
 
-def mlp_gnvp(params, hs, v, m_fn, activation="tanh"):
+def mlp_gnvp(params, hs, slopes, v, m_fn, activation="tanh"):
     """The Gauss-Newton product G v = J^T M J v, per task (Schraudolph 2002): J = d out / d theta
     and M = m_fn, a positive semi-definite product in the outputs. It is the Hessian of a loss whose
     gradient in out is 0, as a KL divergence's at its minimum: the R-operator less its delta terms.
-    hs: mlp_forward's cache at params."""
-    slopes = [None] + [ACTIVATIONS[activation][1](h) for h in hs[1:]]
+    hs, slopes: mlp_forward's cache at params and mlp_slopes(hs), made once for many products."""
     r_out = mlp_jvp(params, hs, slopes, v)[1][-1]  # J v:  (T, K, n_out)
-    return mlp_backward(params, hs, m_fn(r_out), activation)[0]  # J^T (M J v)
+    return mlp_backward(params, hs, m_fn(r_out), activation, slopes)[0]  # J^T (M J v)
 
 
 # ============================================================================
@@ -944,11 +948,12 @@ def _meta_fisher(params, thetas, support, x_q, old_out, kl_weights, loss, inner_
     fisher = POLICY_KL[LOSS_POLICY[loss]][1]
     caches = [loss_and_grad(theta, support, loss, activation)[2] for theta in thetas[:-1]]
     hs_q = mlp_forward(thetas[-1], x_q, activation)[1]
+    slopes_q = mlp_slopes(hs_q, activation)
     m = kl_weights[..., None] / x_q.shape[0]  # the mean over tasks of the weighted sum over states
 
     def product(v):
         u = v if first_order else _forward_inner(v, thetas, caches, support, inner_lr, loss, activation)
-        u = mlp_gnvp(thetas[-1], hs_q, u, lambda r: m * fisher(old_out, r), activation)  # F_t J_t v
+        u = mlp_gnvp(thetas[-1], hs_q, slopes_q, u, lambda r: m * fisher(old_out, r), activation)  # F_t J_t v
         if not first_order:
             u = _backprop_inner(u, thetas, caches, support, inner_lr, loss, False, activation)[0]
         return [ui + damping * vi for ui, vi in zip(_sum_tasks(u, params), v)]

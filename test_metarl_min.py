@@ -952,7 +952,8 @@ class TestTRPO(unittest.TestCase):
             x = self.rng.normal(size=(3, 6, 2))
             c = self.rng.uniform(0.5, 2.0, size=(3, 6, 4))
             u, v = ([self.rng.normal(size=p.shape) for p in params] for _ in range(2))
-            gv = mm.mlp_gnvp(params, mm.mlp_forward(params, x, activation)[1], v, lambda r: c * r, activation)
+            hs = mm.mlp_forward(params, x, activation)[1]
+            gv = mm.mlp_gnvp(params, hs, mm.mlp_slopes(hs, activation), v, lambda r: c * r, activation)
             eps = 1e-6
             jac = lambda d: (mm.mlp_forward([p + eps * di for p, di in zip(params, d)], x, activation)[0]
                              - mm.mlp_forward([p - eps * di for p, di in zip(params, d)], x, activation)[0]) / (2 * eps)
