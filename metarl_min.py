@@ -1412,8 +1412,9 @@ def load_checkpoint(path, config):
         raise
     except Exception as e:  # a zip, npz or JSON error: say which file, and why
         raise ValueError(f"{path} is not a readable metarl-min checkpoint ({type(e).__name__}: {e})") from e
-    saved = {k: v for k, v in meta["config"].items() if k not in ("iterations", "log_every")}
-    wanted = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("iterations", "log_every")}
+    free = ("iterations", "log_every", "eval_tasks", "eval_batch")  # settings that leave training as it was
+    saved = {k: v for k, v in meta["config"].items() if k not in free}
+    wanted = {k: v for k, v in dataclasses.asdict(config).items() if k not in free}
     if saved != wanted:
         diff = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {wanted.get(k)!r})"
                          for k in wanted if saved.get(k) != wanted.get(k))
@@ -1553,6 +1554,7 @@ class CartPoleConfig:
     max_kl: float = hparam(0.01, "TRPO only: the trust region, the mean KL of the adapted policies per step (the "
                            "paper's 0.01)", 0.0)
     eval_tasks: int = hparam(40, "held-out tasks for the final evaluation", 2)
+    eval_batch: int = hparam(20, "episodes per task for each test-time step (held-out and validation tasks)", 1)
     seed: int = hparam(0, "seed of every random draw", 0)
     log_every: int = hparam(5, "iterations between progress lines and checkpoints", 1)
 
@@ -1560,7 +1562,8 @@ class CartPoleConfig:
 @dataclasses.dataclass
 class Nav2DConfig(CartPoleConfig):
     """Meta-RL on the MAML paper's 2D navigation: reach a goal the policy does not observe."""
-    inner_lr: float = hparam(0.1, "alpha: step size of the inner policy-gradient step (the paper's 0.1)", 0.0)
+    inner_lr: float = hparam(0.5, "alpha: step size of the inner policy-gradient step (the authors' code and the "
+                             "policy behind the paper's Table 4: 0.5; the paper's text: 0.1)", 0.0)
     meta_lr: float = hparam(0.003, "beta: Adam step size of the outer loop (--outer adam)", 0.0)
     hidden: int = hparam(100, "units in each of the two hidden ReLU layers (the paper's 100)", 1)
     init_out_scale: float = hparam(0.01, "factor on the policy's last-layer weights at initialisation: small, the "
@@ -1571,6 +1574,8 @@ class Nav2DConfig(CartPoleConfig):
                         choices=("trpo", "adam"))
     init_log_std: float = hparam(-0.5, "log-std of the Gaussian policy at initialisation (rllab's 0 is a velocity "
                                  "noise of 0.1 per step; lower lets adapted policies stop at the goal)", -5.0, 2.0)
+    eval_batch: int = hparam(40, "episodes per task for each test-time step (the authors' test script: 4000 steps, "
+                             "at least 40 episodes)", 1)
     log_every: int = hparam(10, "iterations between progress lines and checkpoints", 1)
 
 
@@ -1692,12 +1697,12 @@ def meta_rl_train(problem, config, save=None, load=None):
 def meta_rl_evaluate(params, problem, config, tasks, rng, inner_lr, later_lr=None):
     """Each task's mean return after 0, 1, 2, 3 inner policy-gradient steps,
     the first of inner_lr and the others of later_lr (default: inner_lr), each
-    step on fast_batch fresh episodes of the current policy (which also give
+    step on eval_batch fresh episodes of the current policy (which also give
     the return at that step): {steps: (n_tasks,) returns}."""
     later_lr = inner_lr if later_lr is None else later_lr
     spec = META_RL_PROBLEMS[problem]
-    env = spec["make_env"](tasks, config.fast_batch)
-    n_tasks = env.num_envs // config.fast_batch
+    env = spec["make_env"](tasks, config.eval_batch)
+    n_tasks = env.num_envs // config.eval_batch
     result = {}
     for s in RL_EVAL_STEPS:
         episodes = rollout(params, env, n_tasks, rng, spec["horizon"], spec["policy"], spec["activation"])
@@ -1783,7 +1788,7 @@ def run_meta_rl(problem, config, json_path=None, save=None, load=None, plot=None
     seconds = time.perf_counter() - t0
 
     print(f"\n{problem}: mean return on {config.eval_tasks} held-out tasks (+- 95% CI) after k policy-gradient "
-          f"steps of {config.fast_batch} episodes each; seed {config.seed}")
+          f"steps of {config.eval_batch} episodes each; seed {config.seed}")
     step_sizes = lambda first, later: f"lr {first}" + (f", then {later:g}" if later != first else "")
     print(f"{'steps':>5}" + "".join(f"  {f'{label} ({step_sizes(*models[label][1:])})':>26}" for label in results)
           + ("  MAML (paper)" if problem == "nav2d" else ""))

@@ -696,6 +696,9 @@ class TestSine(unittest.TestCase):
             status, _, err = _run_main(self.SHORT + ["--load", ck, "--inner-lr", "0.02"])
             self.assertEqual(status, 2)
             self.assertIn("--inner-lr 0.01", err)
+            # Evaluation settings leave training as it was: another --eval-tasks resumes.
+            status, _, err = _run_main(self.SHORT + ["--load", ck, "--eval-tasks", "7"])
+            self.assertEqual(status, 0, err)
 
     def test_bad_flags_and_files_give_one_line(self):
         with tempfile.TemporaryDirectory() as d:
@@ -897,7 +900,7 @@ class TestPolicyGradient(unittest.TestCase):
 
     def test_evaluation_steps_equal_a_loop_by_hand(self):
         # Step 1 of inner_lr, then steps of later_lr, each on fresh episodes of the current policy.
-        config = mm.Nav2DConfig(hidden=8, fast_batch=3)
+        config = mm.Nav2DConfig(hidden=8, eval_batch=3)  # eval_batch episodes a step, not fast_batch
         params = mm.init_policy("nav2d", config, np.random.default_rng(0))
         goals = mm.sample_nav_tasks(np.random.default_rng(1), 2)
         got = mm.meta_rl_evaluate(params, "nav2d", config, goals, np.random.default_rng(2), 0.3, 0.05)
@@ -1068,7 +1071,7 @@ class TestTRPO(unittest.TestCase):
 
 class TestMetaRL(unittest.TestCase):
     SHORT = ["cartpole", "--iterations", "8", "--meta-batch", "10", "--fast-batch", "10", "--eval-tasks", "10",
-             "--log-every", "4"]
+             "--eval-batch", "10", "--log-every", "4"]
 
     def test_short_cartpole_run_adapts(self):
         with tempfile.TemporaryDirectory() as d:
@@ -1090,8 +1093,8 @@ class TestMetaRL(unittest.TestCase):
         for outer in ("adam", "trpo"):  # TRPO keeps no optimiser state
             with self.subTest(outer=outer), tempfile.TemporaryDirectory() as d:
                 ck, a, b = (os.path.join(d, n) for n in ("ck.npz", "a.json", "b.json"))
-                base = ["cartpole", "--meta-batch", "3", "--fast-batch", "3", "--eval-tasks", "3", "--log-every", "2",
-                        "--hidden", "8", "--outer", outer]
+                base = ["cartpole", "--meta-batch", "3", "--fast-batch", "3", "--eval-tasks", "3", "--eval-batch", "3",
+                        "--log-every", "2", "--hidden", "8", "--outer", outer]
                 self.assertEqual(_run_main(base + ["--iterations", "4", "--json", a])[0], 0)
                 self.assertEqual(_run_main(base + ["--iterations", "2", "--save", ck])[0], 0)
                 self.assertEqual(_run_main(base + ["--iterations", "4", "--load", ck, "--json", b])[0], 0)
@@ -1103,7 +1106,7 @@ class TestMetaRL(unittest.TestCase):
         for flags in (["--first-order"], ["--algorithm", "reptile"], ["--lvc"], ["--outer", "trpo", "--lvc"]):
             with self.subTest(flags=flags):
                 status, out, err = _run_main(["cartpole", "--iterations", "2", "--meta-batch", "2", "--fast-batch",
-                                              "2", "--eval-tasks", "2", "--hidden", "8"] + flags)
+                                              "2", "--eval-tasks", "2", "--eval-batch", "2", "--hidden", "8"] + flags)
                 self.assertEqual(status, 0, err)
         for flags in (["--lvc", "--first-order"], ["--lvc", "--algorithm", "reptile"]):
             status, out, err = _run_main(["cartpole"] + flags)
@@ -1116,7 +1119,7 @@ class TestMetaRL(unittest.TestCase):
         self.assertEqual((status, err.count("\n"), out), (2, 1, ""))
         self.assertIn("--max-kl must be > 0", err)
         status, out, err = _run_main(["nav2d", "--iterations", "1", "--meta-batch", "2", "--fast-batch", "2",
-                                      "--eval-tasks", "2", "--hidden", "8"])
+                                      "--eval-tasks", "2", "--eval-batch", "2", "--hidden", "8"])
         self.assertEqual(status, 0, err)
         self.assertIn("MAML (paper)", out)
 
@@ -1455,7 +1458,7 @@ class TestBackend(unittest.TestCase):
             path = os.path.join(d, "nav.json")
             with unittest.mock.patch.object(mm, "use_device", lambda device: None):
                 status, _, err = _run_main(["nav2d", "--iterations", "1", "--meta-batch", "2", "--fast-batch", "2",
-                                            "--eval-tasks", "2", "--hidden", "8", "--json", path, "--outer", "trpo"])
+                                            "--eval-tasks", "2", "--eval-batch", "2", "--hidden", "8", "--json", path, "--outer", "trpo"])
             self.assertEqual(status, 0, err)
             self.assertEqual(set(_read_json(path)["return"]), {"0", "1", "2", "3"})
             # The qlearn command, evaluation included, on episodes cut at 10 steps.
@@ -1539,7 +1542,7 @@ class TestBackend(unittest.TestCase):
     @unittest.skipUnless(_cupy_with_gpu(), "needs CuPy and a GPU")
     def test_gpu_commands_are_reproducible(self):
         argv = ["cartpole", "--device", "gpu", "--iterations", "2", "--meta-batch", "4", "--fast-batch", "4",
-                "--eval-tasks", "4", "--hidden", "8"]
+                "--eval-tasks", "4", "--eval-batch", "4", "--hidden", "8"]
         with tempfile.TemporaryDirectory() as d:
             a, b = os.path.join(d, "a.json"), os.path.join(d, "b.json")
             self.assertEqual(_run_main(argv + ["--json", a])[0], 0)
