@@ -1458,7 +1458,8 @@ class TestBackend(unittest.TestCase):
             path = os.path.join(d, "nav.json")
             with unittest.mock.patch.object(mm, "use_device", lambda device: None):
                 status, _, err = _run_main(["nav2d", "--iterations", "1", "--meta-batch", "2", "--fast-batch", "2",
-                                            "--eval-tasks", "2", "--eval-batch", "2", "--hidden", "8", "--json", path, "--outer", "trpo"])
+                                            "--eval-tasks", "2", "--eval-batch", "2", "--hidden", "8", "--json", path,
+                                            "--outer", "trpo"])
             self.assertEqual(status, 0, err)
             self.assertEqual(set(_read_json(path)["return"]), {"0", "1", "2", "3"})
             # The qlearn command, evaluation included, on episodes cut at 10 steps.
