@@ -328,13 +328,13 @@ def mlp_rop(params, hs, back, v, r_d_out_fn, activation="tanh"):
     return hv
 
 
-def mlp_gnvp(params, hs, slopes, v, m_fn, activation="tanh"):
+def mlp_gnvp(params, hs, slopes, v, m_fn):
     """The Gauss-Newton product G v = J^T M J v, per task (Schraudolph 2002): J = d out / d theta
     and M = m_fn, a positive semi-definite product in the outputs. It is the Hessian of a loss whose
     gradient in out is 0, as a KL divergence's at its minimum: the R-operator less its delta terms.
     hs, slopes: mlp_forward's cache at params and mlp_slopes(hs), made once for many products."""
     r_out = mlp_jvp(params, hs, slopes, v)[1][-1]  # J v:  (T, K, n_out)
-    return mlp_backward(params, hs, m_fn(r_out), activation, slopes)[0]  # J^T (M J v)
+    return mlp_backward(params, hs, m_fn(r_out), slopes=slopes)[0]  # J^T (M J v)
 
 
 # ============================================================================
@@ -953,7 +953,7 @@ def _meta_fisher(params, thetas, support, x_q, old_out, kl_weights, loss, inner_
 
     def product(v):
         u = v if first_order else _forward_inner(v, thetas, caches, support, inner_lr, loss, activation)
-        u = mlp_gnvp(thetas[-1], hs_q, slopes_q, u, lambda r: m * fisher(old_out, r), activation)  # F_t J_t v
+        u = mlp_gnvp(thetas[-1], hs_q, slopes_q, u, lambda r: m * fisher(old_out, r))  # F_t J_t v
         if not first_order:
             u = _backprop_inner(u, thetas, caches, support, inner_lr, loss, False, activation)[0]
         return [ui + damping * vi for ui, vi in zip(_sum_tasks(u, params), v)]

@@ -956,7 +956,7 @@ class TestTRPO(unittest.TestCase):
             c = self.rng.uniform(0.5, 2.0, size=(3, 6, 4))
             u, v = ([self.rng.normal(size=p.shape) for p in params] for _ in range(2))
             hs = mm.mlp_forward(params, x, activation)[1]
-            gv = mm.mlp_gnvp(params, hs, mm.mlp_slopes(hs, activation), v, lambda r: c * r, activation)
+            gv = mm.mlp_gnvp(params, hs, mm.mlp_slopes(hs, activation), v, lambda r: c * r)
             eps = 1e-6
             jac = lambda d: (mm.mlp_forward([p + eps * di for p, di in zip(params, d)], x, activation)[0]
                              - mm.mlp_forward([p - eps * di for p, di in zip(params, d)], x, activation)[0]) / (2 * eps)
