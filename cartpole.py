@@ -472,15 +472,14 @@ class VecCartPole(_Physics):
         reward = -terminated.astype(np.float32) if self.sutton_barto_reward else xp.ones(self.num_envs, np.float32)
 
         done = terminated | truncated
-        final_obs = obs
+        final_obs = obs  # after an autoreset, obs is made anew and this keeps the ended episodes' last observations
         idx = xp.nonzero(done)[0]
         if idx.size:  # same-step autoreset of the ended episodes
-            final_obs = obs
             new = self.np_random.uniform(low=self._low, high=self._high, size=(4, idx.size))  # Gymnasium's draw
             s[:, idx] = new
-            # The observation anew from the state, not a copy of final_obs with the new rows written in. At
-            # N = 16384 that copy took 90 us, this 16: glibc put the copy 16 bytes past a multiple of 4096
-            # from its source, and the CPU stalled each load behind a store it seemed to alias (4K aliasing).
+            # The observation anew from the state, not a copy of final_obs with the new rows written in: at
+            # N = 16384 this takes 16 us, and that copy up to 90. glibc can put the copy 16 bytes past a multiple
+            # of 4096 from its source, and the CPU then stalls each load behind a store it seems to alias.
             obs = s.T.astype(np.float32)
             self.steps[idx] = 0
         return obs, reward, terminated, truncated, {"final_obs": final_obs, "_final_obs": done}
