@@ -614,17 +614,41 @@ def _check_batch(params, batch, loss, name):
     return (x, target), [(x, f"{name} x")] + [(arr, f"{name} target") for arr in finite]
 
 
-def _check_meta_args(params, support, query, loss, inner_steps, activation):
+def _is_step_list(support):
+    """Whether support is a list of batches, one per inner step (each batch is a tuple)."""
+    return isinstance(support, list) and all(isinstance(b, tuple) for b in support)
+
+
+def _step_batches(support, inner_steps):
+    """The batch of each inner step: a list of batches as it is, or one batch for every step."""
+    return support if _is_step_list(support) else [support] * inner_steps
+
+
+def _check_meta_args(params, support, query, loss, inner_steps, activation, step_list=True):
+    """Validate the arguments of a meta-gradient; return support and query cast to the params' dtype.
+    support is one batch for every inner step, or (step_list) a list of inner_steps batches."""
     checks = _check_params(params)
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {tuple(LOSSES)}, got {loss!r}")
     _check_activation(activation)
     _check_int_at_least("inner_steps", inner_steps, 0)
-    support, support_checks = _check_batch(params, support, loss, "support")
     query, query_checks = _check_batch(params, query, loss, "query")
-    if support[0].shape[0] != query[0].shape[0]:
-        raise ValueError(f"support and query must have the same number of tasks, got "
-                         f"{support[0].shape[0]} and {query[0].shape[0]}")
+    if not step_list and _is_step_list(support):
+        raise TypeError("support must be one batch (x, target) here, not a list of batches")
+    if _is_step_list(support):
+        if len(support) != inner_steps:
+            raise ValueError(f"support, a list of batches, must hold one per inner step ({inner_steps}), "
+                             f"got {len(support)}")
+        checked = [_check_batch(params, b, loss, f"support[{j}]") for j, b in enumerate(support)]
+        support = batches = [b for b, _ in checked]
+        support_checks = [c for _, cs in checked for c in cs]
+    else:
+        support, support_checks = _check_batch(params, support, loss, "support")
+        batches = [support]
+    for b in batches:
+        if b[0].shape[0] != query[0].shape[0]:
+            raise ValueError(f"support and query must have the same number of tasks, got "
+                             f"{b[0].shape[0]} and {query[0].shape[0]}")
     _check_finite(checks + support_checks + query_checks)
     return support, query
 
@@ -637,13 +661,15 @@ def _per_param(inner_lr, params):
 def adapt(params, support, loss="mse", inner_lr=0.01, inner_steps=1, activation="tanh"):
     """The inner loop: theta_t <- theta_t - inner_lr * grad L_support,t(theta_t), inner_steps times.
 
-    Returns per-task params (leading axis T) and, for the meta-backward, the
-    params and caches at every step. inner_lr is a float, or a list shaped as
-    params (Meta-SGD's per-parameter rates)."""
+    support is one batch for every step, or a list of inner_steps batches, the
+    j-th for step j (meta-RL: fresh episodes of the policy theta_j). Returns
+    per-task params (leading axis T) and, for the meta-backward, the params and
+    caches at every step. inner_lr is a float, or a list shaped as params
+    (Meta-SGD's per-parameter rates)."""
     lrs = _per_param(inner_lr, params)
     thetas, caches, inner_grads = [list(params)], [], []
-    for _ in range(inner_steps):
-        _, grads, cache = loss_and_grad(thetas[-1], support, loss, activation)
+    for batch in _step_batches(support, inner_steps):
+        _, grads, cache = loss_and_grad(thetas[-1], batch, loss, activation)
         thetas.append([p - lr * g for p, g, lr in zip(thetas[-1], grads, lrs)])  # (T, ...) from here on
         caches.append(cache)
         inner_grads.append(grads)
@@ -663,12 +689,13 @@ def _backprop_inner(v, thetas, caches, support, inner_lr, loss, first_order, act
     meta_lr = isinstance(inner_lr, list)
     lrs = _per_param(inner_lr, thetas[0])
     lr_grads = [xp.zeros_like(p) for p in thetas[0]] if meta_lr else None
+    support = _step_batches(support, len(caches))
     for j in reversed(range(len(caches))):
         if meta_lr:
             for i, (g, vi) in enumerate(zip(inner_grads[j], v)):
                 lr_grads[i] = lr_grads[i] - _sum_leading(g * vi)
         if not first_order:
-            hv = hvp(thetas[j], support, [lr * vi for lr, vi in zip(lrs, v)], loss, activation, cache=caches[j])
+            hv = hvp(thetas[j], support[j], [lr * vi for lr, vi in zip(lrs, v)], loss, activation, cache=caches[j])
             v = [vi - h for vi, h in zip(v, hv)]
     return v, lr_grads
 
@@ -676,8 +703,9 @@ def _backprop_inner(v, thetas, caches, support, inner_lr, loss, first_order, act
 def _forward_inner(v, thetas, caches, support, inner_lr, loss, activation):
     """J v: a direction v of theta (shared) -> the direction it moves each task's theta' (per task)."""
     lrs = _per_param(inner_lr, thetas[0])
+    support = _step_batches(support, len(caches))
     for j in range(len(caches)):
-        hv = hvp(thetas[j], support, v, loss, activation, cache=caches[j])
+        hv = hvp(thetas[j], support[j], v, loss, activation, cache=caches[j])
         v = [vi - lr * h for vi, h, lr in zip(v, hv, lrs)]
     return v
 # ====================================================================================
@@ -701,7 +729,7 @@ def _maml(params, support, query, loss, inner_lr, inner_steps, first_order, acti
     """Meta-loss and its gradient w.r.t. params (and w.r.t. inner_lr when it is a list)."""
     thetas, caches, inner_grads = adapt(params, support, loss, inner_lr, inner_steps, activation)
     # v = d meta_loss / d theta'_t, per task; meta_loss = mean_t L_query,t(theta'_t)
-    losses, v, _ = loss_and_grad(thetas[-1], query, loss, activation, scale=1.0 / support[0].shape[0])
+    losses, v, _ = loss_and_grad(thetas[-1], query, loss, activation, scale=1.0 / query[0].shape[0])
     v, lr_grads = _backprop_inner(v, thetas, caches, support, inner_lr, loss, first_order, activation, inner_grads)
     return float(losses.sum()) / losses.shape[0], _sum_tasks(v, params), lr_grads
 
@@ -712,7 +740,9 @@ def maml_grad(params, support, query, loss="mse", inner_lr=0.01, inner_steps=1, 
 
     support, query: (x (T, K, in), target) for T tasks; target is y
     (T, K, out) for "mse", (actions, weights) for "pg" and "gauss",
-    (actions, weights, old_logp) for "pg_lvc" and "gauss_lvc". Per task,
+    (actions, weights, old_logp) for "pg_lvc" and "gauss_lvc". support may
+    also be a list of inner_steps such batches, the j-th for inner step j
+    (meta-RL samples fresh episodes with each adapted policy). Per task,
     theta'_t = theta - inner_lr grad L_support,t, inner_steps times; then
       meta_loss = mean_t L_query,t(theta'_t)
       grads     = d meta_loss / d theta  (through every inner step, Hessians included)
@@ -743,7 +773,7 @@ def reptile_grad(params, support, query, loss="mse", inner_lr=0.01, inner_steps=
     after inner_steps SGD steps on the task's support data, then its query
     data (Nichol et al. 2018, Algorithm 2, batched). Returns the mean query
     loss before adaptation (for monitoring) and the direction."""
-    support, query = _check_meta_args(params, support, query, loss, inner_steps, activation)
+    support, query = _check_meta_args(params, support, query, loss, inner_steps, activation, step_list=False)
     losses, _, _ = loss_and_grad(params, query, loss, activation)
     thetas, _, _ = adapt(params, concat_batches(support, query), loss, inner_lr, inner_steps, activation)
     return float(losses.mean()), [(p - t.mean(axis=0) if t.ndim > p.ndim else p - t).astype(p.dtype, copy=False)
@@ -946,7 +976,8 @@ def _meta_fisher(params, thetas, support, x_q, old_out, kl_weights, loss, inner_
     (thetas: adapt's params of every inner step from params; old_out: the adapted policies' outputs
     at the query states x_q). Per task: J v forwards, the Gauss-Newton product, J^T backwards."""
     fisher = POLICY_KL[LOSS_POLICY[loss]][1]
-    caches = [loss_and_grad(theta, support, loss, activation)[2] for theta in thetas[:-1]]
+    caches = [loss_and_grad(theta, batch, loss, activation)[2]
+              for theta, batch in zip(thetas[:-1], _step_batches(support, len(thetas) - 1))]
     hs_q = mlp_forward(thetas[-1], x_q, activation)[1]
     slopes_q = mlp_slopes(hs_q, activation)
     m = kl_weights[..., None] / x_q.shape[0]  # the mean over tasks of the weighted sum over states
@@ -1009,8 +1040,8 @@ def maml_trpo_step(params, support, query, kl_weights, loss="pg", inner_lr=0.1, 
 
     # The meta-Fisher product on every fisher_stride-th sample (weights scaled by the stride).
     s = fisher_stride
-    x_s, (a_s, w_s, *rest) = support
-    thin_support = (x_s[:, ::s], (a_s[:, ::s], w_s[:, ::s] * s, *(r[:, ::s] for r in rest)))
+    thin = lambda x, target: (x[:, ::s], (target[0][:, ::s], target[1][:, ::s] * s, *(r[:, ::s] for r in target[2:])))
+    thin_support = [thin(*batch) for batch in _step_batches(support, inner_steps)]
     fisher_vector = _meta_fisher(params, thetas, thin_support, x_q[:, ::s], old_out[:, ::s], kl_weights[:, ::s] * s,
                                  loss, inner_lr, first_order, activation, damping)
     direction = conjugate_gradient(fisher_vector, g, cg_iters)  # F^-1 g

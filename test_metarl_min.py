@@ -488,6 +488,33 @@ class TestGradients(unittest.TestCase):
                     _, fo = mm.maml_grad(params, support, query, loss, lr, steps, True, activation)
                     self.assertGreater(_rel_err(fo, fd), 1e-4)
 
+    def test_one_support_batch_per_inner_step(self):
+        # Meta-RL samples fresh episodes with each adapted policy: support as a list, batch j for step j.
+        for loss, n_out, bias_outputs in (("mse", 3, 0), ("gauss", 4, 2), ("pg_lvc", 3, 0)):
+            with self.subTest(loss=loss):
+                params = mm.init_mlp((2, 5, 4, n_out), self.rng, "tanh", np.float64, bias_outputs)
+                supports = [_batch(self.rng, loss, 3, 4 + j, 2, n_out) for j in range(2)]  # other sizes per step
+                query = _batch(self.rng, loss, 3, 5, 2, n_out)
+                meta_loss, grads = mm.maml_grad(params, supports, query, loss, 0.05, 2, False, "tanh")
+                # The meta-loss by hand: a step on each batch in turn, the loss of the query after them.
+                theta = list(params)
+                for batch in supports:
+                    theta = [p - 0.05 * g for p, g in zip(theta, mm.loss_and_grad(theta, batch, loss, "tanh")[1])]
+                self.assertAlmostEqual(meta_loss, float(mm.loss_and_grad(theta, query, loss, "tanh")[0].mean()),
+                                       places=12)
+                fd = _fd_grad(lambda P: mm.maml_grad(P, supports, query, loss, 0.05, 2, False, "tanh")[0], params)
+                self.assertLess(_rel_err(grads, fd), 1e-6)
+                # A list repeating one batch is that batch at every step.
+                same = mm.maml_grad(params, [supports[0]] * 2, query, loss, 0.05, 2, False, "tanh")
+                one = mm.maml_grad(params, supports[0], query, loss, 0.05, 2, False, "tanh")
+                self.assertEqual(same[0], one[0])
+                for a, b in zip(same[1], one[1]):
+                    np.testing.assert_array_equal(a, b)
+        with self.assertRaisesRegex(ValueError, r"one per inner step \(3\), got 2"):
+            mm.maml_grad(params, supports, query, loss, 0.05, 3)
+        with self.assertRaisesRegex(TypeError, "one batch"):
+            mm.reptile_grad(params, supports, query, loss, 0.05, 2)
+
     def test_first_order_is_mean_query_gradient_at_adapted_params(self):
         params = mm.init_mlp((1, 8, 1), self.rng, "tanh", dtype=np.float64)
         support, query = _batch(self.rng, "mse", 4, 5, 1, 1), _batch(self.rng, "mse", 4, 6, 1, 1)
@@ -976,11 +1003,14 @@ class TestTRPO(unittest.TestCase):
     def test_meta_fisher_is_the_hessian_of_the_meta_kl(self):
         eps = 3e-5  # the second differences' error falls as eps^2 down to here (measured)
         for loss, n_out, bias_outputs in (("pg", 3, 0), ("gauss", 4, 2), ("gauss_lvc", 4, 0)):
-            for steps, first_order in ((0, False), (1, False), (2, False), (1, True)):
-                with self.subTest(loss=loss, inner_steps=steps, first_order=first_order):
+            for steps, first_order, per_step in ((0, False, False), (1, False, False), (2, False, False),
+                                                 (1, True, False), (2, False, True)):
+                with self.subTest(loss=loss, inner_steps=steps, first_order=first_order, per_step=per_step):
                     kl = mm.POLICY_KL[mm.LOSS_POLICY[loss]][0]
                     params = mm.init_mlp((2, 5, 4, n_out), self.rng, "tanh", np.float64, bias_outputs)
                     support, x_q = _batch(self.rng, loss, 3, 4, 2, n_out), self.rng.normal(size=(3, 5, 2))
+                    if per_step:  # a batch for each inner step
+                        support = [support] + [_batch(self.rng, loss, 3, 6, 2, n_out) for _ in range(steps - 1)]
                     kl_weights = self.rng.uniform(0.1, 1.0, size=(3, 5))
                     thetas = mm.adapt(params, support, loss, 0.1, steps, "tanh")[0]
                     old_out = mm.mlp_forward(thetas[-1], x_q, "tanh")[0]
@@ -1005,9 +1035,13 @@ class TestTRPO(unittest.TestCase):
         return params, support, query, kl_weights
 
     def test_step_improves_the_surrogate_within_the_trust_region(self):
-        for loss, n_out, bias_outputs, steps in (("gauss", 4, 2, 1), ("pg", 3, 0, 1), ("pg", 3, 0, 0), ("gauss", 4, 0, 2)):
-            with self.subTest(loss=loss, inner_steps=steps):
+        for loss, n_out, bias_outputs, steps, per_step in (("gauss", 4, 2, 1, False), ("pg", 3, 0, 1, False),
+                                                           ("pg", 3, 0, 0, False), ("gauss", 4, 0, 2, False),
+                                                           ("gauss", 4, 2, 2, True)):
+            with self.subTest(loss=loss, inner_steps=steps, per_step=per_step):
                 params, support, query, kl_weights = self._problem(loss, n_out, bias_outputs)
+                if per_step:  # a batch for each inner step
+                    support = [support, _batch(self.rng, loss, 3, 5, 2, n_out)]
                 before = [p.copy() for p in params]
                 max_kl = 1e-4
                 new, info = mm.maml_trpo_step(params, support, query, kl_weights, loss, 0.1, steps,
