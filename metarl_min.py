@@ -1444,7 +1444,9 @@ def load_checkpoint(path, config):
     except Exception as e:  # a zip, npz or JSON error: say which file, and why
         raise ValueError(f"{path} is not a readable metarl-min checkpoint ({type(e).__name__}: {e})") from e
     free = ("iterations", "log_every", "eval_tasks", "eval_batch")  # settings that leave training as it was
-    saved = {k: v for k, v in meta["config"].items() if k not in free}
+    # A setting newer than the checkpoint had its default value when the checkpoint was made.
+    saved = {**{f.name: f.default for f in dataclasses.fields(config)}, **meta["config"]}
+    saved = {k: v for k, v in saved.items() if k not in free}
     wanted = {k: v for k, v in dataclasses.asdict(config).items() if k not in free}
     if saved != wanted:
         diff = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {wanted.get(k)!r})"
@@ -1569,6 +1571,8 @@ class CartPoleConfig:
     meta_batch: int = hparam(20, "tasks per meta-iteration", 1)
     fast_batch: int = hparam(20, "episodes per task for each inner step and for the outer step", 1)
     inner_lr: float = hparam(0.5, "alpha: step size of the inner policy-gradient step", 0.0)
+    inner_steps: int = hparam(1, "inner policy-gradient steps in meta-training, each on fast_batch fresh episodes "
+                              "of the policy it adapts (the paper's 1; the authors' code: num_grad_updates)", 1, 5)
     meta_lr: float = hparam(0.01, "beta: Adam step size of the outer loop", 0.0)
     hidden: int = hparam(32, "units in each of the two hidden layers of the policy", 1)
     init_out_scale: float = hparam(1.0, "factor on the policy's last-layer weights at initialisation (init_mlp's "
@@ -1659,9 +1663,10 @@ def meta_rl_train(problem, config, save=None, load=None):
     steps, the pretrained baseline (one policy trained on all tasks jointly).
 
     Each iteration: sample meta_batch tasks; run fast_batch episodes of the
-    policy in each (support); take one inner policy-gradient step per task;
-    run fast_batch episodes of each adapted policy (query); step Adam on the
-    meta-gradient, or take a TRPO step (config.outer). Returns (meta params,
+    policy in each (support); take an inner policy-gradient step per task, and
+    again inner_steps - 1 times, each on fast_batch fresh episodes of the policy
+    it adapts; run fast_batch episodes of each adapted policy (query); step Adam
+    on the meta-gradient, or take a TRPO step (config.outer). Returns (meta params,
     pretrained params, extra) where extra holds env_steps and the training curve."""
     spec = META_RL_PROBLEMS[problem]
     loss, act = spec["loss"], spec["activation"]
@@ -1686,34 +1691,39 @@ def meta_rl_train(problem, config, save=None, load=None):
     for it in range(start, config.iterations):
         tasks = spec["sample_tasks"](rng, T)
         env = spec["make_env"](tasks, config.fast_batch)
-        pre = roll(models["meta"], env)
-        support = batch(pre)
-        adapted = adapt(models["meta"], support, loss, config.inner_lr, 1, act)[0][-1]
-        post = roll(adapted, env)
+        # The inner steps, each on fresh episodes of the policy it adapts: policies[j] sampled supports[j].
+        policies, supports, rollouts = [models["meta"]], [], []
+        for _ in range(config.inner_steps):
+            rollouts.append(roll(policies[-1], env))
+            supports.append(batch(rollouts[-1]))
+            policies.append(adapt(policies[-1], supports[-1], loss, config.inner_lr, 1, act)[0][-1])
+        pre, post = rollouts[0], roll(policies[-1], env)
         query = batch(post)
-        meta_loss, meta_support, meta_query = loss, support, query
+        meta_loss, meta_support, meta_query = loss, supports, query
         if config.lvc:  # each batch with its actions' log-probabilities under the policy that sampled it
             meta_loss = loss + "_lvc"
-            meta_support = with_old_logp(models["meta"], support, spec["policy"], act)
-            meta_query = with_old_logp(adapted, query, spec["policy"], act)
+            meta_support = [with_old_logp(p, b, spec["policy"], act) for p, b in zip(policies, supports)]
+            meta_query = with_old_logp(policies[-1], query, spec["policy"], act)
         if config.algorithm == "reptile":
-            adam("meta", reptile_grad(models["meta"], support, query, loss, config.inner_lr, config.reptile_steps,
+            adam("meta", reptile_grad(models["meta"], supports[0], query, loss, config.inner_lr, config.reptile_steps,
                                       act)[1])
         elif config.outer == "trpo":
             models["meta"] = maml_trpo_step(models["meta"], meta_support, meta_query, step_weights(post), meta_loss,
-                                            config.inner_lr, 1, config.first_order, act, config.max_kl)[0]
+                                            config.inner_lr, config.inner_steps, config.first_order, act,
+                                            config.max_kl)[0]
         else:
-            adam("meta", maml_grad(models["meta"], meta_support, meta_query, meta_loss, config.inner_lr, 1,
-                                   config.first_order, act)[1])
-        # The baseline: 2 * fast_batch episodes per task, a plain policy-gradient (or TRPO) step on all of them.
-        joint = roll(models["pretrained"], spec["make_env"](tasks, 2 * config.fast_batch))
+            adam("meta", maml_grad(models["meta"], meta_support, meta_query, meta_loss, config.inner_lr,
+                                   config.inner_steps, config.first_order, act)[1])
+        # The baseline: as many episodes per task, (inner_steps + 1) * fast_batch, and a plain
+        # policy-gradient (or TRPO) step on all of them.
+        joint = roll(models["pretrained"], spec["make_env"](tasks, (config.inner_steps + 1) * config.fast_batch))
         both = batch(joint)
         if config.outer == "trpo":
             models["pretrained"] = maml_trpo_step(models["pretrained"], both, both, step_weights(joint), loss,
                                                   inner_steps=0, activation=act, max_kl=config.max_kl)[0]
         else:
             adam("pretrained", maml_grad(models["pretrained"], both, both, loss, inner_steps=0, activation=act)[1])
-        extra["env_steps"] += int(sum(e["mask"].sum() for e in (pre, post, joint)))
+        extra["env_steps"] += int(sum(e["mask"].sum() for e in rollouts + [post, joint]))
         window.append((mean_return(pre), mean_return(post), mean_return(joint)))
         if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
             pre_r, post_r, joint_r = np.mean(window, axis=0)
@@ -1783,6 +1793,8 @@ def run_meta_rl(problem, config, json_path=None, save=None, load=None, plot=None
     check_config(config)
     if config.lvc and (config.algorithm != "maml" or config.first_order):
         raise ValueError("--lvc changes only the second-order term: it needs --algorithm maml without --first-order")
+    if config.inner_steps > 1 and config.algorithm != "maml":
+        raise ValueError("--inner-steps above 1 is MAML's: it needs --algorithm maml")
     if config.outer == "trpo" and config.algorithm != "maml":
         raise ValueError("--outer trpo steps on MAML's meta-objective: it needs --algorithm maml")
     if config.outer == "trpo" and not config.max_kl > 0:

@@ -1135,9 +1135,19 @@ class TestMetaRL(unittest.TestCase):
                 ra, rb = _read_json(a), _read_json(b)
                 for key in ("return", "pretrained_return", "random_init_return", "env_steps"):
                     self.assertEqual(ra[key], rb[key])
+                # A checkpoint made before a setting existed was made with its default, and resumes.
+                with np.load(ck) as data:
+                    arrays = dict(data)
+                meta = json.loads(str(arrays["meta"]))
+                del meta["config"]["inner_steps"]
+                arrays["meta"] = np.array(json.dumps(meta))
+                np.savez(ck, **arrays)
+                self.assertEqual(_run_main(base + ["--iterations", "4", "--load", ck, "--json", b])[0], 0)
+                self.assertEqual(_read_json(b)["return"], ra["return"])
 
     def test_algorithms_run(self):
-        for flags in (["--first-order"], ["--algorithm", "reptile"], ["--lvc"], ["--outer", "trpo", "--lvc"]):
+        for flags in (["--first-order"], ["--algorithm", "reptile"], ["--lvc"], ["--outer", "trpo", "--lvc"],
+                      ["--inner-steps", "2"], ["--inner-steps", "2", "--outer", "trpo", "--lvc"]):
             with self.subTest(flags=flags):
                 status, out, err = _run_main(["cartpole", "--iterations", "2", "--meta-batch", "2", "--fast-batch",
                                               "2", "--eval-tasks", "2", "--eval-batch", "2", "--hidden", "8"] + flags)
@@ -1146,16 +1156,25 @@ class TestMetaRL(unittest.TestCase):
             status, out, err = _run_main(["cartpole"] + flags)
             self.assertEqual(status, 2)
             self.assertIn("--lvc changes only the second-order term", err)
+        status, out, err = _run_main(["cartpole", "--inner-steps", "2", "--algorithm", "reptile"])
+        self.assertEqual((status, err.count("\n")), (2, 1))
+        self.assertIn("--inner-steps above 1 is MAML's", err)
         status, out, err = _run_main(["cartpole", "--outer", "trpo", "--algorithm", "reptile"])
         self.assertEqual((status, err.count("\n")), (2, 1))
         self.assertIn("--outer trpo steps on MAML's meta-objective", err)
         status, out, err = _run_main(["nav2d", "--outer", "trpo", "--max-kl", "0"])
         self.assertEqual((status, err.count("\n"), out), (2, 1, ""))
         self.assertIn("--max-kl must be > 0", err)
-        status, out, err = _run_main(["nav2d", "--iterations", "1", "--meta-batch", "2", "--fast-batch", "2",
-                                      "--eval-tasks", "2", "--eval-batch", "2", "--hidden", "8"])
-        self.assertEqual(status, 0, err)
-        self.assertIn("MAML (paper)", out)
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "out.json")
+            status, out, err = _run_main(["nav2d", "--iterations", "1", "--meta-batch", "2", "--fast-batch", "2",
+                                          "--eval-tasks", "2", "--eval-batch", "2", "--hidden", "8", "--inner-steps",
+                                          "2", "--json", path])
+            self.assertEqual(status, 0, err)
+            self.assertIn("MAML (paper)", out)
+            # 2 tasks, each: 2 episodes before each of the 2 inner steps, 2 after them, and the
+            # pretrained baseline's 3 x 2; all 100 steps long (no goal reached).
+            self.assertEqual(_read_json(path)["env_steps"], 2 * (3 * 2 + 3 * 2) * 100)
 
     def test_plot_without_matplotlib_is_one_clear_line(self):
         with unittest.mock.patch.dict(sys.modules, {"matplotlib": None}):
