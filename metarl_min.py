@@ -1771,7 +1771,7 @@ def plot_meta_rl(plt, path, title, curve, results):
     """The meta-training curve and the adaptation bars (mean and 95% CI per step), as a PNG."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     curve = np.asarray(curve)
-    for col, label in ((1, "MAML, before adaptation"), (2, "MAML, after one step"), (3, "pretrained")):
+    for col, label in ((1, "MAML, before adaptation"), (2, "MAML, after adaptation"), (3, "pretrained")):
         left.plot(curve[:, 0], curve[:, col], label=label)
     left.set(xlabel="meta-iteration", ylabel="mean return", title="meta-training")
     left.legend()
