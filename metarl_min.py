@@ -684,28 +684,28 @@ def adapt(params, support, loss="mse", inner_lr=0.01, inner_steps=1, activation=
 #   and for Meta-SGD:  dL/d alpha += -g_j * dL/d theta_{j+1}, summed over tasks.
 # Forwards, for TRPO's metric:  J v = J_{n-1} ... J_0 v:  v <- v - alpha * (H_j v), step after step.
 # First-order MAML drops H_j: v passes through unchanged.
-def _backprop_inner(v, thetas, caches, support, inner_lr, loss, first_order, activation, inner_grads=None):
-    """v = dL/d theta' (per task) -> dL/d theta (per task), and dL/d inner_lr when it is a list (Meta-SGD)."""
+def _backprop_inner(v, thetas, caches, supports, inner_lr, loss, first_order, activation, inner_grads=None):
+    """v = dL/d theta' (per task) -> dL/d theta (per task), and dL/d inner_lr when it is a list (Meta-SGD).
+    supports: the batch of each inner step (_step_batches)."""
     meta_lr = isinstance(inner_lr, list)
     lrs = _per_param(inner_lr, thetas[0])
     lr_grads = [xp.zeros_like(p) for p in thetas[0]] if meta_lr else None
-    support = _step_batches(support, len(caches))
     for j in reversed(range(len(caches))):
         if meta_lr:
             for i, (g, vi) in enumerate(zip(inner_grads[j], v)):
                 lr_grads[i] = lr_grads[i] - _sum_leading(g * vi)
         if not first_order:
-            hv = hvp(thetas[j], support[j], [lr * vi for lr, vi in zip(lrs, v)], loss, activation, cache=caches[j])
+            hv = hvp(thetas[j], supports[j], [lr * vi for lr, vi in zip(lrs, v)], loss, activation, cache=caches[j])
             v = [vi - h for vi, h in zip(v, hv)]
     return v, lr_grads
 
 
-def _forward_inner(v, thetas, caches, support, inner_lr, loss, activation):
-    """J v: a direction v of theta (shared) -> the direction it moves each task's theta' (per task)."""
+def _forward_inner(v, thetas, caches, supports, inner_lr, loss, activation):
+    """J v: a direction v of theta (shared) -> the direction it moves each task's theta' (per task).
+    supports: the batch of each inner step (_step_batches)."""
     lrs = _per_param(inner_lr, thetas[0])
-    support = _step_batches(support, len(caches))
     for j in range(len(caches)):
-        hv = hvp(thetas[j], support[j], v, loss, activation, cache=caches[j])
+        hv = hvp(thetas[j], supports[j], v, loss, activation, cache=caches[j])
         v = [vi - lr * h for vi, h, lr in zip(v, hv, lrs)]
     return v
 # ====================================================================================
@@ -727,10 +727,11 @@ def _sum_leading(a):
 
 def _maml(params, support, query, loss, inner_lr, inner_steps, first_order, activation):
     """Meta-loss and its gradient w.r.t. params (and w.r.t. inner_lr when it is a list)."""
-    thetas, caches, inner_grads = adapt(params, support, loss, inner_lr, inner_steps, activation)
+    supports = _step_batches(support, inner_steps)
+    thetas, caches, inner_grads = adapt(params, supports, loss, inner_lr, inner_steps, activation)
     # v = d meta_loss / d theta'_t, per task; meta_loss = mean_t L_query,t(theta'_t)
     losses, v, _ = loss_and_grad(thetas[-1], query, loss, activation, scale=1.0 / query[0].shape[0])
-    v, lr_grads = _backprop_inner(v, thetas, caches, support, inner_lr, loss, first_order, activation, inner_grads)
+    v, lr_grads = _backprop_inner(v, thetas, caches, supports, inner_lr, loss, first_order, activation, inner_grads)
     return float(losses.sum()) / losses.shape[0], _sum_tasks(v, params), lr_grads
 
 
@@ -976,17 +977,17 @@ def _meta_fisher(params, thetas, support, x_q, old_out, kl_weights, loss, inner_
     (thetas: adapt's params of every inner step from params; old_out: the adapted policies' outputs
     at the query states x_q). Per task: J v forwards, the Gauss-Newton product, J^T backwards."""
     fisher = POLICY_KL[LOSS_POLICY[loss]][1]
-    caches = [loss_and_grad(theta, batch, loss, activation)[2]
-              for theta, batch in zip(thetas[:-1], _step_batches(support, len(thetas) - 1))]
+    supports = _step_batches(support, len(thetas) - 1)
+    caches = [loss_and_grad(theta, batch, loss, activation)[2] for theta, batch in zip(thetas[:-1], supports)]
     hs_q = mlp_forward(thetas[-1], x_q, activation)[1]
     slopes_q = mlp_slopes(hs_q, activation)
     m = kl_weights[..., None] / x_q.shape[0]  # the mean over tasks of the weighted sum over states
 
     def product(v):
-        u = v if first_order else _forward_inner(v, thetas, caches, support, inner_lr, loss, activation)
+        u = v if first_order else _forward_inner(v, thetas, caches, supports, inner_lr, loss, activation)
         u = mlp_gnvp(thetas[-1], hs_q, slopes_q, u, lambda r: m * fisher(old_out, r))  # F_t J_t v
         if not first_order:
-            u = _backprop_inner(u, thetas, caches, support, inner_lr, loss, False, activation)[0]
+            u = _backprop_inner(u, thetas, caches, supports, inner_lr, loss, False, activation)[0]
         return [ui + damping * vi for ui, vi in zip(_sum_tasks(u, params), v)]
     return product
 
@@ -1031,9 +1032,10 @@ def maml_trpo_step(params, support, query, kl_weights, loss="pg", inner_lr=0.1, 
     kl = POLICY_KL[policy][0]
 
     # g = MAML's meta-gradient, in _maml's three steps; the query's forward pass gives pi_old's outputs.
-    thetas, caches, _ = adapt(params, support, loss, inner_lr, inner_steps, activation)
+    supports = _step_batches(support, inner_steps)
+    thetas, caches, _ = adapt(params, supports, loss, inner_lr, inner_steps, activation)
     _, v, (old_out, _, _) = loss_and_grad(thetas[-1], query, loss, activation, scale=1.0 / T)  # old_out (T, K, n_out)
-    g = _sum_tasks(_backprop_inner(v, thetas, caches, support, inner_lr, loss, first_order, activation)[0], params)
+    g = _sum_tasks(_backprop_inner(v, thetas, caches, supports, inner_lr, loss, first_order, activation)[0], params)
     target = (actions, weights, logp(old_out, actions))
     objective = lambda out: float(surrogate(out, target).sum()) / T  # L at the adapted policies of out
     mean_kl = lambda out: float((kl_weights * kl(old_out, out)).sum()) / T
@@ -1041,7 +1043,7 @@ def maml_trpo_step(params, support, query, kl_weights, loss="pg", inner_lr=0.1, 
     # The meta-Fisher product on every fisher_stride-th sample (weights scaled by the stride).
     s = fisher_stride
     thin = lambda x, target: (x[:, ::s], (target[0][:, ::s], target[1][:, ::s] * s, *(r[:, ::s] for r in target[2:])))
-    thin_support = [thin(*batch) for batch in _step_batches(support, inner_steps)]
+    thin_support = [thin(*batch) for batch in supports]
     fisher_vector = _meta_fisher(params, thetas, thin_support, x_q[:, ::s], old_out[:, ::s], kl_weights[:, ::s] * s,
                                  loss, inner_lr, first_order, activation, damping)
     direction = conjugate_gradient(fisher_vector, g, cg_iters)  # F^-1 g
@@ -1052,7 +1054,7 @@ def maml_trpo_step(params, support, query, kl_weights, loss="pg", inner_lr=0.1, 
         for i in range(max_backtracks):
             fraction = backtrack ** i
             new = [(p - (fraction * scale) * d).astype(p.dtype) for p, d in zip(params, direction)]
-            out = mlp_forward(adapt(new, support, loss, inner_lr, inner_steps, activation)[0][-1], x_q, activation)[0]
+            out = mlp_forward(adapt(new, supports, loss, inner_lr, inner_steps, activation)[0][-1], x_q, activation)[0]
             improvement, step_kl = before - objective(out), mean_kl(out)
             if improvement > 0 and step_kl <= max_kl:  # False for NaN too
                 return new, {"kl": step_kl, "improvement": improvement, "step_fraction": fraction}
