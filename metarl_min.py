@@ -2239,6 +2239,16 @@ def _tune_allocator():
 DEFAULT_COMMAND = "cartpole"  # what plain `python metarl_min.py [flags]` runs
 
 
+def _check_paths(load=None, **outputs):
+    """Fail before any training, not after it, when the file to load is missing or a file to be
+    written has no folder to go in."""
+    if load is not None and not os.path.isfile(load):
+        raise ValueError(f"--load {load}: no such file")
+    for flag, path in outputs.items():
+        if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise ValueError(f"--{flag} {path}: the folder {os.path.dirname(os.path.abspath(path))} does not exist")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
@@ -2257,6 +2267,7 @@ def main(argv=None):
         files = dict(save=args.save, load=args.load) if command in TRAINED else {}
         if command in PLOTTED:
             files["plot"] = args.plot
+        _check_paths(files.get("load"), json=args.json, save=files.get("save"), plot=files.get("plot"))
         run(config, json_path=args.json, **files)
     except (ValueError, OSError, ImportError) as e:  # bad flags or files, no CuPy: one line, no traceback
         print(f"metarl_min.py {command}: error: {e}", file=sys.stderr)

@@ -735,7 +735,7 @@ class TestSine(unittest.TestCase):
             cases = [(["sine", "--shots", "0"], "--shots must be >= 1"),
                      (["sine", "--shots", "five"], "invalid int value"),
                      (["sine", "--no-such-flag"], "unrecognized arguments"),
-                     (["sine", "--load", os.path.join(d, "missing.npz")], "No such file"),
+                     (["sine", "--load", os.path.join(d, "missing.npz")], "no such file"),
                      (["sine", "--load", corrupt], "not a readable metarl-min checkpoint"),
                      (["nonsense"], "invalid choice")]
             for args, message in cases:
@@ -1182,6 +1182,20 @@ class TestMetaRL(unittest.TestCase):
         self.assertEqual(status, 2)
         self.assertIn("--plot needs matplotlib", err)
         self.assertEqual(out, "")  # refused before any training
+
+    def test_missing_load_file_or_output_folder_is_refused_before_training(self):
+        with tempfile.TemporaryDirectory() as d:
+            for flag in ("--json", "--save"):
+                path = os.path.join(d, "missing", "out")
+                status, out, err = _run_main(["cartpole", flag, path])
+                self.assertEqual(status, 2)
+                self.assertIn(f"error: {flag} {path}: the folder {os.path.join(d, 'missing')} does not exist", err)
+                self.assertEqual(out, "")  # before any training
+                self.assertFalse(os.path.exists(os.path.join(d, "missing")))
+            path = os.path.join(d, "none.npz")
+            status, out, err = _run_main(["cartpole", "--load", path])
+            self.assertEqual((status, out), (2, ""))
+            self.assertIn(f"error: --load {path}: no such file", err)
 
     def test_plain_command_is_cartpole(self):
         self.assertEqual(mm.DEFAULT_COMMAND, "cartpole")
