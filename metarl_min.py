@@ -2203,7 +2203,8 @@ def build_parser():
     parser = _Parser(prog="metarl_min.py", description="Meta-learning with exact second-order MAML, in NumPy.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (cls, _) in EXPERIMENTS.items():
-        p = sub.add_parser(name, help=cls.__doc__.splitlines()[0], description=cls.__doc__)
+        summary = " ".join(cls.__doc__.split("\n\n")[0].split())  # the docstring's first paragraph, on one line
+        p = sub.add_parser(name, help=summary, description=cls.__doc__)
         _add_config_flags(p, cls)
         p.add_argument("--json", metavar="PATH", help="write the final metrics to this JSON file")
         p.add_argument("--device", choices=cartpole.DEVICES, help="cpu (NumPy) or gpu (CuPy); default: the "

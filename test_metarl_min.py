@@ -763,6 +763,10 @@ class TestSine(unittest.TestCase):
         self.assertEqual(proc.returncode, 0)
         self.assertIn("--inner-lr", proc.stdout)
         self.assertIn("--first-order", proc.stdout)
+        # The list of commands gives each one's whole first paragraph, not its first line.
+        proc = _cli("--help")
+        self.assertEqual(proc.returncode, 0)
+        self.assertIn("on the GPU too.", " ".join(proc.stdout.split()))
 
 
 # ----------------------------------------------------------------------------
