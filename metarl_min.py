@@ -2246,8 +2246,9 @@ def _check_paths(load=None, **outputs):
     if load is not None and not os.path.isfile(load):
         raise ValueError(f"--load {load}: no such file")
     for flag, path in outputs.items():
-        if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise ValueError(f"--{flag} {path}: the folder {os.path.dirname(os.path.abspath(path))} does not exist")
+        folder = None if path is None else os.path.dirname(os.path.abspath(path))
+        if folder is not None and not os.path.isdir(folder):
+            raise ValueError(f"--{flag} {path}: the folder {folder} does not exist")
 
 
 def main(argv=None):
