@@ -633,9 +633,10 @@ def _check_meta_args(params, support, query, loss, inner_steps, activation, step
     _check_activation(activation)
     _check_int_at_least("inner_steps", inner_steps, 0)
     query, query_checks = _check_batch(params, query, loss, "query")
-    if not step_list and _is_step_list(support):
+    is_list = _is_step_list(support)
+    if is_list and not step_list:
         raise TypeError("support must be one batch (x, target) here, not a list of batches")
-    if _is_step_list(support):
+    if is_list:
         if len(support) != inner_steps:
             raise ValueError(f"support, a list of batches, must hold one per inner step ({inner_steps}), "
                              f"got {len(support)}")
@@ -971,13 +972,13 @@ def conjugate_gradient(matvec, b, iters=10, tol=1e-10):
     return x
 
 
-def _meta_fisher(params, thetas, support, x_q, old_out, kl_weights, loss, inner_lr, first_order, activation,
+def _meta_fisher(params, thetas, supports, x_q, old_out, kl_weights, loss, inner_lr, first_order, activation,
                  damping=0.0):
     """v -> (F + damping I) v with F = mean_t J_t^T F_t J_t, the Hessian of the meta-KL at params
-    (thetas: adapt's params of every inner step from params; old_out: the adapted policies' outputs
-    at the query states x_q). Per task: J v forwards, the Gauss-Newton product, J^T backwards."""
+    (thetas: adapt's params of every inner step from params; supports: the batch of each inner step
+    (_step_batches); old_out: the adapted policies' outputs at the query states x_q). Per task:
+    J v forwards, the Gauss-Newton product, J^T backwards."""
     fisher = POLICY_KL[LOSS_POLICY[loss]][1]
-    supports = _step_batches(support, len(thetas) - 1)
     caches = [loss_and_grad(theta, batch, loss, activation)[2] for theta, batch in zip(thetas[:-1], supports)]
     hs_q = mlp_forward(thetas[-1], x_q, activation)[1]
     slopes_q = mlp_slopes(hs_q, activation)

@@ -1018,8 +1018,8 @@ class TestTRPO(unittest.TestCase):
                     kl_weights = self.rng.uniform(0.1, 1.0, size=(3, 5))
                     thetas = mm.adapt(params, support, loss, 0.1, steps, "tanh")[0]
                     old_out = mm.mlp_forward(thetas[-1], x_q, "tanh")[0]
-                    product = mm._meta_fisher(params, thetas, support, x_q, old_out, kl_weights, loss, 0.1,
-                                              first_order, "tanh")
+                    product = mm._meta_fisher(params, thetas, mm._step_batches(support, steps), x_q, old_out,
+                                              kl_weights, loss, 0.1, first_order, "tanh")
 
                     def meta_kl(d):  # first-order: the same shift of every task's adapted params (J = I)
                         moved = ([t + di for t, di in zip(thetas[-1], d)] if first_order else
@@ -1069,8 +1069,8 @@ class TestTRPO(unittest.TestCase):
                 g = mm.maml_grad(params, support, query, loss, 0.1, steps, False, "tanh")[1]
                 step = [q - p for p, q in zip(params, new)]
                 thetas = mm.adapt(params, support, loss, 0.1, steps, "tanh")[0]
-                f_step = mm._meta_fisher(params, thetas, support, query[0], old_out, kl_weights, loss, 0.1, False,
-                                         "tanh", 1e-2)(step)
+                f_step = mm._meta_fisher(params, thetas, mm._step_batches(support, steps), query[0], old_out,
+                                         kl_weights, loss, 0.1, False, "tanh", 1e-2)(step)
                 dot = mm._dot
                 # (CG stops at a residual of 1e-5 |g|.)
                 self.assertLess(_rel_err(f_step, [gi * (dot(f_step, g) / dot(g, g)) for gi in g]), 1e-4)
