@@ -816,38 +816,79 @@ def sample_actions(out, rng, policy="categorical"):
     return out[..., :d] + xp.exp(out[..., d:]) * rng.standard_normal(out.shape[:-1] + (d,), dtype=out.dtype)
 
 
-def rollout(params, env, n_tasks, rng, horizon, policy="categorical", activation="tanh"):
-    """One episode in each of the env.num_envs = n_tasks * E environments of a batched env.
+def rollout(params, env, n_tasks, rng, horizon, policy="categorical", activation="tanh", min_steps=None):
+    """Episodes in the env.num_envs = n_tasks * E environments of a batched env.
 
     env has the batched Gymnasium API of cartpole.VecCartPole (reset(seed=)
-    and step(actions) -> obs, reward, terminated, truncated, info); env i
-    belongs to task i // E. params are shared, or per task (a leading axis T).
-    Each env runs until its episode ends or `horizon` steps; the steps after
-    the end are masked out. Returns the batch dict described above."""
+    and step(actions) -> obs, reward, terminated, truncated, info, restarting
+    an env in the step that ends its episode); env i belongs to task i // E.
+    params are shared, or per task (a leading axis T).
+
+    Without min_steps, one episode in each env: it runs until it ends or
+    `horizon` steps, and the steps after its end are masked out.
+    With min_steps, as rllab's sampler in the MAML authors' code: the envs go
+    on through their restarts until the episodes each task has finished hold
+    min_steps steps or more; the episodes still running then are dropped. A
+    task's episodes lie along the E axis, env after env; E is then the most
+    episodes any task finished, and the rows a task leaves empty are masked
+    out. The env must end every episode within `horizon` steps.
+    Returns the batch dict described above."""
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {tuple(POLICIES)}, got {policy!r}")
     n_envs = env.num_envs
     if n_tasks < 1 or n_envs % n_tasks:
         raise ValueError(f"env.num_envs ({n_envs}) must be a multiple of n_tasks ({n_tasks})")
+    if min_steps is not None:
+        _check_int_at_least("min_steps", min_steps, 1)
     E = n_envs // n_tasks
     ob, _ = env.reset(seed=int(rng.integers(2 ** 63)))
     draws = device_rng(rng)
     dtype = params[0].dtype
-    obs, actions, rewards, mask = [], [], [], []
-    alive = xp.ones(n_envs, dtype=bool)
-    for _ in range(horizon):
+    obs, actions, rewards, dones, starts = [], [], [], [], []
+    ended = xp.zeros(n_envs, dtype=bool)  # each env's first episode has ended
+    start = xp.zeros(n_envs, dtype=np.int64)  # the step at which each env's running episode began
+    stop = xp.full(n_tasks, -1)  # the step after which each task's finished episodes held min_steps
+    for k in range(horizon if min_steps is None else sys.maxsize):
         x = ob.astype(dtype).reshape(n_tasks, E, -1)  # (T, E, in)
         a = sample_actions(mlp_forward(params, x, activation)[0], draws, policy)  # (T, E) or (T, E, d)
         ob, reward, terminated, truncated, _ = env.step(a.reshape((n_envs,) + a.shape[2:]))
+        done = terminated | truncated
         obs.append(x)
         actions.append(a)
-        rewards.append(xp.where(alive, reward, 0.0).reshape(n_tasks, E))
-        mask.append(alive.reshape(n_tasks, E))
-        alive = alive & ~(terminated | truncated)  # what the env does after an episode's end is ignored
-        if not alive.any():
+        rewards.append(reward.reshape(n_tasks, E))
+        dones.append(done.reshape(n_tasks, E))
+        if min_steps is None:
+            ended = ended | done
+            if ended.all():
+                break
+            continue
+        starts.append(start.reshape(n_tasks, E))
+        start = xp.where(done, k + 1, start)  # = the steps of the env's finished episodes
+        enough = start.reshape(n_tasks, E).sum(axis=1) >= min_steps
+        stop = xp.where((stop < 0) & enough, k, stop)
+        if (stop >= 0).all():
             break
-    stack = lambda xs: xp.stack(xs, axis=2)  # (T, E, H, ...)
-    return {"obs": stack(obs), "actions": stack(actions), "rewards": stack(rewards), "mask": stack(mask)}
+        if (k + 1 - start >= horizon).any():
+            raise ValueError(f"with min_steps, the env must end each episode within horizon ({horizon}) steps")
+    stack = lambda xs: xp.stack(xs, axis=2)  # (T, E, K, ...) over the K steps taken
+    obs, actions, rewards, done = stack(obs), stack(actions), stack(rewards), stack(dones)
+    before = xp.cumsum(done, axis=2) - done  # (T, E, K) episodes the env ended before step k
+    if min_steps is None:  # the first episode: no end before the step
+        mask = before == 0
+        return {"obs": obs, "actions": actions, "rewards": xp.where(mask, rewards, 0.0), "mask": mask}
+    # Each kept step's place (task, row, h): row = the episodes of the task's earlier envs + the env's
+    # episodes before it; h = the steps since its episode began. Kept: the episodes ended by the stop.
+    per_env = (done & (xp.arange(done.shape[2]) <= stop[:, None, None])).sum(axis=2)  # (T, E)
+    kept = xp.nonzero(before < per_env[..., None])  # (task, env, step) of each kept step
+    row = (before + (xp.cumsum(per_env, axis=1) - per_env)[..., None])[kept]
+    h = kept[2] - stack(starts)[kept]
+
+    def place(a):  # (T, E, K, ...) -> (T, rows, horizon, ...), zero where no step is kept
+        out = xp.zeros((n_tasks, int(per_env.sum(axis=1).max()), horizon) + a.shape[3:], dtype=a.dtype)
+        out[kept[0], row, h] = a[kept]
+        return out
+    return {"obs": place(obs), "actions": place(actions), "rewards": place(rewards),
+            "mask": place(xp.ones(done.shape, dtype=bool))}
 
 
 def discounted_returns(rewards, gamma=0.99):
@@ -923,6 +964,13 @@ def with_old_logp(params, batch, policy="categorical", activation="tanh"):
 def episode_returns(episodes):
     """Undiscounted return of each episode: (T, E)."""
     return episodes["rewards"].sum(axis=-1)
+
+
+def mean_returns(episodes):
+    """Each task's mean return over its episodes: (T,). A row whose first step is masked holds no episode."""
+    real = episodes["mask"][..., 0]  # (T, E)
+    returns = episode_returns(episodes)
+    return (returns * real).sum(axis=1) / real.sum(axis=1).astype(returns.dtype)
 
 
 def step_weights(episodes):
@@ -1446,7 +1494,8 @@ def load_checkpoint(path, config):
         raise
     except Exception as e:  # a zip, npz or JSON error: say which file, and why
         raise ValueError(f"{path} is not a readable metarl-min checkpoint ({type(e).__name__}: {e})") from e
-    free = ("iterations", "log_every", "eval_tasks", "eval_batch")  # settings that leave training as it was
+    # The settings that leave training as it was.
+    free = ("iterations", "log_every", "eval_tasks", "eval_batch", "eval_min_steps")
     # A setting newer than the checkpoint had its default value when the checkpoint was made.
     saved = {**{f.name: f.default for f in dataclasses.fields(config)}, **meta["config"]}
     saved = {k: v for k, v in saved.items() if k not in free}
@@ -1593,6 +1642,9 @@ class CartPoleConfig:
                            "paper's 0.01)", 0.0)
     eval_tasks: int = hparam(40, "held-out tasks for the final evaluation", 2)
     eval_batch: int = hparam(20, "episodes per task for each test-time step (held-out and validation tasks)", 1)
+    eval_min_steps: int = hparam(0, "0: each test-time step samples eval_batch episodes per task; N > 0: as the "
+                                 "authors' test script (rllab's sampler), the eval_batch envs of a task restart "
+                                 "until its finished episodes hold N steps, and the return is their mean", 0)
     seed: int = hparam(0, "seed of every random draw", 0)
     log_every: int = hparam(5, "iterations between progress lines and checkpoints", 1)
 
@@ -1612,8 +1664,11 @@ class Nav2DConfig(CartPoleConfig):
                         choices=("trpo", "adam"))
     init_log_std: float = hparam(-0.5, "log-std of the Gaussian policy at initialisation (rllab's 0 is a velocity "
                                  "noise of 0.1 per step; lower lets adapted policies stop at the goal)", -5.0, 2.0)
-    eval_batch: int = hparam(40, "episodes per task for each test-time step (the authors' test script: 4000 steps, "
-                             "at least 40 episodes)", 1)
+    eval_batch: int = hparam(40, "envs per task for each test-time step (the authors' test script: 40)", 1)
+    eval_min_steps: int = hparam(4000, "steps per task for each test-time step, as the authors' test script samples "
+                                 "them (rllab's sampler): the eval_batch envs restart until the finished episodes "
+                                 "hold this many, and the return is their mean, in which short episodes count more "
+                                 "often; 0: exactly eval_batch episodes", 0)
     log_every: int = hparam(10, "iterations between progress lines and checkpoints", 1)
 
 
@@ -1741,16 +1796,18 @@ def meta_rl_train(problem, config, save=None, load=None):
 def meta_rl_evaluate(params, problem, config, tasks, rng, inner_lr, later_lr=None):
     """Each task's mean return after 0, 1, 2, 3 inner policy-gradient steps,
     the first of inner_lr and the others of later_lr (default: inner_lr), each
-    step on eval_batch fresh episodes of the current policy (which also give
-    the return at that step): {steps: (n_tasks,) returns}."""
+    step on fresh episodes of the current policy (which also give the return
+    at that step): eval_batch of them, or as many as eval_batch envs finish in
+    eval_min_steps steps (rollout's min_steps). Returns {steps: (n_tasks,) returns}."""
     later_lr = inner_lr if later_lr is None else later_lr
     spec = META_RL_PROBLEMS[problem]
     env = spec["make_env"](tasks, config.eval_batch)
     n_tasks = env.num_envs // config.eval_batch
     result = {}
     for s in RL_EVAL_STEPS:
-        episodes = rollout(params, env, n_tasks, rng, spec["horizon"], spec["policy"], spec["activation"])
-        result[str(s)] = episode_returns(episodes).mean(axis=1)
+        episodes = rollout(params, env, n_tasks, rng, spec["horizon"], spec["policy"], spec["activation"],
+                           config.eval_min_steps or None)
+        result[str(s)] = mean_returns(episodes)
         if s < max(RL_EVAL_STEPS):
             batch = pg_batch(episodes, config.gamma, config.gae_lambda)
             params = adapt(params, batch, spec["loss"], later_lr if s else inner_lr, 1, spec["activation"])[0][-1]
@@ -1833,8 +1890,10 @@ def run_meta_rl(problem, config, json_path=None, save=None, load=None, plot=None
         for label, (params, first, later) in models.items()}
     seconds = time.perf_counter() - t0
 
+    per_step = (f"{config.eval_min_steps} env steps ({config.eval_batch} envs)" if config.eval_min_steps else
+                f"{config.eval_batch} episodes")
     print(f"\n{problem}: mean return on {config.eval_tasks} held-out tasks (+- 95% CI) after k policy-gradient "
-          f"steps of {config.eval_batch} episodes each; seed {config.seed}")
+          f"steps of {per_step} each; seed {config.seed}")
     step_sizes = lambda first, later: f"lr {first}" + (f", then {later:g}" if later != first else "")
     print(f"{'steps':>5}" + "".join(f"  {f'{label} ({step_sizes(*models[label][1:])})':>26}" for label in results)
           + ("  MAML (paper)" if problem == "nav2d" else ""))

@@ -841,6 +841,62 @@ class TestPolicyGradient(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "policy must be one of"):
             mm.rollout(params, _CountdownEnv(lengths), 2, np.random.default_rng(1), 4, policy="beta")
 
+    def test_rollout_with_min_steps_by_hand(self):
+        # Task 0: episodes of 3 and 5 steps; by step 5 (0-based) it has finished 3 + 3 + 5 >= 10 steps.
+        # Task 1: episodes of 2 and 7; by step 6, 2 + 2 + 2 + 7 >= 10. Running episodes are dropped.
+        params = mm.init_mlp((1, 4, 2), np.random.default_rng(0))
+        episodes = mm.rollout(params, _CountdownEnv([3, 5, 2, 7]), 2, np.random.default_rng(1), horizon=8,
+                              min_steps=10)
+        self.assertEqual(episodes["obs"].shape, (2, 4, 8, 1))
+        np.testing.assert_array_equal(episodes["mask"].sum(axis=-1), [[3, 3, 5, 0], [2, 2, 2, 7]])
+        for t, e in zip(*np.nonzero(episodes["mask"][..., 0])):
+            n = episodes["mask"][t, e].sum()
+            self.assertTrue(episodes["mask"][t, e, :n].all())
+            np.testing.assert_array_equal(episodes["obs"][t, e, :n, 0], np.arange(n))  # each from its start
+        np.testing.assert_allclose(mm.mean_returns(episodes), [11 / 3, 13 / 4])  # over the episodes, not the rows
+        with self.assertRaisesRegex(ValueError, "within horizon"):
+            mm.rollout(params, _CountdownEnv([3, 9]), 1, np.random.default_rng(1), horizon=8, min_steps=30)
+        with self.assertRaisesRegex(ValueError, "min_steps must be"):
+            mm.rollout(params, _CountdownEnv([3, 5]), 1, np.random.default_rng(1), horizon=8, min_steps=0)
+
+    def test_rollout_with_min_steps_equals_rllabs_sampler_loop(self):
+        # Goals near the start and a narrow policy: episodes end after 1 to 100 steps.
+        T, E, min_steps = 3, 4, 150
+        goals = np.array([[0.004, 0.0], [0.0, -0.006], [0.05, 0.05]])
+        params = mm.init_policy("nav2d", mm.Nav2DConfig(hidden=8, init_log_std=-2.5, init_out_scale=0.0),
+                                np.random.default_rng(0))
+        params[-1][:2] = 0.0  # the mean velocity: 0 everywhere
+        got = mm.rollout(params, mm.nav_envs(goals, E), T, np.random.default_rng(4), mm.NAV_MAX_EPISODE_STEPS,
+                         "gaussian", "relu", min_steps)
+        # rllab's VectorizedSampler, one env at a time: keep each episode as it ends until the task has enough.
+        rng, env = np.random.default_rng(4), mm.nav_envs(goals, E)
+        ob, _ = env.reset(seed=int(rng.integers(2 ** 63)))
+        draws = mm.device_rng(rng)
+        running, kept, count = [[] for _ in range(T * E)], [[] for _ in range(T)], np.zeros(T, int)
+        while (count < min_steps).any():
+            x = ob.reshape(T, E, 2)
+            a = mm.sample_actions(mm.mlp_forward(params, x, "relu")[0], draws, "gaussian").reshape(T * E, 2)
+            ob, reward, terminated, truncated, _ = env.step(a)
+            full = count >= min_steps
+            for i in range(T * E):
+                running[i].append((x.reshape(T * E, 2)[i], a[i], reward[i]))
+                if terminated[i] or truncated[i]:
+                    if not full[i // E]:
+                        kept[i // E].append(running[i])
+                        count[i // E] += len(running[i])
+                    running[i] = []
+        lengths = [sorted(len(ep) for ep in k) for k in kept]
+        self.assertTrue(any(n < 100 for n in lengths[0]) and max(map(len, kept)) > E)  # restarts happened
+        for t in range(T):
+            rows = [e for e in range(got["mask"].shape[1]) if got["mask"][t, e, 0]]
+            self.assertEqual(sorted(int(got["mask"][t, e].sum()) for e in rows), lengths[t])
+            ours = sorted((got["obs"][t, e][got["mask"][t, e]].tobytes(), got["actions"][t, e][got["mask"][t, e]]
+                           .tobytes(), got["rewards"][t, e][got["mask"][t, e]].tobytes()) for e in rows)
+            theirs = sorted((np.array([s[0] for s in ep]).tobytes(), np.array([s[1] for s in ep]).tobytes(),
+                             np.array([s[2] for s in ep]).tobytes()) for ep in kept[t])
+            self.assertEqual(ours, theirs)
+            self.assertFalse(got["mask"][t, len(rows):].any())  # the empty rows come last
+
     def test_rollout_with_per_task_params_equals_one_task_at_a_time(self):
         rng = np.random.default_rng(3)
         params = mm.init_mlp((4, 8, 2), rng)
@@ -930,20 +986,24 @@ class TestPolicyGradient(unittest.TestCase):
                 self.assertEqual(a.dtype, np.float32)
 
     def test_evaluation_steps_equal_a_loop_by_hand(self):
-        # Step 1 of inner_lr, then steps of later_lr, each on fresh episodes of the current policy.
-        config = mm.Nav2DConfig(hidden=8, eval_batch=3)  # eval_batch episodes a step, not fast_batch
-        params = mm.init_policy("nav2d", config, np.random.default_rng(0))
+        # Step 1 of inner_lr, then steps of later_lr, each on fresh episodes of the current policy:
+        # eval_batch episodes, or those eval_batch envs finish in eval_min_steps steps.
         goals = mm.sample_nav_tasks(np.random.default_rng(1), 2)
-        got = mm.meta_rl_evaluate(params, "nav2d", config, goals, np.random.default_rng(2), 0.3, 0.05)
-        rng, p = np.random.default_rng(2), params
-        for step, lr in zip("0123", (0.3, 0.05, 0.05, None)):
-            episodes = mm.rollout(p, mm.nav_envs(goals, 3), 2, rng, mm.NAV_MAX_EPISODE_STEPS, "gaussian", "relu")
-            np.testing.assert_array_equal(got[step], mm.episode_returns(episodes).mean(axis=1))
-            if lr is not None:
-                p = mm.adapt(p, mm.pg_batch(episodes), "gauss", lr, 1, "relu")[0][-1]
-        same = mm.meta_rl_evaluate(params, "nav2d", config, goals, np.random.default_rng(2), 0.3, None)
-        np.testing.assert_array_equal(same["1"], got["1"])  # later_lr does not touch the first step
-        self.assertFalse(np.array_equal(same["2"], got["2"]))
+        for min_steps in (0, 450):
+            config = mm.Nav2DConfig(hidden=8, eval_batch=3, eval_min_steps=min_steps)
+            params = mm.init_policy("nav2d", config, np.random.default_rng(0))
+            got = mm.meta_rl_evaluate(params, "nav2d", config, goals, np.random.default_rng(2), 0.3, 0.05)
+            rng, p = np.random.default_rng(2), params
+            for step, lr in zip("0123", (0.3, 0.05, 0.05, None)):
+                episodes = mm.rollout(p, mm.nav_envs(goals, 3), 2, rng, mm.NAV_MAX_EPISODE_STEPS, "gaussian", "relu",
+                                      min_steps or None)
+                self.assertEqual(episodes["mask"].shape[1], 3 if min_steps == 0 else 6)  # 2 rounds of 100 steps
+                np.testing.assert_array_equal(got[step], mm.episode_returns(episodes).mean(axis=1))
+                if lr is not None:
+                    p = mm.adapt(p, mm.pg_batch(episodes), "gauss", lr, 1, "relu")[0][-1]
+            same = mm.meta_rl_evaluate(params, "nav2d", config, goals, np.random.default_rng(2), 0.3, None)
+            np.testing.assert_array_equal(same["1"], got["1"])  # later_lr does not touch the first step
+            self.assertFalse(np.array_equal(same["2"], got["2"]))
 
 
 class TestTRPO(unittest.TestCase):
@@ -1172,8 +1232,8 @@ class TestMetaRL(unittest.TestCase):
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "out.json")
             status, out, err = _run_main(["nav2d", "--iterations", "1", "--meta-batch", "2", "--fast-batch", "2",
-                                          "--eval-tasks", "2", "--eval-batch", "2", "--hidden", "8", "--inner-steps",
-                                          "2", "--json", path])
+                                          "--eval-tasks", "2", "--eval-batch", "2", "--eval-min-steps", "300",
+                                          "--hidden", "8", "--inner-steps", "2", "--json", path])
             self.assertEqual(status, 0, err)
             self.assertIn("MAML (paper)", out)
             # 2 tasks, each: 2 episodes before each of the 2 inner steps, 2 after them, and the
@@ -1529,8 +1589,8 @@ class TestBackend(unittest.TestCase):
             path = os.path.join(d, "nav.json")
             with unittest.mock.patch.object(mm, "use_device", lambda device: None):
                 status, _, err = _run_main(["nav2d", "--iterations", "1", "--meta-batch", "2", "--fast-batch", "2",
-                                            "--eval-tasks", "2", "--eval-batch", "2", "--hidden", "8", "--json", path,
-                                            "--outer", "trpo"])
+                                            "--eval-tasks", "2", "--eval-batch", "2", "--eval-min-steps", "300",
+                                            "--hidden", "8", "--json", path, "--outer", "trpo"])
             self.assertEqual(status, 0, err)
             self.assertEqual(set(_read_json(path)["return"]), {"0", "1", "2", "3"})
             # The qlearn command, evaluation included, on episodes cut at 10 steps.
