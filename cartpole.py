@@ -5,7 +5,9 @@ What it implements
     ``observation_space``/``action_space``) and CartPole-v1's behaviour,
     ``gymnasium.make("CartPole-v1")`` included: the 500-step time limit sets
     ``truncated``, and ``step`` before ``reset`` is an error. For the same seed
-    and actions its observations are bit-identical to Gymnasium 1.x's.
+    and actions its observations are bit-identical to Gymnasium 1.x's on the
+    same machine (both take cosine and sine from NumPy, whose float64 ones are
+    libm's on most CPUs and SVML's on those with AVX-512).
   * ``VecCartPole``: ``num_envs`` environments stepped together with NumPy
     array operations, each with its own physics (every parameter a scalar or
     an array of shape ``(num_envs,)``), resetting itself when an episode ends.

@@ -67,6 +67,19 @@ GYMNASIUM_TRAJECTORIES = [
 ]
 
 
+def _numpy_trig_is_libms(angles):
+    """Whether NumPy's float64 cosine and sine equal libm's (Python's math) at these angles.
+
+    The references above were made where they do: on x86-64 without AVX-512,
+    NumPy calls libm. On CPUs with AVX-512, NumPy 2.x computes them with SVML
+    (its wheels carry __svml_sin8_ha), which can differ in the last bit
+    (numpy/numpy#23523); Gymnasium, which calls NumPy too, then makes other
+    trajectories than these, and so does CartPoleEnv, exactly as Gymnasium."""
+    angles = np.asarray(angles, dtype=np.float64)
+    return (np.cos(angles).tolist() == [math.cos(a) for a in angles.tolist()]
+            and np.sin(angles).tolist() == [math.sin(a) for a in angles.tolist()])
+
+
 def _reference_policy(kind, obs, rng):
     if kind == "random":
         return int(rng.integers(2))
@@ -76,6 +89,7 @@ def _reference_policy(kind, obs, rng):
 
 class TestCartPoleMatchesGymnasium(unittest.TestCase):
     def test_trajectories_bit_identical(self):
+        other_trig = []  # seeds whose trajectory met an angle where this CPU's NumPy trigonometry is not libm's
         for ref in GYMNASIUM_TRAJECTORIES:
             with self.subTest(seed=ref["seed"], integrator=ref["integrator"], physics=ref["physics"]):
                 env = cp.CartPoleEnv(kinematics_integrator=ref["integrator"],
@@ -83,8 +97,9 @@ class TestCartPoleMatchesGymnasium(unittest.TestCase):
                 obs, info = env.reset(seed=ref["seed"])
                 self.assertEqual(info, {})
                 rng = np.random.default_rng(ref["seed"])
-                observations, rewards, extra = [obs], [], ref["extra"]
+                observations, rewards, extra, angles = [obs], [], ref["extra"], []
                 while True:
+                    angles.append(env.state[2])
                     obs, reward, terminated, truncated, _ = env.step(_reference_policy(ref["policy"], obs, rng))
                     observations.append(obs)
                     rewards.append(reward)
@@ -93,6 +108,9 @@ class TestCartPoleMatchesGymnasium(unittest.TestCase):
                         if extra == 0:
                             break
                         extra -= 1
+                if not _numpy_trig_is_libms(angles):
+                    other_trig.append(ref["seed"])
+                    continue
                 self.assertEqual(len(rewards), ref["steps"])
                 self.assertEqual((terminated, truncated), (ref["terminated"], ref["truncated"]))
                 self.assertEqual(sum(rewards), ref["reward_sum"])
@@ -102,6 +120,10 @@ class TestCartPoleMatchesGymnasium(unittest.TestCase):
                 self.assertEqual(env.state.dtype, np.float64)
                 digest = hashlib.sha256(np.array(observations, np.float32).tobytes()).hexdigest()[:32]
                 self.assertEqual(digest, ref["sha256"])
+        if other_trig:
+            self.skipTest(f"seeds {other_trig}: NumPy's float64 cos or sin differs from libm's at an angle these "
+                          "trajectories reach (AVX-512's SVML?), so Gymnasium's own trajectories differ from the "
+                          "references here; the other seeds matched")
 
     def test_reset_options_and_rng_stream(self):
         # Gymnasium's CartPoleEnv docstring: reset(seed=123, options={"low": 0, "high": 1}).
