@@ -7,7 +7,7 @@ What it implements
     ``truncated``, and ``step`` before ``reset`` is an error. For the same seed
     and actions its observations are bit-identical to Gymnasium 1.x's on the
     same machine (both take cosine and sine from NumPy, whose float64 ones are
-    libm's on most CPUs and SVML's on those with AVX-512).
+    libm's on x86-64 without AVX-512 and SVML's with it: they can differ).
   * ``VecCartPole``: ``num_envs`` environments stepped together with NumPy
     array operations, each with its own physics (every parameter a scalar or
     an array of shape ``(num_envs,)``), resetting itself when an episode ends.
