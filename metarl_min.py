@@ -882,9 +882,10 @@ def rollout(params, env, n_tasks, rng, horizon, policy="categorical", activation
     kept = xp.nonzero(before < per_env[..., None])  # (task, env, step) of each kept step
     row = (before + (xp.cumsum(per_env, axis=1) - per_env)[..., None])[kept]
     h = kept[2] - stack(starts)[kept]
+    rows = int(per_env.sum(axis=1).max())  # the most episodes any task finished
 
     def place(a):  # (T, E, K, ...) -> (T, rows, horizon, ...), zero where no step is kept
-        out = xp.zeros((n_tasks, int(per_env.sum(axis=1).max()), horizon) + a.shape[3:], dtype=a.dtype)
+        out = xp.zeros((n_tasks, rows, horizon) + a.shape[3:], dtype=a.dtype)
         out[kept[0], row, h] = a[kept]
         return out
     return {"obs": place(obs), "actions": place(actions), "rewards": place(rewards),
