@@ -67,7 +67,7 @@ GYMNASIUM_TRAJECTORIES = [
 ]
 
 
-def _numpy_trig_is_libms(angles):
+def _numpy_trig_equals_libm(angles):
     """Whether NumPy's float64 cosine and sine equal libm's (Python's math) at these angles.
 
     The references above were made where they do: on x86-64 without AVX-512,
@@ -108,7 +108,7 @@ class TestCartPoleMatchesGymnasium(unittest.TestCase):
                         if extra == 0:
                             break
                         extra -= 1
-                if not _numpy_trig_is_libms(angles):
+                if not _numpy_trig_equals_libm(angles):
                     other_trig.append(ref["seed"])
                     continue
                 self.assertEqual(len(rewards), ref["steps"])
