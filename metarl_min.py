@@ -1496,7 +1496,7 @@ def load_checkpoint(path, config):
     except Exception as e:  # a zip, npz or JSON error: say which file, and why
         raise ValueError(f"{path} is not a readable metarl-min checkpoint ({type(e).__name__}: {e})") from e
     # The settings that leave training as it was.
-    free = ("iterations", "log_every", "eval_tasks", "eval_batch", "eval_min_steps")
+    free = ("iterations", "log_every", "eval_tasks", "val_tasks", "eval_batch", "eval_min_steps")
     # A setting newer than the checkpoint had its default value when the checkpoint was made.
     saved = {**{f.name: f.default for f in dataclasses.fields(config)}, **meta["config"]}
     saved = {k: v for k, v in saved.items() if k not in free}
@@ -1642,6 +1642,8 @@ class CartPoleConfig:
     max_kl: float = hparam(0.01, "TRPO only: the trust region, the mean KL of the adapted policies per step (the "
                            "paper's 0.01)", 0.0)
     eval_tasks: int = hparam(40, "held-out tasks for the final evaluation", 2)
+    val_tasks: int = hparam(20, "validation tasks, apart from the training and held-out ones, on which each model's "
+                            "test-time step sizes are chosen", 1)
     eval_batch: int = hparam(20, "episodes per task for each test-time step (held-out and validation tasks)", 1)
     eval_min_steps: int = hparam(0, "0: each test-time step samples eval_batch episodes per task; N > 0: as the "
                                  "authors' test script (rllab's sampler), the eval_batch envs of a task restart "
@@ -1870,7 +1872,7 @@ def run_meta_rl(problem, config, json_path=None, save=None, load=None, plot=None
     meta, pretrained, extra = meta_rl_train(problem, config, save, load)
     # Held-out tasks, validation tasks and the random init: streams of their own, untouched by resuming.
     tasks = spec["sample_tasks"](np.random.default_rng([config.seed, 1]), config.eval_tasks)
-    validation = spec["sample_tasks"](np.random.default_rng([config.seed, 2]), 20)
+    validation = spec["sample_tasks"](np.random.default_rng([config.seed, 2]), config.val_tasks)
     random_init = init_policy(problem, config, np.random.default_rng([config.seed, 3]))
 
     def tuned(params, step_sizes, first=None):

@@ -1191,7 +1191,7 @@ class TestTRPO(unittest.TestCase):
 
 class TestMetaRL(unittest.TestCase):
     SHORT = ["cartpole", "--iterations", "8", "--meta-batch", "10", "--fast-batch", "10", "--eval-tasks", "10",
-             "--eval-batch", "10", "--log-every", "4"]
+             "--eval-batch", "10", "--val-tasks", "5", "--log-every", "4"]
 
     def test_short_cartpole_run_adapts(self):
         with tempfile.TemporaryDirectory() as d:
@@ -1213,7 +1213,8 @@ class TestMetaRL(unittest.TestCase):
         for outer in ("adam", "trpo"):  # TRPO keeps no optimiser state
             with self.subTest(outer=outer), tempfile.TemporaryDirectory() as d:
                 ck, a, b = (os.path.join(d, n) for n in ("ck.npz", "a.json", "b.json"))
-                base = ["cartpole", "--meta-batch", "3", "--fast-batch", "3", "--eval-tasks", "3", "--eval-batch", "3",
+                base = ["cartpole", "--meta-batch", "3", "--fast-batch", "3", "--eval-tasks", "3", "--val-tasks", "2",
+                        "--eval-batch", "3",
                         "--log-every", "2", "--hidden", "8", "--outer", outer]
                 self.assertEqual(_run_main(base + ["--iterations", "4", "--json", a])[0], 0)
                 self.assertEqual(_run_main(base + ["--iterations", "2", "--save", ck])[0], 0)
@@ -1236,7 +1237,8 @@ class TestMetaRL(unittest.TestCase):
                       ["--inner-steps", "2"], ["--inner-steps", "2", "--outer", "trpo", "--lvc"]):
             with self.subTest(flags=flags):
                 status, out, err = _run_main(["cartpole", "--iterations", "2", "--meta-batch", "2", "--fast-batch",
-                                              "2", "--eval-tasks", "2", "--eval-batch", "2", "--hidden", "8"] + flags)
+                                              "2", "--eval-tasks", "2", "--val-tasks", "2", "--eval-batch", "2",
+                                              "--hidden", "8"] + flags)
                 self.assertEqual(status, 0, err)
         for flags in (["--lvc", "--first-order"], ["--lvc", "--algorithm", "reptile"]):
             status, out, err = _run_main(["cartpole"] + flags)
@@ -1254,8 +1256,8 @@ class TestMetaRL(unittest.TestCase):
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "out.json")
             status, out, err = _run_main(["nav2d", "--iterations", "1", "--meta-batch", "2", "--fast-batch", "2",
-                                          "--eval-tasks", "2", "--eval-batch", "2", "--eval-min-steps", "300",
-                                          "--hidden", "8", "--inner-steps", "2", "--json", path])
+                                          "--eval-tasks", "2", "--val-tasks", "2", "--eval-batch", "2",
+                                          "--eval-min-steps", "300", "--hidden", "8", "--inner-steps", "2", "--json", path])
             self.assertEqual(status, 0, err)
             self.assertIn("MAML (paper)", out)
             # 2 tasks, each: 2 episodes before each of the 2 inner steps, 2 after them, and the
@@ -1611,8 +1613,8 @@ class TestBackend(unittest.TestCase):
             path = os.path.join(d, "nav.json")
             with unittest.mock.patch.object(mm, "use_device", lambda device: None):
                 status, _, err = _run_main(["nav2d", "--iterations", "1", "--meta-batch", "2", "--fast-batch", "2",
-                                            "--eval-tasks", "2", "--eval-batch", "2", "--eval-min-steps", "300",
-                                            "--hidden", "8", "--json", path, "--outer", "trpo"])
+                                            "--eval-tasks", "2", "--val-tasks", "2", "--eval-batch", "2",
+                                            "--eval-min-steps", "300", "--hidden", "8", "--json", path, "--outer", "trpo"])
             self.assertEqual(status, 0, err)
             self.assertEqual(set(_read_json(path)["return"]), {"0", "1", "2", "3"})
             # The qlearn command, evaluation included, on episodes cut at 10 steps.
