@@ -1214,10 +1214,14 @@ class TestMetaRL(unittest.TestCase):
             with self.subTest(outer=outer), tempfile.TemporaryDirectory() as d:
                 ck, a, b = (os.path.join(d, n) for n in ("ck.npz", "a.json", "b.json"))
                 base = ["cartpole", "--meta-batch", "3", "--fast-batch", "3", "--eval-tasks", "3", "--val-tasks", "2",
-                        "--eval-batch", "3",
-                        "--log-every", "2", "--hidden", "8", "--outer", outer]
+                        "--eval-batch", "3", "--log-every", "2", "--hidden", "8", "--outer", outer]
                 self.assertEqual(_run_main(base + ["--iterations", "4", "--json", a])[0], 0)
                 self.assertEqual(_run_main(base + ["--iterations", "2", "--save", ck])[0], 0)
+                # The evaluation's settings may change on resuming; training's may not.
+                self.assertEqual(_run_main(base + ["--iterations", "2", "--load", ck, "--val-tasks", "3"])[0], 0)
+                status, _, err = _run_main(base + ["--iterations", "2", "--load", ck, "--fast-batch", "4"])
+                self.assertEqual(status, 2)
+                self.assertIn("was made with other hyperparameters: --fast-batch 3 (now 4)", err)
                 self.assertEqual(_run_main(base + ["--iterations", "4", "--load", ck, "--json", b])[0], 0)
                 ra, rb = _read_json(a), _read_json(b)
                 for key in ("return", "pretrained_return", "random_init_return", "env_steps"):
