@@ -1261,7 +1261,8 @@ class TestMetaRL(unittest.TestCase):
             path = os.path.join(d, "out.json")
             status, out, err = _run_main(["nav2d", "--iterations", "1", "--meta-batch", "2", "--fast-batch", "2",
                                           "--eval-tasks", "2", "--val-tasks", "2", "--eval-batch", "2",
-                                          "--eval-min-steps", "300", "--hidden", "8", "--inner-steps", "2", "--json", path])
+                                          "--eval-min-steps", "300", "--hidden", "8", "--inner-steps", "2",
+                                          "--json", path])
             self.assertEqual(status, 0, err)
             self.assertIn("MAML (paper)", out)
             # 2 tasks, each: 2 episodes before each of the 2 inner steps, 2 after them, and the
@@ -1618,7 +1619,8 @@ class TestBackend(unittest.TestCase):
             with unittest.mock.patch.object(mm, "use_device", lambda device: None):
                 status, _, err = _run_main(["nav2d", "--iterations", "1", "--meta-batch", "2", "--fast-batch", "2",
                                             "--eval-tasks", "2", "--val-tasks", "2", "--eval-batch", "2",
-                                            "--eval-min-steps", "300", "--hidden", "8", "--json", path, "--outer", "trpo"])
+                                            "--eval-min-steps", "300", "--hidden", "8", "--json", path,
+                                            "--outer", "trpo"])
             self.assertEqual(status, 0, err)
             self.assertEqual(set(_read_json(path)["return"]), {"0", "1", "2", "3"})
             # The qlearn command, evaluation included, on episodes cut at 10 steps.
