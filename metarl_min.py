@@ -53,6 +53,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import ClassVar
 
 import numpy as np
 
@@ -1397,6 +1398,7 @@ def check_config(config):
 @dataclasses.dataclass
 class SineConfig:
     """Sinusoid regression, as in the MAML paper (sec. 5.1 and appendix C)."""
+    command: ClassVar[str] = "sine"  # the command of these settings, recorded in its checkpoints
     shots: int = hparam(5, "K: points per task in the support set (the query set has K too)", 1)
     iterations: int = hparam(70000, "meta-training iterations (the total, also when resuming)", 1)
     meta_batch: int = hparam(25, "tasks per meta-iteration", 1)
@@ -1468,7 +1470,8 @@ def save_checkpoint(path, config, iteration, rng, models, optimisers, extra=None
     for name, state in optimisers.items():
         for key in ("m", "v"):
             arrays.update({f"adam/{name}/{key}/{i}": to_host(a) for i, a in enumerate(state[key])})
-    meta = dict(format="metarl-min checkpoint 1", config=dataclasses.asdict(config), iteration=iteration,
+    meta = dict(format="metarl-min checkpoint 1", command=config.command, config=dataclasses.asdict(config),
+                iteration=iteration,
                 rng=rng.bit_generator.state, adam_t={k: s["t"] for k, s in optimisers.items()},
                 models={k: len(p) for k, p in models.items()}, extra=extra or {})
     arrays["meta"] = np.array(json.dumps(meta))
@@ -1479,7 +1482,7 @@ def load_checkpoint(path, config):
     """Load a checkpoint written by save_checkpoint for the same config (iterations may differ).
 
     Returns (iteration, rng, models, optimisers, extra); ValueError if the file is
-    not such a checkpoint or was made with other hyperparameters."""
+    not such a checkpoint, is another command's, or was made with other hyperparameters."""
     try:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
@@ -1495,6 +1498,12 @@ def load_checkpoint(path, config):
         raise
     except Exception as e:  # a zip, npz or JSON error: say which file, and why
         raise ValueError(f"{path} is not a readable metarl-min checkpoint ({type(e).__name__}: {e})") from e
+    if meta.get("command", config.command) != config.command:  # older checkpoints lack it: the settings tell
+        raise ValueError(f"{path} is a checkpoint of the {meta['command']} command, not of {config.command}")
+    foreign = [k for k in meta["config"] if k not in {f.name for f in dataclasses.fields(config)}]
+    if foreign:
+        flags = ", ".join("--" + k.replace("_", "-") for k in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ValueError(f"{path} was made with settings that {config.command} does not have: {flags}")
     # The settings that leave training as it was.
     free = ("iterations", "log_every", "eval_tasks", "val_tasks", "eval_batch", "eval_min_steps")
     # A setting newer than the checkpoint had its default value when the checkpoint was made.
@@ -1620,6 +1629,7 @@ def run_sine(config, json_path=None, save=None, load=None):
 @dataclasses.dataclass
 class CartPoleConfig:
     """Meta-RL on CartPole tasks, half with the actuator reversed (cartpole.py's "reversed" family)."""
+    command: ClassVar[str] = "cartpole"
     iterations: int = hparam(100, "meta-training iterations (the total, also when resuming)", 1)
     meta_batch: int = hparam(20, "tasks per meta-iteration", 1)
     fast_batch: int = hparam(20, "episodes per task for each inner step and for the outer step", 1)
@@ -1655,6 +1665,7 @@ class CartPoleConfig:
 @dataclasses.dataclass
 class Nav2DConfig(CartPoleConfig):
     """Meta-RL on the MAML paper's 2D navigation: reach a goal the policy does not observe."""
+    command: ClassVar[str] = "nav2d"
     inner_lr: float = hparam(0.1, "alpha: step size of the inner policy-gradient step (the paper's 0.1; the "
                              "authors' code, 0.5, did worse here: README)", 0.0)
     meta_lr: float = hparam(0.003, "beta: Adam step size of the outer loop (--outer adam)", 0.0)
@@ -1935,6 +1946,7 @@ def run_nav2d(config, json_path=None, save=None, load=None, plot=None):
 @dataclasses.dataclass
 class QLearnConfig:
     """Tabular and kernel Q-learning on CartPole tasks, from zero and from a meta-learned start."""
+    command: ClassVar[str] = "qlearn"
     bins: str = hparam("1,1,6,3", "table bins for x, x_dot, theta, theta_dot (each >= 1; the classic agent's: 1,1,6,12)")
     alpha_min: float = hparam(0.1, "floor of the learning rate's log decay, in (0, 1]", 1e-9, 1.0)
     epsilon_min: float = hparam(0.0, "floor of the exploration rate's log decay, in [0, 1]", 0.0, 1.0)

@@ -1222,6 +1222,10 @@ class TestMetaRL(unittest.TestCase):
                 status, _, err = _run_main(base + ["--iterations", "2", "--load", ck, "--fast-batch", "4"])
                 self.assertEqual(status, 2)
                 self.assertIn("was made with other hyperparameters: --fast-batch 3 (now 4)", err)
+                # Another command's checkpoint: refused by name, before any training.
+                status, _, err = _run_main(["nav2d", "--load", ck])
+                self.assertEqual(status, 2)
+                self.assertIn("is a checkpoint of the cartpole command, not of nav2d", err)
                 self.assertEqual(_run_main(base + ["--iterations", "4", "--load", ck, "--json", b])[0], 0)
                 ra, rb = _read_json(a), _read_json(b)
                 for key in ("return", "pretrained_return", "random_init_return", "env_steps"):
@@ -1235,6 +1239,14 @@ class TestMetaRL(unittest.TestCase):
                 np.savez(ck, **arrays)
                 self.assertEqual(_run_main(base + ["--iterations", "4", "--load", ck, "--json", b])[0], 0)
                 self.assertEqual(_read_json(b)["return"], ra["return"])
+                # An older checkpoint does not name its command: another command's settings tell.
+                del meta["command"]
+                arrays["meta"] = np.array(json.dumps(meta))
+                np.savez(ck, **arrays)
+                status, _, err = _run_main(["sine", "--load", ck])
+                self.assertEqual(status, 2)
+                self.assertIn(f"{ck} was made with settings that sine does not have: --fast-batch, --init-out-scale, --gamma, ...",
+                              err)
 
     def test_algorithms_run(self):
         for flags in (["--first-order"], ["--algorithm", "reptile"], ["--lvc"], ["--outer", "trpo", "--lvc"],
