@@ -1471,8 +1471,7 @@ def save_checkpoint(path, config, iteration, rng, models, optimisers, extra=None
         for key in ("m", "v"):
             arrays.update({f"adam/{name}/{key}/{i}": to_host(a) for i, a in enumerate(state[key])})
     meta = dict(format="metarl-min checkpoint 1", command=config.command, config=dataclasses.asdict(config),
-                iteration=iteration,
-                rng=rng.bit_generator.state, adam_t={k: s["t"] for k, s in optimisers.items()},
+                iteration=iteration, rng=rng.bit_generator.state, adam_t={k: s["t"] for k, s in optimisers.items()},
                 models={k: len(p) for k, p in models.items()}, extra=extra or {})
     arrays["meta"] = np.array(json.dumps(meta))
     _atomic_write(path, lambda f: np.savez(f, **arrays))
