@@ -1245,8 +1245,8 @@ class TestMetaRL(unittest.TestCase):
                 np.savez(ck, **arrays)
                 status, _, err = _run_main(["sine", "--load", ck])
                 self.assertEqual(status, 2)
-                self.assertIn(f"{ck} was made with settings that sine does not have: --fast-batch, --init-out-scale, --gamma, ...",
-                              err)
+                self.assertIn(f"{ck} was made with settings that sine does not have: "
+                              "--fast-batch, --init-out-scale, --gamma, ...", err)
 
     def test_algorithms_run(self):
         for flags in (["--first-order"], ["--algorithm", "reptile"], ["--lvc"], ["--outer", "trpo", "--lvc"],
