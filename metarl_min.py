@@ -2316,12 +2316,18 @@ DEFAULT_COMMAND = "cartpole"  # what plain `python metarl_min.py [flags]` runs
 
 def _check_paths(load=None, **outputs):
     """Fail before any training, not after it, when the file to load is missing or a file to be
-    written has no folder to go in."""
+    written is a folder or has no folder to go in."""
+    if load is not None and os.path.isdir(load):
+        raise ValueError(f"--load {load}: a folder, not a checkpoint file")
     if load is not None and not os.path.isfile(load):
         raise ValueError(f"--load {load}: no such file")
     for flag, path in outputs.items():
-        folder = None if path is None else os.path.dirname(os.path.abspath(path))
-        if folder is not None and not os.path.isdir(folder):
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path) or path.endswith(os.sep):
+            raise ValueError(f"--{flag} {path}: a folder; give a file name")
+        if not os.path.isdir(folder):
             raise ValueError(f"--{flag} {path}: the folder {folder} does not exist")
 
 

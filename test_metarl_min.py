@@ -759,6 +759,9 @@ class TestSine(unittest.TestCase):
                      (["sine", "--no-such-flag"], "unrecognized arguments"),
                      (["sine", "--load", os.path.join(d, "missing.npz")], "no such file"),
                      (["sine", "--load", corrupt], "not a readable metarl-min checkpoint"),
+                     (["sine", "--load", d], "a folder, not a checkpoint file"),
+                     (["sine", "--json", d], "a folder; give a file name"),
+                     (["sine", "--save", os.path.join(d, "new") + os.sep], "a folder; give a file name"),
                      (["nonsense"], "invalid choice")]
             for args, message in cases:
                 with self.subTest(args=args):
