@@ -790,6 +790,14 @@ def adam_init(params):
 
 def adam_step(params, grads, state, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
     """One Adam step (Kingma & Ba 2015, Algorithm 1). Returns new params and state; the inputs stay as they are."""
+    for name, value, low, high in (("lr", lr, 0.0, math.inf), ("beta1", beta1, 0.0, 1.0), ("beta2", beta2, 0.0, 1.0),
+                                   ("eps", eps, 0.0, math.inf)):
+        _check_number(name, value)
+        if not (low <= value < high):
+            raise ValueError(f"{name} must be in [{low}, {high}), got {value!r}")
+    if not len(grads) == len(state["m"]) == len(state["v"]) == len(params):
+        raise ValueError(f"grads and state must hold one array per parameter array ({len(params)}), "
+                         f"got {len(grads)} and {len(state['m'])}")
     t = state["t"] + 1
     m = [beta1 * m + (1 - beta1) * g for m, g in zip(state["m"], grads)]
     v = [beta2 * v + (1 - beta2) * g * g for v, g in zip(state["v"], grads)]

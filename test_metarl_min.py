@@ -665,10 +665,18 @@ class TestMamlContract(unittest.TestCase):
         state = mm.adam_init(w)
         for _ in range(3):
             g = [2 * w[0] * np.array([1.0, 3.0])]
-            before = w[0].copy()
-            w, state = mm.adam_step(w, g, state, lr=0.1)
-            self.assertFalse(np.array_equal(before, w[0]))
+            old, before, m_before = w, w[0].copy(), state["m"][0].copy()
+            w, state_new = mm.adam_step(w, g, state, lr=0.1)
+            np.testing.assert_array_equal(old[0], before)
+            np.testing.assert_array_equal(state["m"][0], m_before)
+            state = state_new
         np.testing.assert_allclose(w[0], TORCH_ADAM_3_STEPS, rtol=1e-12)
+        # Bad settings, and grads that do not match params (zip would silently drop the rest).
+        for kwargs, pattern in ((dict(lr=-0.1), r"lr must be in \[0.0, inf\)"), (dict(beta1=1.0), "beta1 must be in"),
+                                (dict(beta2=float("nan")), "beta2 must be a finite number"),
+                                (dict(grads=[]), r"one array per parameter array \(1\)")):
+            with self.subTest(kwargs=list(kwargs)), self.assertRaisesRegex(ValueError, pattern):
+                mm.adam_step(**{"params": w, "grads": g, "state": state, **kwargs})
 
 
 
