@@ -903,6 +903,9 @@ def rollout(params, env, n_tasks, rng, horizon, policy="categorical", activation
 
 def discounted_returns(rewards, gamma=0.99):
     """Rewards-to-go R_t = sum_{l>=0} gamma^l r_{t+l} along the last axis (masked rewards are 0)."""
+    _check_number("gamma", gamma)
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
     returns = xp.zeros(rewards.shape, dtype=np.float64)
     running = xp.zeros(rewards.shape[:-1])
     for t in reversed(range(rewards.shape[-1])):
@@ -1014,6 +1017,7 @@ def conjugate_gradient(matvec, b, iters=10, tol=1e-10):
     """x with A x = b for a symmetric positive-definite A given as matvec(x), both lists of arrays
     (Hestenes & Stiefel 1952; Nocedal & Wright 2006, Algorithm 5.2), from x = 0: iters steps at
     most, fewer once |b - A x|^2 <= tol |b|^2."""
+    _check_int_at_least("iters", iters, 1)
     x = [xp.zeros_like(bi) for bi in b]
     r, p = list(b), list(b)  # residual b - A x, search direction
     rr = _dot(r, r)
@@ -1290,6 +1294,9 @@ def q_learn(env, weights, featurize, rng, episodes, alpha_min=0.1, epsilon_min=0
 def episodes_to_solve(returns, threshold=475.0, window=100):
     """Per run, the first episode (1-based) at which the mean return of the
     last `window` episodes reaches threshold (CartPole-v1's criterion); inf if never."""
+    _check_int_at_least("window", window, 1)
+    if returns.shape[-1] < window:
+        raise ValueError(f"window ({window}) must not exceed the episodes per run ({returns.shape[-1]})")
     csum = xp.cumsum(returns, axis=-1)
     means = (csum[..., window - 1:] - xp.concatenate([xp.zeros(returns.shape[:-1] + (1,)),
                                                        csum[..., :-window]], axis=-1)) / window
@@ -1306,8 +1313,16 @@ SINE_PHASE = (0.0, math.pi)  # phase ~ U[0, pi]
 SINE_X = (-5.0, 5.0)  # x ~ U[-5, 5]
 
 
+def _check_sampler(rng, n):
+    """The arguments every task sampler takes, as cartpole.sample_tasks checks them."""
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    _check_int_at_least("n", n, 1)
+
+
 def sample_sine_tasks(rng, n):
     """Amplitudes and phases of n tasks y = A sin(x - phase), each (n,)."""
+    _check_sampler(rng, n)
     return rng.uniform(*SINE_AMPLITUDE, size=n), rng.uniform(*SINE_PHASE, size=n)
 
 
@@ -1330,6 +1345,7 @@ NAV_MAX_EPISODE_STEPS = 100
 
 def sample_nav_tasks(rng, n):
     """Goals of n tasks: (n, 2)."""
+    _check_sampler(rng, n)
     return rng.uniform(*NAV_GOAL_RANGE, size=(n, 2))
 
 
@@ -1345,8 +1361,9 @@ class VecNav2D:
 
     def __init__(self, goals, max_episode_steps=NAV_MAX_EPISODE_STEPS, action_scale=NAV_MAX_SPEED):
         goals = xp.asarray(goals, dtype=np.float64)
-        if goals.ndim != 2 or goals.shape[1] != 2 or not xp.isfinite(goals).all():
-            raise ValueError(f"goals must be a finite array of shape (num_envs, 2), got shape {goals.shape}")
+        if goals.ndim != 2 or goals.shape[0] < 1 or goals.shape[1] != 2 or not xp.isfinite(goals).all():
+            raise ValueError(f"goals must be a finite array of shape (num_envs, 2), num_envs >= 1, got shape "
+                             f"{goals.shape}")
         _check_int_at_least("max_episode_steps", max_episode_steps, 1)
         self.num_envs, self.goals = goals.shape[0], goals.copy()
         self.max_episode_steps, self.action_scale = int(max_episode_steps), float(action_scale)
@@ -1439,6 +1456,8 @@ class Progress:
 def mean_ci95(values):
     """Mean and half-width of its 95% confidence interval (normal approximation)."""
     values = to_host(values).astype(np.float64)
+    if values.ndim != 1 or values.size < 2:
+        raise ValueError(f"values must be a 1-D array of at least 2 numbers, got shape {values.shape}")
     return float(values.mean()), float(1.96 * values.std(ddof=1) / math.sqrt(values.size))
 
 

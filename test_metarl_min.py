@@ -824,6 +824,19 @@ class _CountdownEnv:
 
 
 class TestPolicyGradient(unittest.TestCase):
+    def test_helpers_reject_bad_arguments(self):
+        rng = np.random.default_rng(0)
+        cases = [(lambda: mm.discounted_returns(np.ones((1, 3)), 1.5), ValueError, r"gamma must be in \[0, 1\]"),
+                 (lambda: mm.conjugate_gradient(lambda v: v, [np.ones(3)], iters=0), ValueError, "iters must be"),
+                 (lambda: mm.mean_ci95(np.array([1.0])), ValueError, "at least 2 numbers"),
+                 (lambda: mm.episodes_to_solve(np.ones((2, 50))), ValueError, r"window \(100\) must not exceed"),
+                 (lambda: mm.sample_nav_tasks(rng, 0), ValueError, "n must be an integer >= 1"),
+                 (lambda: mm.sample_sine_tasks(0, 3), TypeError, "rng must be a numpy.random.Generator"),
+                 (lambda: mm.VecNav2D(np.zeros((0, 2))), ValueError, "num_envs >= 1")]
+        for i, (call, err, pattern) in enumerate(cases):
+            with self.subTest(case=i), self.assertRaisesRegex(err, pattern):
+                call()
+
     def test_returns_and_advantages_by_hand(self):
         rewards = np.array([[1.0, 2.0, 3.0]])
         np.testing.assert_allclose(mm.discounted_returns(rewards, 0.5), [[2.75, 3.5, 3.0]])
