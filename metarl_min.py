@@ -548,6 +548,18 @@ def _check_number(name, value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
+def _check_interval(name, value, low, high, high_open=False):
+    """value a finite number in [low, high], or [low, high) with high_open."""
+    _check_number(name, value)
+    if not (low <= value and (value < high if high_open else value <= high)):
+        raise ValueError(f"{name} must be in [{low}, {high}{')' if high_open else ']'}, got {value!r}")
+
+
+def _check_rng(rng):
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+
+
 def _check_finite(checks):
     """checks: pairs (array, what). ValueError "<what> contains NaN or inf" for the first that does.
     All are checked in one pass over their concatenation: at sinusoid sizes, 8 us against 30 us for
@@ -777,6 +789,8 @@ def reptile_grad(params, support, query, loss="mse", inner_lr=0.01, inner_steps=
     data (Nichol et al. 2018, Algorithm 2, batched). Returns the mean query
     loss before adaptation (for monitoring) and the direction."""
     support, query = _check_meta_args(params, support, query, loss, inner_steps, activation, step_list=False)
+    _check_int_at_least("inner_steps", inner_steps, 1)  # no steps, no direction
+    _check_number("inner_lr", inner_lr)
     losses, _, _ = loss_and_grad(params, query, loss, activation)
     thetas, _, _ = adapt(params, concat_batches(support, query), loss, inner_lr, inner_steps, activation)
     return float(losses.mean()), [(p - t.mean(axis=0) if t.ndim > p.ndim else p - t).astype(p.dtype, copy=False)
@@ -790,11 +804,8 @@ def adam_init(params):
 
 def adam_step(params, grads, state, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
     """One Adam step (Kingma & Ba 2015, Algorithm 1). Returns new params and state; the inputs stay as they are."""
-    for name, value, low, high in (("lr", lr, 0.0, math.inf), ("beta1", beta1, 0.0, 1.0), ("beta2", beta2, 0.0, 1.0),
-                                   ("eps", eps, 0.0, math.inf)):
-        _check_number(name, value)
-        if not (low <= value < high):
-            raise ValueError(f"{name} must be in [{low}, {high}), got {value!r}")
+    for name, value, high in (("lr", lr, math.inf), ("beta1", beta1, 1.0), ("beta2", beta2, 1.0), ("eps", eps, math.inf)):
+        _check_interval(name, value, 0.0, high, high_open=True)
     if not len(grads) == len(state["m"]) == len(state["v"]) == len(params):
         raise ValueError(f"grads and state must hold one array per parameter array ({len(params)}), "
                          f"got {len(grads)} and {len(state['m'])}")
@@ -847,6 +858,8 @@ def rollout(params, env, n_tasks, rng, horizon, policy="categorical", activation
     n_envs = env.num_envs
     if n_tasks < 1 or n_envs % n_tasks:
         raise ValueError(f"env.num_envs ({n_envs}) must be a multiple of n_tasks ({n_tasks})")
+    _check_rng(rng)
+    _check_int_at_least("horizon", horizon, 1)
     if min_steps is not None:
         _check_int_at_least("min_steps", min_steps, 1)
     E = n_envs // n_tasks
@@ -903,9 +916,7 @@ def rollout(params, env, n_tasks, rng, horizon, policy="categorical", activation
 
 def discounted_returns(rewards, gamma=0.99):
     """Rewards-to-go R_t = sum_{l>=0} gamma^l r_{t+l} along the last axis (masked rewards are 0)."""
-    _check_number("gamma", gamma)
-    if not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
+    _check_interval("gamma", gamma, 0.0, 1.0)
     returns = xp.zeros(rewards.shape, dtype=np.float64)
     running = xp.zeros(rewards.shape[:-1])
     for t in reversed(range(rewards.shape[-1])):
@@ -939,6 +950,8 @@ def advantages(rewards, values, mask, gamma=0.99, lam=1.0):
     """GAE(lambda) (Schulman et al. 2016, eq. 16): A_t = sum_l (gamma lam)^l delta_{t+l},
     delta_t = r_t + gamma V(s_{t+1}) - V(s_t), with V = 0 after the episode's last step.
     lam = 1 gives R_t - V(s_t), the estimator of the MAML paper."""
+    _check_interval("gamma", gamma, 0.0, 1.0)
+    _check_interval("lam", lam, 0.0, 1.0)
     next_values = xp.concatenate([values[..., 1:] * mask[..., 1:], xp.zeros(values.shape[:-1] + (1,))], axis=-1)
     deltas = (rewards + gamma * next_values - values) * mask
     return discounted_returns(deltas, gamma * lam) * mask
@@ -1245,10 +1258,8 @@ def q_learn(env, weights, featurize, rng, episodes, alpha_min=0.1, epsilon_min=0
     episode count, from start_episode (an int, or one per env). Returns (weights, returns (B, episodes))."""
     if not 0.0 < alpha_min <= 1.0:
         raise ValueError(f"alpha_min must be in (0, 1], got {alpha_min!r}")
-    if not 0.0 <= gamma <= 1.0:
-        raise ValueError(f"gamma must be in [0, 1], got {gamma!r}")
-    if not 0.0 <= epsilon_min <= 1.0:
-        raise ValueError(f"epsilon_min must be in [0, 1], got {epsilon_min!r}")
+    _check_interval("gamma", gamma, 0.0, 1.0)
+    _check_interval("epsilon_min", epsilon_min, 0.0, 1.0)
     _check_int_at_least("episodes", episodes, 1)
     env = env if hasattr(env, "num_envs") else _OneEnv(env)
     B, A = env.num_envs, weights.shape[-1]
@@ -1313,16 +1324,10 @@ SINE_PHASE = (0.0, math.pi)  # phase ~ U[0, pi]
 SINE_X = (-5.0, 5.0)  # x ~ U[-5, 5]
 
 
-def _check_sampler(rng, n):
-    """The arguments every task sampler takes, as cartpole.sample_tasks checks them."""
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-    _check_int_at_least("n", n, 1)
-
-
 def sample_sine_tasks(rng, n):
     """Amplitudes and phases of n tasks y = A sin(x - phase), each (n,)."""
-    _check_sampler(rng, n)
+    _check_rng(rng)
+    _check_int_at_least("n", n, 1)
     return rng.uniform(*SINE_AMPLITUDE, size=n), rng.uniform(*SINE_PHASE, size=n)
 
 
@@ -1345,7 +1350,8 @@ NAV_MAX_EPISODE_STEPS = 100
 
 def sample_nav_tasks(rng, n):
     """Goals of n tasks: (n, 2)."""
-    _check_sampler(rng, n)
+    _check_rng(rng)
+    _check_int_at_least("n", n, 1)
     return rng.uniform(*NAV_GOAL_RANGE, size=(n, 2))
 
 

@@ -594,6 +594,10 @@ class TestGradients(unittest.TestCase):
         g = mm.loss_and_grad(params, both)[1]
         for d, gi in zip(direction, g):  # one step: theta - mean theta' = lr * mean grad
             np.testing.assert_allclose(d, 0.1 * gi.mean(axis=0), atol=1e-12)
+        with self.assertRaisesRegex(ValueError, "inner_steps must be an integer >= 1"):
+            mm.reptile_grad(params, support, query, "mse", 0.1, 0)
+        with self.assertRaisesRegex(ValueError, "inner_lr must be a finite number"):
+            mm.reptile_grad(params, support, query, "mse", float("nan"), 1)
 
     def test_matches_pytorch_autograd(self):
         # Reference: torch 2.13.0, torch.func.grad of the vmapped second-order
@@ -826,13 +830,19 @@ class _CountdownEnv:
 class TestPolicyGradient(unittest.TestCase):
     def test_helpers_reject_bad_arguments(self):
         rng = np.random.default_rng(0)
-        cases = [(lambda: mm.discounted_returns(np.ones((1, 3)), 1.5), ValueError, r"gamma must be in \[0, 1\]"),
+        cases = [(lambda: mm.discounted_returns(np.ones((1, 3)), 1.5), ValueError, r"gamma must be in \[0.0, 1.0\]"),
                  (lambda: mm.conjugate_gradient(lambda v: v, [np.ones(3)], iters=0), ValueError, "iters must be"),
                  (lambda: mm.mean_ci95(np.array([1.0])), ValueError, "at least 2 numbers"),
                  (lambda: mm.episodes_to_solve(np.ones((2, 50))), ValueError, r"window \(100\) must not exceed"),
                  (lambda: mm.sample_nav_tasks(rng, 0), ValueError, "n must be an integer >= 1"),
                  (lambda: mm.sample_sine_tasks(0, 3), TypeError, "rng must be a numpy.random.Generator"),
-                 (lambda: mm.VecNav2D(np.zeros((0, 2))), ValueError, "num_envs >= 1")]
+                 (lambda: mm.VecNav2D(np.zeros((0, 2))), ValueError, "num_envs >= 1"),
+                 (lambda: mm.advantages(np.ones((1, 3)), np.ones((1, 3)), np.ones((1, 3), bool), lam=-1), ValueError,
+                  r"lam must be in \[0.0, 1.0\]"),
+                 (lambda: mm.rollout(mm.init_mlp((4, 2), rng), cp.VecCartPole(2), 1, rng, 0), ValueError,
+                  "horizon must be an integer >= 1"),
+                 (lambda: mm.rollout(mm.init_mlp((4, 2), rng), cp.VecCartPole(2), 1, 0, 5), TypeError,
+                  "rng must be a numpy.random.Generator")]
         for i, (call, err, pattern) in enumerate(cases):
             with self.subTest(case=i), self.assertRaisesRegex(err, pattern):
                 call()
@@ -1438,7 +1448,7 @@ class TestQLearning(unittest.TestCase):
     def test_bad_hyperparameters(self):
         env, W = _TwoStateEnv(1), np.zeros((1, 2, 2))
         for kwargs, message in (({"alpha_min": 0.0}, "alpha_min must be in \\(0, 1\\]"),
-                                ({"alpha_min": 1.5}, "alpha_min"), ({"gamma": -0.1}, "gamma must be in \\[0, 1\\]"),
+                                ({"alpha_min": 1.5}, "alpha_min"), ({"gamma": -0.1}, "gamma must be in \\[0.0, 1.0\\]"),
                                 ({"gamma": 1.01}, "gamma")):
             with self.subTest(**kwargs), self.assertRaisesRegex(ValueError, message):
                 mm.q_learn(env, W, self.rows, np.random.default_rng(0), 1, **kwargs)
