@@ -804,7 +804,8 @@ def adam_init(params):
 
 def adam_step(params, grads, state, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
     """One Adam step (Kingma & Ba 2015, Algorithm 1). Returns new params and state; the inputs stay as they are."""
-    for name, value, high in (("lr", lr, math.inf), ("beta1", beta1, 1.0), ("beta2", beta2, 1.0), ("eps", eps, math.inf)):
+    for name, value, high in (("lr", lr, math.inf), ("beta1", beta1, 1.0), ("beta2", beta2, 1.0),
+                              ("eps", eps, math.inf)):
         _check_interval(name, value, 0.0, high, high_open=True)
     if not len(grads) == len(state["m"]) == len(state["v"]) == len(params):
         raise ValueError(f"grads and state must hold one array per parameter array ({len(params)}), "
@@ -1260,8 +1261,13 @@ def q_learn(env, weights, featurize, rng, episodes, alpha_min=0.1, epsilon_min=0
         raise ValueError(f"alpha_min must be in (0, 1], got {alpha_min!r}")
     _check_interval("gamma", gamma, 0.0, 1.0)
     _check_interval("epsilon_min", epsilon_min, 0.0, 1.0)
+    _check_number("decay", decay)
+    if not decay > 0:
+        raise ValueError(f"decay must be > 0, got {decay!r}")
     _check_int_at_least("episodes", episodes, 1)
     env = env if hasattr(env, "num_envs") else _OneEnv(env)
+    if weights.ndim != 3 or weights.shape[0] != env.num_envs:
+        raise ValueError(f"weights must have shape (num_envs, F, A) = ({env.num_envs}, F, A), got {weights.shape}")
     B, A = env.num_envs, weights.shape[-1]
     W, rows = weights.copy(), xp.arange(B)
     obs, _ = env.reset(seed=int(rng.integers(2 ** 63)))

@@ -1449,9 +1449,11 @@ class TestQLearning(unittest.TestCase):
         env, W = _TwoStateEnv(1), np.zeros((1, 2, 2))
         for kwargs, message in (({"alpha_min": 0.0}, "alpha_min must be in \\(0, 1\\]"),
                                 ({"alpha_min": 1.5}, "alpha_min"), ({"gamma": -0.1}, "gamma must be in \\[0.0, 1.0\\]"),
-                                ({"gamma": 1.01}, "gamma")):
+                                ({"gamma": 1.01}, "gamma"), ({"decay": 0.0}, "decay must be > 0"),
+                                ({"weights": np.zeros((2, 2, 2))}, r"weights must have shape \(num_envs, F, A\)")):
             with self.subTest(**kwargs), self.assertRaisesRegex(ValueError, message):
-                mm.q_learn(env, W, self.rows, np.random.default_rng(0), 1, **kwargs)
+                mm.q_learn(**{"env": env, "weights": W, "featurize": self.rows, "rng": np.random.default_rng(0),
+                              "episodes": 1, **kwargs})
         with self.assertRaisesRegex(ValueError, "degree must be an integer >= 1"):
             mm.poly_features(np.zeros((1, 4)), 0)
         with self.assertRaisesRegex(ValueError, "bins must be an integer >= 1"):
