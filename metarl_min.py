@@ -2313,7 +2313,11 @@ PLOTTED = ("cartpole", "nav2d")  # the commands with --plot
 
 
 def build_parser():
-    parser = _Parser(prog="metarl_min.py", description="Meta-learning with exact second-order MAML, in NumPy.")
+    parser = _Parser(prog="metarl_min.py", description="Meta-learning with exact second-order MAML, in NumPy.",
+                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog=f"With no COMMAND, or flags alone, it runs {DEFAULT_COMMAND}:\n"
+                            f"  python metarl_min.py --seed 1    is    python metarl_min.py {DEFAULT_COMMAND} --seed 1\n"
+                            "Each command's flags: python metarl_min.py COMMAND --help")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (cls, _) in EXPERIMENTS.items():
         summary = " ".join(cls.__doc__.split("\n\n")[0].split())  # the docstring's first paragraph, on one line

@@ -804,6 +804,7 @@ class TestSine(unittest.TestCase):
         proc = _cli("--help")
         self.assertEqual(proc.returncode, 0)
         self.assertIn("on the GPU too.", " ".join(proc.stdout.split()))
+        self.assertIn("With no COMMAND, or flags alone, it runs cartpole", " ".join(proc.stdout.split()))
 
 
 # ----------------------------------------------------------------------------
