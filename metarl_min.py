@@ -2310,6 +2310,7 @@ EXPERIMENTS = {"cartpole": (CartPoleConfig, run_cartpole), "nav2d": (Nav2DConfig
                "bench": (BenchConfig, run_bench)}
 TRAINED = ("cartpole", "nav2d", "qlearn", "sine")  # the commands with checkpoints
 PLOTTED = ("cartpole", "nav2d")  # the commands with --plot
+DEFAULT_COMMAND = "cartpole"  # what plain `python metarl_min.py [flags]` runs
 
 
 def build_parser():
@@ -2352,9 +2353,6 @@ def _tune_allocator():
         libc.mallopt(-2, 64 << 20)  # M_TOP_PAD
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
-
-
-DEFAULT_COMMAND = "cartpole"  # what plain `python metarl_min.py [flags]` runs
 
 
 def _check_paths(load=None, **outputs):
