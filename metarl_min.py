@@ -177,8 +177,7 @@ def init_mlp(sizes, rng, activation="tanh", dtype=np.float32, bias_outputs=0):
     every input and starting at 0: the last W has that many fewer columns than
     its b (a Gaussian policy's state-independent log-std, as in rllab)."""
     _check_activation(activation)
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    _check_rng(rng)
     if len(sizes) < 2 or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in sizes):
         raise ValueError(f"sizes must be at least 2 positive integers, got {sizes!r}")
     gain = math.sqrt(2.0) if activation == "relu" else 1.0
