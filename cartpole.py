@@ -17,9 +17,10 @@ What it leaves out: rendering, and the warning Gymnasium logs when one steps
 past termination (we return the same rewards, silently).
 
 Backend: ``VecCartPole`` computes with the module-level array module ``xp``,
-NumPy unless ``use_device("gpu")`` swaps in CuPy (imported only then); its
-arrays, and the RNG that resets its episodes, then live on the GPU, and its
-step runs as one kernel that ``cupy.fuse`` traces from ``cartpole_dynamics``.
+NumPy unless ``use_device("gpu")`` swaps in CuPy (imported only then; beside
+metarl_min.py, its ``use_device`` switches both files); its arrays, and the RNG
+that resets its episodes, then live on the GPU, and its step runs as one kernel
+that ``cupy.fuse`` traces from ``cartpole_dynamics`` (at the end of this file).
 ``CartPoleEnv`` is one environment stepped from Python and always uses NumPy.
 
 The equations are those of Barto, Sutton & Anderson (1983) as corrected by
@@ -349,30 +350,6 @@ def _terminated(x, theta, m=np):
     return (m.abs(x) > X_THRESHOLD) | (m.abs(theta) > THETA_THRESHOLD_RADIANS)
 
 
-_fused_steps = {}  # (array module, integrator) -> VecCartPole.step's arithmetic as one GPU kernel
-
-
-def _fused_step(kinematics_integrator):
-    """The arithmetic of VecCartPole.step (force, cartpole_dynamics, step count,
-    termination, truncation, float32 observation) as one GPU kernel: cupy.fuse
-    traces the very functions the CPU runs. One pass over memory in place of
-    some thirty, each reading and writing (N,) arrays."""
-    key = (xp, kinematics_integrator)
-    if key not in _fused_steps:
-        def step(x, x_dot, theta, theta_dot, steps, action, gravity, masscart, masspole, length, force_mag, tau,
-                 max_episode_steps, obs_x, obs_x_dot, obs_theta, obs_theta_dot):
-            p = types.SimpleNamespace(gravity=gravity, masspole=masspole, length=length, tau=tau,
-                                      total_mass=masspole + masscart, polemass_length=masspole * length,
-                                      kinematics_integrator=kinematics_integrator)  # _Physics's, inside the kernel
-            cartpole_dynamics((x, x_dot, theta, theta_dot), action * (2.0 * force_mag) - force_mag, p, m=xp)
-            steps += 1
-            for value, obs in zip((x, x_dot, theta, theta_dot), (obs_x, obs_x_dot, obs_theta, obs_theta_dot)):
-                xp.positive(value, out=obs)  # float64 -> float32 as astype: round to nearest
-            return _terminated(x, theta, xp), steps >= max_episode_steps
-        _fused_steps[key] = xp.fuse(kernel_name="cartpole_step")(step)
-    return _fused_steps[key]
-
-
 # ----------------------------------------------------------------------------
 # Many environments at once.
 # ----------------------------------------------------------------------------
@@ -461,7 +438,7 @@ class VecCartPole(_Physics):
                 *obs_rows)
             obs = obs_rows.T
         else:
-            if self._work is None:  # not before: the fused step needs none (640 MB at N = 2^24)
+            if self._work is None:  # not before: the fused step needs none, and at large N it is big
                 self._work, self._force = xp.empty((4, self.num_envs)), xp.empty(self.num_envs)
             # F = +force_mag for action 1, -force_mag for 0: a * 2f - f is exact in floating point.
             force = xp.multiply(actions, 2.0 * self.force_mag, out=self._force)
@@ -479,9 +456,9 @@ class VecCartPole(_Physics):
         if idx.size:  # same-step autoreset of the ended episodes
             new = self.np_random.uniform(low=self._low, high=self._high, size=(4, idx.size))  # Gymnasium's draw
             s[:, idx] = new
-            # The observation anew from the state, not a copy of final_obs with the new rows written in: at
-            # N = 16384 this takes 16 us, and that copy up to 90. glibc can put the copy 16 bytes past a multiple
-            # of 4096 from its source, and the CPU then stalls each load behind a store it seems to alias.
+            # The observation anew from the state, not a copy of final_obs with the new rows written in: glibc
+            # can put that copy 16 bytes past a multiple of 4096 from its source, and the CPU then stalls each
+            # load behind a store it seems to alias (docs/performance.md).
             obs = s.T.astype(np.float32)
             self.steps[idx] = 0
         return obs, reward, terminated, truncated, {"final_obs": final_obs, "_final_obs": done}
@@ -533,3 +510,30 @@ def sample_tasks(rng, n, family="reversed", reverse_prob=REVERSE_PROB):
     if family == "reversed":
         tasks["force_mag"] *= np.where(rng.random(n) < reverse_prob, -1.0, 1.0)
     return tasks
+
+
+# ----------------------------------------------------------------------------
+# On a GPU: VecCartPole's step as one kernel (VecCartPole.fused, the default on CuPy).
+# ----------------------------------------------------------------------------
+_fused_steps = {}  # (array module, integrator) -> VecCartPole.step's arithmetic as one GPU kernel
+
+
+def _fused_step(kinematics_integrator):
+    """The arithmetic of VecCartPole.step (force, cartpole_dynamics, step count,
+    termination, truncation, float32 observation) as one GPU kernel: cupy.fuse
+    traces the very functions the CPU runs. One pass over memory in place of
+    some thirty, each reading and writing (N,) arrays."""
+    key = (xp, kinematics_integrator)
+    if key not in _fused_steps:
+        def step(x, x_dot, theta, theta_dot, steps, action, gravity, masscart, masspole, length, force_mag, tau,
+                 max_episode_steps, obs_x, obs_x_dot, obs_theta, obs_theta_dot):
+            p = types.SimpleNamespace(gravity=gravity, masspole=masspole, length=length, tau=tau,
+                                      total_mass=masspole + masscart, polemass_length=masspole * length,
+                                      kinematics_integrator=kinematics_integrator)  # _Physics's, inside the kernel
+            cartpole_dynamics((x, x_dot, theta, theta_dot), action * (2.0 * force_mag) - force_mag, p, m=xp)
+            steps += 1
+            for value, obs in zip((x, x_dot, theta, theta_dot), (obs_x, obs_x_dot, obs_theta, obs_theta_dot)):
+                xp.positive(value, out=obs)  # float64 -> float32 as astype: round to nearest
+            return _terminated(x, theta, xp), steps >= max_episode_steps
+        _fused_steps[key] = xp.fuse(kernel_name="cartpole_step")(step)
+    return _fused_steps[key]

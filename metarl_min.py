@@ -1,39 +1,35 @@
 """metarl-min: meta-learning with the exact second-order MAML gradient, in NumPy.
 
-What it implements, top to bottom
-  0. The backend: every array is made by the module-level handle ``xp``,
-     NumPy by default; ``use_device("gpu")`` (``--device gpu`` or
-     METARL_DEVICE=gpu on the command line) swaps in CuPy, here and in
-     cartpole.py. Randomness comes from a NumPy ``Generator`` passed in;
-     the draws inside hot loops are made on the device by a generator seeded
-     from it (``device_rng``), so a seed fixes a run on each device.
-  1. An MLP with hand-written backprop, and exact Hessian-vector products by
-     Pearlmutter's R-operator (Pearlmutter 1994, "Fast exact multiplication by
-     the Hessian", eqs. 4-5): a forward and a backward pass of directional
-     derivatives, never a Hessian matrix, never finite differences.
-  2. Losses, each with its value, gradient and second-order product: "mse",
-     "pg" (the REINFORCE surrogate of a categorical policy), "gauss" (the
-     same for a Gaussian policy), and "pg_lvc"/"gauss_lvc", ProMP's
-     low-variance curvature surrogate (Rothfuss et al. 2019, sec. 5), whose
-     Hessian keeps the term of the pre-update sampling distribution. Each
-     policy also has its KL divergence and Fisher product, for TRPO.
-  3. MAML (Finn, Abbeel & Levine 2017, Algorithm 1 and eq. 1) with the exact
-     meta-gradient: the product of (I - inner_lr H_j) backwards through every
-     inner step, batched over a leading task axis T; first-order MAML (sec.
-     5.2); Meta-SGD (Li et al. 2017, eq. 2), whose learning rates get their
-     gradient from the same backward pass; Reptile (Nichol, Achiam & Schulman
-     2018, Algorithm 2); one optimiser, Adam (Kingma & Ba 2015, Algorithm 1).
-     Then policy gradients (one rollout function, a linear baseline, GAE);
-     TRPO (Schulman et al. 2015, appendix C) as MAML's outer step, the MAML
-     paper's choice for meta-RL, its metric the meta-Fisher J^T F J built
-     from exact products (J through the inner update, F by the Gauss-Newton
-     product of each policy's Fisher); and Q-learning with tables and kernel
-     features, batched over environments.
-  4. Tasks: the sinusoid regression and the 2D navigation of the MAML paper
-     (secs. 5.1 and 5.3); CartPole's tasks are in cartpole.py.
-  5. Experiments, each with its hyperparameters in one dataclass: sine,
-     cartpole, nav2d, qlearn, and bench (speed, measured side by side).
+To vendor MAML, copy this file; everything above line 753 is the core, and the
+core needs nothing but NumPy.
+
+The file reads top to bottom:
+  1. The core.
+     - An MLP with hand-written backprop, and exact Hessian-vector products by
+       Pearlmutter's R-operator (Pearlmutter 1994, "Fast exact multiplication by
+       the Hessian", eqs. 4-5): never a Hessian matrix, never finite differences.
+     - Losses, each with its value, gradient and Hessian product: "mse"; "pg" and
+       "gauss", the REINFORCE surrogates of a categorical and a Gaussian policy;
+       "pg_lvc" and "gauss_lvc", ProMP's low-variance curvature surrogate
+       (Rothfuss et al. 2019, sec. 5).
+     - MAML (Finn, Abbeel & Levine 2017, Algorithm 1 and eq. 1) with the exact
+       meta-gradient: the product of (I - inner_lr H_j) backwards through every
+       inner step, batched over a leading task axis T; first-order MAML (sec.
+       5.2); Meta-SGD (Li et al. 2017, eq. 2); Reptile (Nichol, Achiam &
+       Schulman 2018, Algorithm 2); Adam (Kingma & Ba 2015, Algorithm 1).
+     - The input checks of these entry points, in a section of their own.
+  2. Meta-RL: the tasks of the MAML paper (the sinusoid and 2D navigation, secs.
+     5.1 and 5.3; CartPole's are in cartpole.py), policy gradients (one rollout
+     function, a linear baseline, GAE), and TRPO (Schulman et al. 2015, appendix
+     C) as MAML's outer step, its metric the meta-Fisher J^T F J built from exact
+     products.
+  3. Q-learning with tables and kernel features, batched over environments.
+  4. The experiments, each with its hyperparameters in one dataclass: sine,
+     cartpole, nav2d, qlearn.
+  5. bench: speed, measured side by side.
   6. The command line: ``python metarl_min.py --help``.
+  7. The backend switch (``use_device("gpu")`` computes with CuPy, here and in
+     cartpole.py) and the fast paths for one backend, which plug themselves in.
 
 Shapes: a batch of tasks is ``x`` of shape (T, K, in): T tasks, K samples.
 Params are a plain list ``[W1, b1, W2, b2, ...]`` with ``W`` of shape
@@ -41,8 +37,12 @@ Params are a plain list ``[W1, b1, W2, b2, ...]`` with ``W`` of shape
 (after an inner step) they carry a leading task axis, ``W`` (T, in, out) and
 ``b`` (T, out). Every function here accepts both.
 
+Randomness comes only from a ``numpy.random.Generator`` passed in. cartpole.py is
+imported only by the parts that use CartPole (sections 2-5).
+
 What it leaves out: convolutional networks, batch norm, and any autograd.
 """
+
 
 import argparse
 import dataclasses
@@ -53,90 +53,20 @@ import os
 import sys
 import tempfile
 import time
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 
-import cartpole
-
-# ============================================================================
-# 0. The backend: the array module every function below computes with.
-# ============================================================================
-xp = np  # NumPy, or CuPy after use_device("gpu"); cartpole.py follows the same switch
-_cupy = False  # whether xp is CuPy, kept here: hasattr(np, "cuda") costs 2 us, 24 times a meta-gradient
-
-
-def use_device(device):
-    """Compute on "cpu" (NumPy, the default) or "gpu" (CuPy, imported only now), here and in
-    cartpole.py. ImportError, saying how to install it, when CuPy or a GPU is missing."""
-    set_array_module(cartpole.array_module(device))
-
-
-def set_array_module(module):
-    """Compute with ``module`` (numpy, cupy, or another NumPy-compatible module) here and in cartpole.py."""
-    global xp, _cupy
-    xp = module
-    _cupy = hasattr(module, "cuda")  # CuPy: a few products and sums below call cuBLAS themselves
-    cartpole.set_array_module(module)
-
-
-def to_host(a):
-    """A NumPy array of a backend array: an explicit copy off the GPU, a no-op on the CPU."""
-    return xp.asnumpy(a) if hasattr(xp, "asnumpy") else np.asarray(a)
-
-
-def device_rng(rng):
-    """The generator for the draws inside hot loops (actions, exploration): rng itself on
-    the CPU; on a GPU, a generator of the device seeded from rng, so that no draw
-    crosses the bus and rng, which checkpoints save, still fixes every later draw."""
-    return rng if xp is np else xp.random.default_rng(int(rng.integers(2 ** 63)))
-
-
-def _matmul(a, b):
-    """a @ b, for (T, m, k) @ (T, k, n) where either side may be 2-D (the same for every task).
-
-    On CuPy, one cuBLAS strided-batched product that reads a transposed operand where it
-    lies: CuPy's own @ first copies every operand that is not C-contiguous (h_l^T in each
-    weight gradient, W^T in each backward pass), and runs a 2-D one through an array of
-    pointers. At 100,000 sinusoid tasks on an H100 this took the meta-gradient from 27.1
-    to 23.5 ms. On NumPy, a @ b."""
-    if not _cupy:
-        return a @ b
-    tasks = {x.shape[0] for x in (a, b) if x.ndim == 3} - {1}
-    if (max(a.ndim, b.ndim) != 3 or len(tasks) > 1 or a.dtype != b.dtype or a.shape[-1] != b.shape[-2]
-            or 0 in a.shape + b.shape):
-        return a @ b  # not a product of this shape: CuPy's own, or its error
-    from cupy_backends.cuda.api import runtime
-    from cupy_backends.cuda.libs import cublas
-
-    def column_major(x):  # cuBLAS's view of x (rows, cols): an op and a leading dimension giving x^T
-        rows, cols = x.shape[-2:]
-        row_stride, col_stride = (s // x.itemsize for s in x.strides[-2:])
-        if col_stride == 1 and row_stride >= max(1, cols):  # row-major: as stored, it is x^T
-            return x, cublas.CUBLAS_OP_N, row_stride
-        if row_stride == 1 and col_stride >= max(1, rows):  # a transposed view: transpose it back
-            return x, cublas.CUBLAS_OP_T, col_stride
-        return xp.ascontiguousarray(x), cublas.CUBLAS_OP_N, cols
-
-    T = tasks.pop() if tasks else 1
-    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
-    (a, op_a, ld_a), (b, op_b, ld_b) = column_major(a), column_major(b)
-    task_stride = lambda x: x.strides[0] // x.itemsize if x.ndim == 3 and x.shape[0] > 1 else 0  # 0: shared
-    out = xp.empty((T, m, n), a.dtype)
-    one, zero = np.ones((), a.dtype), np.zeros((), a.dtype)
-    dtype, compute = ((runtime.CUDA_R_64F, cublas.CUBLAS_COMPUTE_64F) if a.dtype == np.float64 else
-                      (runtime.CUDA_R_32F, cublas.CUBLAS_COMPUTE_32F))
-    # Column-major, out^T (n, m) = b^T a^T: out comes back row-major (T, m, n).
-    cublas.gemmStridedBatchedEx(
-        xp.cuda.device.get_cublas_handle(), op_b, op_a, n, m, k, one.ctypes.data,
-        b.data.ptr, dtype, ld_b, task_stride(b), a.data.ptr, dtype, ld_a, task_stride(a),
-        zero.ctypes.data, out.data.ptr, dtype, n, m * n, T, compute, cublas.CUBLAS_GEMM_DEFAULT)
-    return out
+xp = np  # the array module every function computes with: NumPy, or CuPy after use_device("gpu") (section 7)
 
 
 # ============================================================================
-# 1. The model: an MLP, its backward pass, and its R-operator.
+# 1. The core: an MLP with backprop and R-operator, the losses, MAML, Meta-SGD,
+#    Reptile and Adam. It uses nothing below it.
 # ============================================================================
+# ----------------------------------------------------------------------------
+# 1.1 The model: an MLP, its backward pass, and its R-operator.
+# ----------------------------------------------------------------------------
 # Each activation comes with its first and second derivative, written as
 # functions of the activation's *output* h = f(z), which the forward pass keeps.
 
@@ -153,7 +83,7 @@ def tanh_d2(h):  # d^2 tanh / dz^2 = -2 tanh (1 - tanh^2)
     return -2.0 * h * (1.0 - h * h)
 
 
-def relu(z):  # max(z, 0): one GPU kernel (z * (z > 0) is two); a Python 0 would make NumPy's 1.3-2x slower
+def relu(z):  # max(z, 0), against a zero of z's dtype: a Python 0 would make NumPy cast, and slow it
     return xp.maximum(z, z.dtype.type(0))
 
 
@@ -176,18 +106,13 @@ def init_mlp(sizes, rng, activation="tanh", dtype=np.float32, bias_outputs=0):
     bias_outputs > 0 makes the last that many outputs bias-only, the same for
     every input and starting at 0: the last W has that many fewer columns than
     its b (a Gaussian policy's state-independent log-std, as in rllab)."""
-    _check_activation(activation)
-    _check_rng(rng)
-    if len(sizes) < 2 or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in sizes):
-        raise ValueError(f"sizes must be at least 2 positive integers, got {sizes!r}")
+    _check_mlp_args(sizes, rng, activation, bias_outputs)
     gain = math.sqrt(2.0) if activation == "relu" else 1.0
     params = []
     for n_in, n_out in zip(sizes[:-1], sizes[1:]):
         bound = gain / math.sqrt(n_in)
         params.append(rng.uniform(-bound, bound, size=(n_in, n_out)).astype(dtype))
         params.append(rng.uniform(-bound, bound, size=(n_out,)).astype(dtype) / gain)
-    if not 0 <= bias_outputs < sizes[-1]:
-        raise ValueError(f"bias_outputs must be in [0, {sizes[-1]}), the outputs, got {bias_outputs!r}")
     if bias_outputs:
         params[-2] = params[-2][:, :-bias_outputs].copy()
         params[-1][-bias_outputs:] = 0.0
@@ -196,6 +121,12 @@ def init_mlp(sizes, rng, activation="tanh", dtype=np.float32, bias_outputs=0):
 
 def _T(W):  # transpose of the last two axes: (in, out) -> (out, in), (T, in, out) -> (T, out, in)
     return W.swapaxes(-1, -2)
+
+
+def _matmul(a, b):
+    """a @ b for per-task stacks, (T, m, k) @ (T, k, n), where either side may be 2-D (shared
+    by all tasks). On CuPy, set_array_module (section 7) puts one cuBLAS call in its place."""
+    return a @ b
 
 
 def _mm(h, W):
@@ -217,7 +148,7 @@ def _sum_k(delta):
 
 
 @functools.lru_cache(maxsize=64)
-def _ones_row(k, dtype, module):  # (1, k) ones, made once per size: at sinusoid sizes making it costs half the sum
+def _ones_row(k, dtype, module):  # (1, k) ones, made once per size: at small sizes, making it costs as much as the sum
     return module.ones((1, k), dtype)
 
 
@@ -337,9 +268,9 @@ def mlp_gnvp(params, hs, slopes, v, m_fn):
     return mlp_backward(params, hs, m_fn(r_out), slopes=slopes)[0]  # J^T (M J v)
 
 
-# ============================================================================
-# 2. Losses: value per task (T,), gradient dL/d out, and Hessian product.
-# ============================================================================
+# ----------------------------------------------------------------------------
+# 1.2 Losses: value per task (T,), gradient dL/d out, and Hessian product.
+# ----------------------------------------------------------------------------
 # "mse": L_t = mean over samples and outputs of (out - y)^2.
 
 
@@ -412,36 +343,6 @@ def gaussian_score_jvp(out, actions, r):
 
 POLICIES = {"categorical": (categorical_logp, categorical_score, categorical_score_jvp),
             "gaussian": (gaussian_logp, gaussian_score, gaussian_score_jvp)}
-
-
-# KL(pi_old || pi) between the policies of two outputs, per sample (T, K), and the
-# Fisher information F of the policy as a product in out (F = the KL's Hessian at
-# out = out_old), TRPO's metric:
-#   categorical:  KL = sum_a p_old (log p_old - log p),   F r = p r - p (p . r)
-#   Gaussian:     KL = sum_i [s - s_old + (e^{2 s_old} + (mu - mu_old)^2) e^{-2s} / 2 - 1/2],
-#                 F r = [e^{-2s} r_mu,  2 r_s]
-def categorical_kl(old_out, out):
-    log_p_old = log_softmax(old_out)
-    return (xp.exp(log_p_old) * (log_p_old - log_softmax(out))).sum(axis=-1)
-
-
-def categorical_fisher(out, r):
-    p = xp.exp(log_softmax(out))
-    return p * (r - (p * r).sum(axis=-1, keepdims=True))
-
-
-def gaussian_kl(old_out, out):
-    d = out.shape[-1] // 2
-    s_old, s, diff = old_out[..., d:], out[..., d:], out[..., :d] - old_out[..., :d]
-    return (s - s_old + 0.5 * (xp.exp(2.0 * s_old) + diff * diff) * xp.exp(-2.0 * s) - 0.5).sum(axis=-1)
-
-
-def gaussian_fisher(out, r):
-    d = out.shape[-1] // 2
-    return xp.concatenate([xp.exp(-2.0 * out[..., d:]) * r[..., :d], 2.0 * r[..., d:]], axis=-1)
-
-
-POLICY_KL = {"categorical": (categorical_kl, categorical_fisher), "gaussian": (gaussian_kl, gaussian_fisher)}
 
 
 # "pg", "gauss": the REINFORCE surrogate of a categorical or Gaussian policy,
@@ -522,14 +423,205 @@ def hvp(params, batch, v, loss="mse", activation="tanh", cache=None):
     return mlp_rop(params, hs, back, v, lambda r_out: hess_fn(out, target, r_out), activation)
 
 
-# ============================================================================
-# 3. Meta-learning: MAML (second- and first-order), Meta-SGD, Reptile, Adam.
-# ============================================================================
+# ----------------------------------------------------------------------------
+# 1.3 MAML (second- and first-order), Meta-SGD and Reptile.
+# ----------------------------------------------------------------------------
 def concat_batches(a, b):
     """One batch of the samples of a, then b, for each task: join along the K axis (targets may be pairs)."""
     join = lambda u, v: xp.concatenate([u, v], axis=1)
     target = join(a[1], b[1]) if isinstance(a[1], xp.ndarray) else tuple(map(join, a[1], b[1]))
     return join(a[0], b[0]), target
+
+
+def _is_step_list(support):
+    """Whether support is a list of batches, one per inner step (each batch is a tuple)."""
+    return isinstance(support, list) and all(isinstance(b, tuple) for b in support)
+
+
+def _step_batches(support, inner_steps):
+    """The batch of each inner step: a list of batches as it is, or one batch for every step."""
+    return support if _is_step_list(support) else [support] * inner_steps
+
+
+def _per_param(inner_lr, params):
+    """inner_lr as one rate per parameter array: a list (Meta-SGD) as it is, a float repeated."""
+    return inner_lr if isinstance(inner_lr, list) else [inner_lr] * len(params)
+
+
+class Adaptation(NamedTuple):
+    """What the inner loop leaves: ``params``, the adapted per-task params (leading axis T),
+    and for the meta-backward the params, caches and gradients of every step."""
+    thetas: list  # thetas[j]: the params before step j; thetas[-1] the adapted ones
+    caches: list  # caches[j]: loss_and_grad's cache at thetas[j] on step j's batch
+    grads: list  # grads[j]: the per-task support gradient at thetas[j]
+
+    @property
+    def params(self):
+        return self.thetas[-1]
+
+
+def adapt(params, support, loss="mse", inner_lr=0.01, inner_steps=1, activation="tanh"):
+    """The inner loop: theta_t <- theta_t - inner_lr * grad L_support,t(theta_t), inner_steps times.
+
+    support is one batch for every step, or a list of inner_steps batches, the
+    j-th for step j (meta-RL: fresh episodes of the policy theta_j). inner_lr is
+    a float, or a list shaped as params (Meta-SGD's per-parameter rates).
+    Returns an Adaptation: ``adapt(...).params`` are the adapted params."""
+    lrs = _per_param(inner_lr, params)
+    thetas, caches, inner_grads = [list(params)], [], []
+    for batch in _step_batches(support, inner_steps):
+        _, grads, cache = loss_and_grad(thetas[-1], batch, loss, activation)
+        thetas.append([p - lr * g for p, g, lr in zip(thetas[-1], grads, lrs)])  # (T, ...) from here on
+        caches.append(cache)
+        inner_grads.append(grads)
+    return Adaptation(thetas, caches, inner_grads)
+
+
+# ===================== Differentiating through the inner update =====================
+# theta_{j+1} = theta_j - alpha * g_j(theta_j)   (alpha a scalar, or a vector for Meta-SGD)
+#   => J_j = d theta_{j+1} / d theta_j = I - diag(alpha) H_j,    H_j = Hessian of L_support at theta_j
+# Backwards, the meta-gradient:  dL/d theta_j = J_j^T dL/d theta_{j+1} = (I - H_j diag(alpha)) dL/d theta_{j+1}
+#   (H_j symmetric):  v <- v - H_j (alpha * v),  one exact Hessian-vector product per step;
+#   and for Meta-SGD:  dL/d alpha += -g_j * dL/d theta_{j+1}, summed over tasks.
+# Forwards, for TRPO's metric:  J v = J_{n-1} ... J_0 v:  v <- v - alpha * (H_j v), step after step.
+# First-order MAML drops H_j: v passes through unchanged.
+def _backprop_inner(v, thetas, caches, supports, inner_lr, loss, first_order, activation, inner_grads=None):
+    """v = dL/d theta' (per task) -> dL/d theta (per task), and dL/d inner_lr when it is a list (Meta-SGD).
+    supports: the batch of each inner step (_step_batches)."""
+    meta_lr = isinstance(inner_lr, list)
+    lrs = _per_param(inner_lr, thetas[0])
+    lr_grads = [xp.zeros_like(p) for p in thetas[0]] if meta_lr else None
+    for j in reversed(range(len(caches))):
+        if meta_lr:
+            for i, (g, vi) in enumerate(zip(inner_grads[j], v)):
+                lr_grads[i] = lr_grads[i] - _sum_leading(g * vi)
+        if not first_order:
+            hv = hvp(thetas[j], supports[j], [lr * vi for lr, vi in zip(lrs, v)], loss, activation, cache=caches[j])
+            v = [vi - h for vi, h in zip(v, hv)]
+    return v, lr_grads
+
+
+def _forward_inner(v, thetas, caches, supports, inner_lr, loss, activation):
+    """J v: a direction v of theta (shared) -> the direction it moves each task's theta' (per task).
+    supports: the batch of each inner step (_step_batches)."""
+    lrs = _per_param(inner_lr, thetas[0])
+    for j in range(len(caches)):
+        hv = hvp(thetas[j], supports[j], v, loss, activation, cache=caches[j])
+        v = [vi - lr * h for vi, h, lr in zip(v, hv, lrs)]
+    return v
+# ====================================================================================
+
+
+def _sum_tasks(v, params):
+    """Per-task directions (T, ...) -> their sum over tasks, shaped and typed as the shared params."""
+    return [(_sum_leading(vi) if vi.ndim > p.ndim else vi).astype(p.dtype, copy=False) for vi, p in zip(v, params)]
+
+
+def _sum_leading(a):
+    """The sum over the first axis (tasks). On CuPy, set_array_module (section 7) puts a product in its place."""
+    return a.sum(axis=0)
+
+
+def _maml(params, support, query, loss, inner_lr, inner_steps, first_order, activation):
+    """Meta-loss and its gradient w.r.t. params (and w.r.t. inner_lr when it is a list)."""
+    supports = _step_batches(support, inner_steps)
+    thetas, caches, inner_grads = adapt(params, supports, loss, inner_lr, inner_steps, activation)
+    # v = d meta_loss / d theta'_t, per task; meta_loss = mean_t L_query,t(theta'_t)
+    losses, v, _ = loss_and_grad(thetas[-1], query, loss, activation, scale=1.0 / query[0].shape[0])
+    v, lr_grads = _backprop_inner(v, thetas, caches, supports, inner_lr, loss, first_order, activation, inner_grads)
+    return float(losses.sum()) / losses.shape[0], _sum_tasks(v, params), lr_grads
+
+
+def maml_grad(params, support, query, loss="mse", inner_lr=0.01, inner_steps=1, first_order=False,
+              activation="tanh"):
+    """MAML's meta-loss and its exact gradient w.r.t. params (never modified).
+
+    support, query: (x (T, K, in), target) for T tasks; target is y
+    (T, K, out) for "mse", (actions, weights) for "pg" and "gauss",
+    (actions, weights, old_logp) for "pg_lvc" and "gauss_lvc". support may
+    also be a list of inner_steps such batches, the j-th for inner step j
+    (meta-RL samples fresh episodes with each adapted policy). Per task,
+    theta'_t = theta - inner_lr grad L_support,t, inner_steps times; then
+      meta_loss = mean_t L_query,t(theta'_t)
+      grads     = d meta_loss / d theta  (through every inner step, Hessians included)
+    first_order=True drops the Hessian terms (first-order MAML)."""
+    support, query = _check_meta_args(params, support, query, loss, inner_steps, activation, inner_lr)
+    meta_loss, grads, _ = _maml(params, support, query, loss, float(inner_lr), inner_steps, first_order, activation)
+    return meta_loss, grads
+
+
+def meta_sgd_grad(params, inner_lrs, support, query, loss="mse", inner_steps=1, first_order=False,
+                  activation="tanh"):
+    """Meta-SGD: MAML with a learned learning rate per parameter (inner_lrs, shaped as params).
+
+    Returns (meta_loss, grads w.r.t. params, grads w.r.t. inner_lrs), both
+    from the one backward pass of ``maml_grad``."""
+    support, query = _check_meta_args(params, support, query, loss, inner_steps, activation)
+    lrs = _check_inner_lrs(inner_lrs, params)
+    meta_loss, grads, lr_grads = _maml(params, support, query, loss, lrs, inner_steps, first_order, activation)
+    return meta_loss, grads, [g.astype(p.dtype) for g, p in zip(lr_grads, params)]
+
+
+def reptile_grad(params, support, query, loss="mse", inner_lr=0.01, inner_steps=5, activation="tanh"):
+    """Reptile's direction as a gradient: theta - mean_t theta'_t, with theta'_t
+    after inner_steps SGD steps on the task's support data, then its query
+    data (Nichol et al. 2018, Algorithm 2, batched). Returns the mean query
+    loss before adaptation (for monitoring) and the direction."""
+    support, query = _check_meta_args(params, support, query, loss, inner_steps, activation, inner_lr, step_list=False)
+    _check_int_at_least("inner_steps", inner_steps, 1)  # no steps, no direction
+    losses, _, _ = loss_and_grad(params, query, loss, activation)
+    adapted = adapt(params, concat_batches(support, query), loss, inner_lr, inner_steps, activation).params
+    return float(losses.mean()), [(p - t.mean(axis=0) if t.ndim > p.ndim else p - t).astype(p.dtype, copy=False)
+                                  for p, t in zip(params, adapted)]
+
+
+# ----------------------------------------------------------------------------
+# 1.4 Adam, the one optimiser.
+# ----------------------------------------------------------------------------
+def adam_init(params):
+    """Adam's state: first and second moments, and the step count."""
+    return {"m": [xp.zeros_like(p) for p in params], "v": [xp.zeros_like(p) for p in params], "t": 0}
+
+
+def adam_step(params, grads, state, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
+    """One Adam step (Kingma & Ba 2015, Algorithm 1). Returns new params and state; the inputs stay as they are."""
+    _check_adam_args(params, grads, state, lr, beta1, beta2, eps)
+    t = state["t"] + 1
+    m = [beta1 * m + (1 - beta1) * g for m, g in zip(state["m"], grads)]
+    v = [beta2 * v + (1 - beta2) * g * g for v, g in zip(state["v"], grads)]
+    # theta <- theta - lr m_hat / (sqrt(v_hat) + eps),  m_hat = m / (1 - beta1^t),  v_hat = v / (1 - beta2^t)
+    new = [(p - lr * (mi / (1 - beta1 ** t)) / (xp.sqrt(vi / (1 - beta2 ** t)) + eps)).astype(p.dtype)
+           for p, mi, vi in zip(params, m, v)]
+    return new, {"m": m, "v": v, "t": t}
+
+
+# ----------------------------------------------------------------------------
+# 1.5 The input checks of the entry points above.
+# ----------------------------------------------------------------------------
+def _check_mlp_args(sizes, rng, activation, bias_outputs):
+    _check_activation(activation)
+    _check_rng(rng)
+    if len(sizes) < 2 or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in sizes):
+        raise ValueError(f"sizes must be at least 2 positive integers, got {sizes!r}")
+    if not 0 <= bias_outputs < sizes[-1]:
+        raise ValueError(f"bias_outputs must be in [0, {sizes[-1]}), the outputs, got {bias_outputs!r}")
+
+
+def _check_inner_lrs(inner_lrs, params):
+    """Meta-SGD's rates, checked against params and cast to their dtypes."""
+    if not isinstance(inner_lrs, (list, tuple)) or len(inner_lrs) != len(params) or any(
+            xp.shape(a) != p.shape for a, p in zip(inner_lrs, params)):
+        raise ValueError("inner_lrs must be a list of arrays shaped as params")
+    return [xp.asarray(a, dtype=p.dtype) for a, p in zip(inner_lrs, params)]
+
+
+def _check_adam_args(params, grads, state, lr, beta1, beta2, eps):
+    for name, value, high in (("lr", lr, math.inf), ("beta1", beta1, 1.0), ("beta2", beta2, 1.0),
+                              ("eps", eps, math.inf)):
+        _check_interval(name, value, 0.0, high, high_open=True)
+    if not len(grads) == len(state["m"]) == len(state["v"]) == len(params):
+        raise ValueError(f"grads and state must hold one array per parameter array ({len(params)}), "
+                         f"got {len(grads)} and {len(state['m'])}")
 
 
 def _check_activation(activation):
@@ -561,8 +653,7 @@ def _check_rng(rng):
 
 def _check_finite(checks):
     """checks: pairs (array, what). ValueError "<what> contains NaN or inf" for the first that does.
-    All are checked in one pass over their concatenation: at sinusoid sizes, 8 us against 30 us for
-    two NumPy calls per array; on a GPU, one wait for the answer (ten waits took 1.1 ms)."""
+    All are checked in one pass over their concatenation: fewer NumPy calls, and one wait on a GPU."""
     if not xp.isfinite(xp.concatenate([a.ravel() for a, _ in checks])).all():
         what = next(what for a, what in checks if not xp.isfinite(a).all())
         raise ValueError(f"{what} contains NaN or inf")
@@ -626,20 +717,13 @@ def _check_batch(params, batch, loss, name):
     return (x, target), [(x, f"{name} x")] + [(arr, f"{name} target") for arr in finite]
 
 
-def _is_step_list(support):
-    """Whether support is a list of batches, one per inner step (each batch is a tuple)."""
-    return isinstance(support, list) and all(isinstance(b, tuple) for b in support)
-
-
-def _step_batches(support, inner_steps):
-    """The batch of each inner step: a list of batches as it is, or one batch for every step."""
-    return support if _is_step_list(support) else [support] * inner_steps
-
-
-def _check_meta_args(params, support, query, loss, inner_steps, activation, step_list=True):
+def _check_meta_args(params, support, query, loss, inner_steps, activation, inner_lr=None, step_list=True):
     """Validate the arguments of a meta-gradient; return support and query cast to the params' dtype.
-    support is one batch for every inner step, or (step_list) a list of inner_steps batches."""
+    support is one batch for every inner step, or (step_list) a list of inner_steps batches;
+    inner_lr, a number (None: Meta-SGD's rates, checked by _check_inner_lrs)."""
     checks = _check_params(params)
+    if inner_lr is not None:
+        _check_number("inner_lr", inner_lr)
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {tuple(LOSSES)}, got {loss!r}")
     _check_activation(activation)
@@ -666,160 +750,120 @@ def _check_meta_args(params, support, query, loss, inner_steps, activation, step
     return support, query
 
 
-def _per_param(inner_lr, params):
-    """inner_lr as one rate per parameter array: a list (Meta-SGD) as it is, a float repeated."""
-    return inner_lr if isinstance(inner_lr, list) else [inner_lr] * len(params)
+# ============================================================================
+# The end of the core. Below it: meta-RL, Q-learning, the experiments, bench,
+# the command line, and the backend switch with its GPU fast paths.
+# ============================================================================
 
 
-def adapt(params, support, loss="mse", inner_lr=0.01, inner_steps=1, activation="tanh"):
-    """The inner loop: theta_t <- theta_t - inner_lr * grad L_support,t(theta_t), inner_steps times.
-
-    support is one batch for every step, or a list of inner_steps batches, the
-    j-th for step j (meta-RL: fresh episodes of the policy theta_j). Returns
-    per-task params (leading axis T) and, for the meta-backward, the params and
-    caches at every step. inner_lr is a float, or a list shaped as params
-    (Meta-SGD's per-parameter rates)."""
-    lrs = _per_param(inner_lr, params)
-    thetas, caches, inner_grads = [list(params)], [], []
-    for batch in _step_batches(support, inner_steps):
-        _, grads, cache = loss_and_grad(thetas[-1], batch, loss, activation)
-        thetas.append([p - lr * g for p, g, lr in zip(thetas[-1], grads, lrs)])  # (T, ...) from here on
-        caches.append(cache)
-        inner_grads.append(grads)
-    return thetas, caches, inner_grads
+# ============================================================================
+# 2. Meta-RL: the tasks, policy gradients, and TRPO as MAML's outer step.
+# ============================================================================
 
 
-# ===================== Differentiating through the inner update =====================
-# theta_{j+1} = theta_j - alpha * g_j(theta_j)   (alpha a scalar, or a vector for Meta-SGD)
-#   => J_j = d theta_{j+1} / d theta_j = I - diag(alpha) H_j,    H_j = Hessian of L_support at theta_j
-# Backwards, the meta-gradient:  dL/d theta_j = J_j^T dL/d theta_{j+1} = (I - H_j diag(alpha)) dL/d theta_{j+1}
-#   (H_j symmetric):  v <- v - H_j (alpha * v),  one exact Hessian-vector product per step;
-#   and for Meta-SGD:  dL/d alpha += -g_j * dL/d theta_{j+1}, summed over tasks.
-# Forwards, for TRPO's metric:  J v = J_{n-1} ... J_0 v:  v <- v - alpha * (H_j v), step after step.
-# First-order MAML drops H_j: v passes through unchanged.
-def _backprop_inner(v, thetas, caches, supports, inner_lr, loss, first_order, activation, inner_grads=None):
-    """v = dL/d theta' (per task) -> dL/d theta (per task), and dL/d inner_lr when it is a list (Meta-SGD).
-    supports: the batch of each inner step (_step_batches)."""
-    meta_lr = isinstance(inner_lr, list)
-    lrs = _per_param(inner_lr, thetas[0])
-    lr_grads = [xp.zeros_like(p) for p in thetas[0]] if meta_lr else None
-    for j in reversed(range(len(caches))):
-        if meta_lr:
-            for i, (g, vi) in enumerate(zip(inner_grads[j], v)):
-                lr_grads[i] = lr_grads[i] - _sum_leading(g * vi)
-        if not first_order:
-            hv = hvp(thetas[j], supports[j], [lr * vi for lr, vi in zip(lrs, v)], loss, activation, cache=caches[j])
-            v = [vi - h for vi, h in zip(v, hv)]
-    return v, lr_grads
+def to_host(a):
+    """A NumPy array of a backend array: an explicit copy off the GPU, a no-op on the CPU."""
+    return xp.asnumpy(a) if hasattr(xp, "asnumpy") else np.asarray(a)
 
 
-def _forward_inner(v, thetas, caches, supports, inner_lr, loss, activation):
-    """J v: a direction v of theta (shared) -> the direction it moves each task's theta' (per task).
-    supports: the batch of each inner step (_step_batches)."""
-    lrs = _per_param(inner_lr, thetas[0])
-    for j in range(len(caches)):
-        hv = hvp(thetas[j], supports[j], v, loss, activation, cache=caches[j])
-        v = [vi - lr * h for vi, h, lr in zip(v, hv, lrs)]
-    return v
-# ====================================================================================
-
-
-def _sum_tasks(v, params):
-    """Per-task directions (T, ...) -> their sum over tasks, shaped and typed as the shared params."""
-    return [(_sum_leading(vi) if vi.ndim > p.ndim else vi).astype(p.dtype, copy=False) for vi, p in zip(v, params)]
-
-
-def _sum_leading(a):
-    """The sum over the first axis. On CuPy, as the product 1^T a (one cuBLAS call): its reduction
-    over a leading axis is ten times slower (2.4 against 0.22 ms for (100000, 40, 40) float32 on
-    an H100). NumPy keeps its own sum, with which the README's results were made."""
-    if not _cupy:
-        return a.sum(axis=0)
-    return (_ones_row(a.shape[0], a.dtype, xp) @ a.reshape(a.shape[0], -1)).reshape(a.shape[1:])
-
-
-def _maml(params, support, query, loss, inner_lr, inner_steps, first_order, activation):
-    """Meta-loss and its gradient w.r.t. params (and w.r.t. inner_lr when it is a list)."""
-    supports = _step_batches(support, inner_steps)
-    thetas, caches, inner_grads = adapt(params, supports, loss, inner_lr, inner_steps, activation)
-    # v = d meta_loss / d theta'_t, per task; meta_loss = mean_t L_query,t(theta'_t)
-    losses, v, _ = loss_and_grad(thetas[-1], query, loss, activation, scale=1.0 / query[0].shape[0])
-    v, lr_grads = _backprop_inner(v, thetas, caches, supports, inner_lr, loss, first_order, activation, inner_grads)
-    return float(losses.sum()) / losses.shape[0], _sum_tasks(v, params), lr_grads
-
-
-def maml_grad(params, support, query, loss="mse", inner_lr=0.01, inner_steps=1, first_order=False,
-              activation="tanh"):
-    """MAML's meta-loss and its exact gradient w.r.t. params (never modified).
-
-    support, query: (x (T, K, in), target) for T tasks; target is y
-    (T, K, out) for "mse", (actions, weights) for "pg" and "gauss",
-    (actions, weights, old_logp) for "pg_lvc" and "gauss_lvc". support may
-    also be a list of inner_steps such batches, the j-th for inner step j
-    (meta-RL samples fresh episodes with each adapted policy). Per task,
-    theta'_t = theta - inner_lr grad L_support,t, inner_steps times; then
-      meta_loss = mean_t L_query,t(theta'_t)
-      grads     = d meta_loss / d theta  (through every inner step, Hessians included)
-    first_order=True drops the Hessian terms (first-order MAML)."""
-    support, query = _check_meta_args(params, support, query, loss, inner_steps, activation)
-    _check_number("inner_lr", inner_lr)
-    meta_loss, grads, _ = _maml(params, support, query, loss, float(inner_lr), inner_steps, first_order, activation)
-    return meta_loss, grads
-
-
-def meta_sgd_grad(params, inner_lrs, support, query, loss="mse", inner_steps=1, first_order=False,
-                  activation="tanh"):
-    """Meta-SGD: MAML with a learned learning rate per parameter (inner_lrs, shaped as params).
-
-    Returns (meta_loss, grads w.r.t. params, grads w.r.t. inner_lrs), both
-    from the one backward pass of ``maml_grad``."""
-    support, query = _check_meta_args(params, support, query, loss, inner_steps, activation)
-    if not isinstance(inner_lrs, (list, tuple)) or len(inner_lrs) != len(params) or any(
-            xp.shape(a) != p.shape for a, p in zip(inner_lrs, params)):
-        raise ValueError("inner_lrs must be a list of arrays shaped as params")
-    lrs = [xp.asarray(a, dtype=p.dtype) for a, p in zip(inner_lrs, params)]
-    meta_loss, grads, lr_grads = _maml(params, support, query, loss, lrs, inner_steps, first_order, activation)
-    return meta_loss, grads, [g.astype(p.dtype) for g, p in zip(lr_grads, params)]
-
-
-def reptile_grad(params, support, query, loss="mse", inner_lr=0.01, inner_steps=5, activation="tanh"):
-    """Reptile's direction as a gradient: theta - mean_t theta'_t, with theta'_t
-    after inner_steps SGD steps on the task's support data, then its query
-    data (Nichol et al. 2018, Algorithm 2, batched). Returns the mean query
-    loss before adaptation (for monitoring) and the direction."""
-    support, query = _check_meta_args(params, support, query, loss, inner_steps, activation, step_list=False)
-    _check_int_at_least("inner_steps", inner_steps, 1)  # no steps, no direction
-    _check_number("inner_lr", inner_lr)
-    losses, _, _ = loss_and_grad(params, query, loss, activation)
-    thetas, _, _ = adapt(params, concat_batches(support, query), loss, inner_lr, inner_steps, activation)
-    return float(losses.mean()), [(p - t.mean(axis=0) if t.ndim > p.ndim else p - t).astype(p.dtype, copy=False)
-                                  for p, t in zip(params, thetas[-1])]
-
-
-def adam_init(params):
-    """Adam's state: first and second moments, and the step count."""
-    return {"m": [xp.zeros_like(p) for p in params], "v": [xp.zeros_like(p) for p in params], "t": 0}
-
-
-def adam_step(params, grads, state, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
-    """One Adam step (Kingma & Ba 2015, Algorithm 1). Returns new params and state; the inputs stay as they are."""
-    for name, value, high in (("lr", lr, math.inf), ("beta1", beta1, 1.0), ("beta2", beta2, 1.0),
-                              ("eps", eps, math.inf)):
-        _check_interval(name, value, 0.0, high, high_open=True)
-    if not len(grads) == len(state["m"]) == len(state["v"]) == len(params):
-        raise ValueError(f"grads and state must hold one array per parameter array ({len(params)}), "
-                         f"got {len(grads)} and {len(state['m'])}")
-    t = state["t"] + 1
-    m = [beta1 * m + (1 - beta1) * g for m, g in zip(state["m"], grads)]
-    v = [beta2 * v + (1 - beta2) * g * g for v, g in zip(state["v"], grads)]
-    # theta <- theta - lr m_hat / (sqrt(v_hat) + eps),  m_hat = m / (1 - beta1^t),  v_hat = v / (1 - beta2^t)
-    new = [(p - lr * (mi / (1 - beta1 ** t)) / (xp.sqrt(vi / (1 - beta2 ** t)) + eps)).astype(p.dtype)
-           for p, mi, vi in zip(params, m, v)]
-    return new, {"m": m, "v": v, "t": t}
+def device_rng(rng):
+    """The generator for the draws inside hot loops (actions, exploration): rng itself on
+    the CPU; on a GPU, a generator of the device seeded from rng, so that no draw
+    crosses the bus and rng, which checkpoints save, still fixes every later draw."""
+    return rng if xp is np else xp.random.default_rng(int(rng.integers(2 ** 63)))
 
 
 # ----------------------------------------------------------------------------
-# Policy gradients: one rollout function, returns, a baseline, advantages.
+# 2.1 Tasks: the sinusoid regression and the 2D navigation of the MAML paper
+#     (secs. 5.1 and 5.3); CartPole's tasks are in cartpole.py.
+# ----------------------------------------------------------------------------
+SINE_AMPLITUDE = (0.1, 5.0)  # A ~ U[0.1, 5]
+SINE_PHASE = (0.0, math.pi)  # phase ~ U[0, pi]
+SINE_X = (-5.0, 5.0)  # x ~ U[-5, 5]
+
+
+def sample_sine_tasks(rng, n):
+    """Amplitudes and phases of n tasks y = A sin(x - phase), each (n,)."""
+    _check_rng(rng)
+    _check_int_at_least("n", n, 1)
+    return rng.uniform(*SINE_AMPLITUDE, size=n), rng.uniform(*SINE_PHASE, size=n)
+
+
+def sample_sine_points(rng, amplitude, phase, k, dtype=np.float32):
+    """k points of each task: x (T, k, 1), y (T, k, 1), drawn on the host (the same
+    numbers on every device) and then made arrays of the backend."""
+    x = rng.uniform(*SINE_X, size=(amplitude.shape[0], k, 1))
+    y = amplitude[:, None, None] * np.sin(x - phase[:, None, None])
+    return xp.asarray(x, dtype=dtype), xp.asarray(y, dtype=dtype)
+
+
+# 2D navigation (MAML paper sec. 5.3), as in the authors' code (maml_rl,
+# rllab's PointEnvRandGoal): a point starts at the origin and moves towards a
+# goal it does not observe; the reward is minus its distance to the goal.
+NAV_GOAL_RANGE = (-0.5, 0.5)  # goal ~ U[-0.5, 0.5]^2
+NAV_MAX_SPEED = 0.1  # each velocity component is clipped to [-0.1, 0.1]
+NAV_TOLERANCE = 0.01  # the episode ends when |dx| and |dy| are both below this
+NAV_MAX_EPISODE_STEPS = 100
+
+
+def sample_nav_tasks(rng, n):
+    """Goals of n tasks: (n, 2)."""
+    _check_rng(rng)
+    _check_int_at_least("n", n, 1)
+    return rng.uniform(*NAV_GOAL_RANGE, size=(n, 2))
+
+
+class VecNav2D:
+    """num_envs point robots, each with its own goal (goals: (num_envs, 2)),
+    with the batched API of cartpole.VecCartPole (same-step autoreset, the
+    ended episode's last observation in info["final_obs"]).
+
+    The observation is the position (2,). An action a (2,) is in the policy's
+    units: the velocity is clip(action_scale * a, -NAV_MAX_SPEED, NAV_MAX_SPEED),
+    as rllab's normalize wrapper maps [-1, 1] onto the action bounds in the
+    authors' code."""
+
+    def __init__(self, goals, max_episode_steps=NAV_MAX_EPISODE_STEPS, action_scale=NAV_MAX_SPEED):
+        goals = xp.asarray(goals, dtype=np.float64)
+        if goals.ndim != 2 or goals.shape[0] < 1 or goals.shape[1] != 2 or not xp.isfinite(goals).all():
+            raise ValueError(f"goals must be a finite array of shape (num_envs, 2), num_envs >= 1, got shape "
+                             f"{goals.shape}")
+        _check_int_at_least("max_episode_steps", max_episode_steps, 1)
+        self.num_envs, self.goals = goals.shape[0], goals.copy()
+        self.max_episode_steps, self.action_scale = int(max_episode_steps), float(action_scale)
+        self.pos = None  # (N, 2)
+        self.steps = xp.zeros(self.num_envs, dtype=np.int64)
+
+    def reset(self, *, seed=None, options=None):
+        """Every point back at the origin (the start is not random: seed is accepted and unused)."""
+        self.pos = xp.zeros((self.num_envs, 2))
+        self.steps[:] = 0
+        return self.pos.astype(np.float32), {}
+
+    def step(self, actions):
+        """actions (N, 2) -> obs (N, 2) float32, reward (N,) float32, terminated, truncated, info."""
+        actions = xp.asarray(actions, dtype=np.float64)
+        if actions.shape != (self.num_envs, 2):
+            raise ValueError(f"actions must have shape ({self.num_envs}, 2), got {actions.shape}")
+        if self.pos is None:
+            raise RuntimeError("Call reset() before step().")
+        self.pos = self.pos + xp.clip(self.action_scale * actions, -NAV_MAX_SPEED, NAV_MAX_SPEED)
+        d = self.pos - self.goals
+        reward = -xp.sqrt((d * d).sum(axis=1))  # -||pos - goal||
+        terminated = (xp.abs(d) < NAV_TOLERANCE).all(axis=1)
+        self.steps += 1
+        truncated = self.steps >= self.max_episode_steps
+        obs = self.pos.astype(np.float32)
+        done = terminated | truncated
+        final_obs = obs.copy()
+        self.pos[done] = 0.0
+        obs[done] = 0.0
+        self.steps[done] = 0
+        return obs, reward.astype(np.float32), terminated, truncated, {"final_obs": final_obs, "_final_obs": done}
+
+
+# ----------------------------------------------------------------------------
+# 2.2 Policy gradients: one rollout function, returns, a baseline, advantages.
 # ----------------------------------------------------------------------------
 # A batch of episodes is a dict of arrays with a task axis T, E episodes per
 # task and H time steps (the longest episode; mask marks the real steps):
@@ -836,74 +880,74 @@ def sample_actions(out, rng, policy="categorical"):
     return out[..., :d] + xp.exp(out[..., d:]) * rng.standard_normal(out.shape[:-1] + (d,), dtype=out.dtype)
 
 
-def rollout(params, env, n_tasks, rng, horizon, policy="categorical", activation="tanh", min_steps=None):
-    """Episodes in the env.num_envs = n_tasks * E environments of a batched env.
+def _run_envs(params, env, n_tasks, rng, policy, activation):
+    """The policy's steps in every env of a batched env, one step per iteration, without end:
+    yields x (T, E, in), actions, rewards (T, E) and done (T, E) (the env's episode ended with it)."""
+    E = env.num_envs // n_tasks
+    ob, _ = env.reset(seed=int(rng.integers(2 ** 63)))
+    draws = device_rng(rng)
+    while True:
+        x = ob.astype(params[0].dtype).reshape(n_tasks, E, -1)  # (T, E, in)
+        a = sample_actions(mlp_forward(params, x, activation)[0], draws, policy)  # (T, E) or (T, E, d)
+        ob, reward, terminated, truncated, _ = env.step(a.reshape((env.num_envs,) + a.shape[2:]))
+        yield x, a, reward.reshape(n_tasks, E), (terminated | truncated).reshape(n_tasks, E)
+
+
+def _stack_steps(steps):
+    """The steps _run_envs yielded, stacked along a new time axis: obs, actions, rewards, done (T, E, K, ...)."""
+    return [xp.stack(arrays, axis=2) for arrays in zip(*steps)]
+
+
+def rollout(params, env, n_tasks, rng, horizon, policy="categorical", activation="tanh"):
+    """One episode in each of the env.num_envs = n_tasks * E environments of a batched env.
 
     env has the batched Gymnasium API of cartpole.VecCartPole (reset(seed=)
     and step(actions) -> obs, reward, terminated, truncated, info, restarting
     an env in the step that ends its episode); env i belongs to task i // E.
-    params are shared, or per task (a leading axis T).
-
-    Without min_steps, one episode in each env: it runs until it ends or
-    `horizon` steps, and the steps after its end are masked out.
-    With min_steps, as rllab's sampler in the MAML authors' code: the envs go
-    on through their restarts until the episodes each task has finished hold
-    min_steps steps or more; the episodes still running then are dropped. A
-    task's episodes lie along the E axis, env after env; E is then the most
-    episodes any task finished, and the rows a task leaves empty are masked
-    out. The env must end every episode within `horizon` steps.
+    params are shared, or per task (a leading axis T). Each episode runs until it
+    ends or `horizon` steps; the steps after its end are masked out.
     Returns the batch dict described above."""
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {tuple(POLICIES)}, got {policy!r}")
-    n_envs = env.num_envs
-    if n_tasks < 1 or n_envs % n_tasks:
-        raise ValueError(f"env.num_envs ({n_envs}) must be a multiple of n_tasks ({n_tasks})")
-    _check_rng(rng)
-    _check_int_at_least("horizon", horizon, 1)
-    if min_steps is not None:
-        _check_int_at_least("min_steps", min_steps, 1)
-    E = n_envs // n_tasks
-    ob, _ = env.reset(seed=int(rng.integers(2 ** 63)))
-    draws = device_rng(rng)
-    dtype = params[0].dtype
-    obs, actions, rewards, dones, starts = [], [], [], [], []
-    ended = xp.zeros(n_envs, dtype=bool)  # each env's first episode has ended
-    start = xp.zeros(n_envs, dtype=np.int64)  # the step at which each env's running episode began
+    _check_rollout_args(env, n_tasks, rng, horizon, policy)
+    steps, ended = [], xp.zeros((n_tasks, env.num_envs // n_tasks), dtype=bool)
+    for step in _run_envs(params, env, n_tasks, rng, policy, activation):
+        steps.append(step)
+        ended = ended | step[3]
+        if ended.all() or len(steps) == horizon:
+            break
+    obs, actions, rewards, done = _stack_steps(steps)
+    mask = xp.cumsum(done, axis=2) - done == 0  # no end before the step: the env's first episode
+    return {"obs": obs, "actions": actions, "rewards": xp.where(mask, rewards, 0.0), "mask": mask}
+
+
+def rollout_min_steps(params, env, n_tasks, rng, min_steps, horizon, policy="categorical", activation="tanh"):
+    """Episodes as rllab's sampler collects them in the MAML authors' code: the envs go on
+    through their restarts until the episodes each task has finished hold min_steps steps
+    or more; the episodes still running then are dropped. The env must end every episode
+    within `horizon` steps. A task's episodes lie along the E axis, env after env; E is
+    then the most episodes any task finished, and the rows a task leaves empty are masked
+    out. Arguments and the batch dict as rollout's."""
+    _check_rollout_args(env, n_tasks, rng, horizon, policy)
+    _check_int_at_least("min_steps", min_steps, 1)
+    steps, starts = [], []
+    start = xp.zeros((n_tasks, env.num_envs // n_tasks), dtype=np.int64)  # the step each env's episode began at
     stop = xp.full(n_tasks, -1)  # the step after which each task's finished episodes held min_steps
-    for k in range(horizon if min_steps is None else sys.maxsize):
-        x = ob.astype(dtype).reshape(n_tasks, E, -1)  # (T, E, in)
-        a = sample_actions(mlp_forward(params, x, activation)[0], draws, policy)  # (T, E) or (T, E, d)
-        ob, reward, terminated, truncated, _ = env.step(a.reshape((n_envs,) + a.shape[2:]))
-        done = terminated | truncated
-        obs.append(x)
-        actions.append(a)
-        rewards.append(reward.reshape(n_tasks, E))
-        dones.append(done.reshape(n_tasks, E))
-        if min_steps is None:
-            ended = ended | done
-            if ended.all():
-                break
-            continue
-        starts.append(start.reshape(n_tasks, E))
-        start = xp.where(done, k + 1, start)  # = the steps of the env's finished episodes
-        enough = start.reshape(n_tasks, E).sum(axis=1) >= min_steps
-        stop = xp.where((stop < 0) & enough, k, stop)
+    for k, step in enumerate(_run_envs(params, env, n_tasks, rng, policy, activation)):
+        steps.append(step)
+        starts.append(start)
+        start = xp.where(step[3], k + 1, start)  # = the steps of the env's finished episodes
+        stop = xp.where((stop < 0) & (start.sum(axis=1) >= min_steps), k, stop)
         if (stop >= 0).all():
             break
         if (k + 1 - start >= horizon).any():
             raise ValueError(f"with min_steps, the env must end each episode within horizon ({horizon}) steps")
-    stack = lambda xs: xp.stack(xs, axis=2)  # (T, E, K, ...) over the K steps taken
-    obs, actions, rewards, done = stack(obs), stack(actions), stack(rewards), stack(dones)
-    before = xp.cumsum(done, axis=2) - done  # (T, E, K) episodes the env ended before step k
-    if min_steps is None:  # the first episode: no end before the step
-        mask = before == 0
-        return {"obs": obs, "actions": actions, "rewards": xp.where(mask, rewards, 0.0), "mask": mask}
+    obs, actions, rewards, done = _stack_steps(steps)
     # Each kept step's place (task, row, h): row = the episodes of the task's earlier envs + the env's
     # episodes before it; h = the steps since its episode began. Kept: the episodes ended by the stop.
+    before = xp.cumsum(done, axis=2) - done  # (T, E, K) episodes the env ended before step k
     per_env = (done & (xp.arange(done.shape[2]) <= stop[:, None, None])).sum(axis=2)  # (T, E)
     kept = xp.nonzero(before < per_env[..., None])  # (task, env, step) of each kept step
     row = (before + (xp.cumsum(per_env, axis=1) - per_env)[..., None])[kept]
-    h = kept[2] - stack(starts)[kept]
+    h = kept[2] - xp.stack(starts, axis=2)[kept]
     rows = int(per_env.sum(axis=1).max())  # the most episodes any task finished
 
     def place(a):  # (T, E, K, ...) -> (T, rows, horizon, ...), zero where no step is kept
@@ -912,6 +956,15 @@ def rollout(params, env, n_tasks, rng, horizon, policy="categorical", activation
         return out
     return {"obs": place(obs), "actions": place(actions), "rewards": place(rewards),
             "mask": place(xp.ones(done.shape, dtype=bool))}
+
+
+def _check_rollout_args(env, n_tasks, rng, horizon, policy):
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {tuple(POLICIES)}, got {policy!r}")
+    if n_tasks < 1 or env.num_envs % n_tasks:
+        raise ValueError(f"env.num_envs ({env.num_envs}) must be a multiple of n_tasks ({n_tasks})")
+    _check_rng(rng)
+    _check_int_at_least("horizon", horizon, 1)
 
 
 def discounted_returns(rewards, gamma=0.99):
@@ -1021,6 +1074,36 @@ def step_weights(episodes):
 # d = F^-1 g by conjugate gradient, scaled so that the quadratic model of the KL,
 # 1/2 d^T F d, equals max_kl, then shortened until L improves within the exact KL.
 # ----------------------------------------------------------------------------
+# KL(pi_old || pi) between the policies of two outputs, per sample (T, K), and the
+# Fisher information F of the policy as a product in out (F = the KL's Hessian at
+# out = out_old), TRPO's metric:
+#   categorical:  KL = sum_a p_old (log p_old - log p),   F r = p r - p (p . r)
+#   Gaussian:     KL = sum_i [s - s_old + (e^{2 s_old} + (mu - mu_old)^2) e^{-2s} / 2 - 1/2],
+#                 F r = [e^{-2s} r_mu,  2 r_s]
+def categorical_kl(old_out, out):
+    log_p_old = log_softmax(old_out)
+    return (xp.exp(log_p_old) * (log_p_old - log_softmax(out))).sum(axis=-1)
+
+
+def categorical_fisher(out, r):
+    p = xp.exp(log_softmax(out))
+    return p * (r - (p * r).sum(axis=-1, keepdims=True))
+
+
+def gaussian_kl(old_out, out):
+    d = out.shape[-1] // 2
+    s_old, s, diff = old_out[..., d:], out[..., d:], out[..., :d] - old_out[..., :d]
+    return (s - s_old + 0.5 * (xp.exp(2.0 * s_old) + diff * diff) * xp.exp(-2.0 * s) - 0.5).sum(axis=-1)
+
+
+def gaussian_fisher(out, r):
+    d = out.shape[-1] // 2
+    return xp.concatenate([xp.exp(-2.0 * out[..., d:]) * r[..., :d], 2.0 * r[..., d:]], axis=-1)
+
+
+POLICY_KL = {"categorical": (categorical_kl, categorical_fisher), "gaussian": (gaussian_kl, gaussian_fisher)}
+
+
 def _dot(u, w):
     """The inner product of two directions, lists of arrays shaped as params: sum_i <u_i, w_i>."""
     return sum(float((ui * wi).sum()) for ui, wi in zip(u, w))
@@ -1068,41 +1151,35 @@ def _meta_fisher(params, thetas, supports, x_q, old_out, kl_weights, loss, inner
     return product
 
 
+@dataclasses.dataclass(frozen=True)
+class TrustRegion:
+    """TRPO's settings, rllab's defaults (the MAML authors' code)."""
+    max_kl: float = 0.01  # delta: the mean KL of the adapted policies a step may reach (the MAML paper's)
+    cg_iters: int = 10  # conjugate-gradient steps on F + damping I
+    damping: float = 1e-5
+    backtrack: float = 0.8  # the line search shortens the step by this factor ...
+    max_backtracks: int = 15  # ... at most this many times
+    fisher_stride: int = 10  # the meta-Fisher on every fisher_stride-th sample (rllab's subsample_factor)
+
+
 def maml_trpo_step(params, support, query, kl_weights, loss="pg", inner_lr=0.1, inner_steps=1, first_order=False,
-                   activation="tanh", max_kl=0.01, cg_iters=10, damping=1e-5, backtrack=0.8, max_backtracks=15,
-                   fisher_stride=10):
+                   activation="tanh", trust_region=TrustRegion(), **settings):
     """One TRPO step on MAML's meta-objective (the block above). Returns (new params, info).
 
     support, query: batches as for maml_grad with a policy loss ("pg", "gauss", or their
     "_lvc" forms for the inner step); the query was sampled by the adapted policies.
     kl_weights (T, K_query): m_k, the weights of the KL's mean over the query's states
     (step_weights). inner_steps=0 is plain TRPO. first_order drops J (J = I).
-    The meta-Fisher is estimated on every fisher_stride-th sample, its weights scaled
-    to match (rllab's subsample_factor); the line search uses every sample. CG runs
-    cg_iters steps on F + damping I; the step is backtracked by the factor backtrack up
-    to max_backtracks times. info: {"kl", "improvement" (of L), "step_fraction"}; where
-    no step passes, params come back as they are with step_fraction 0."""
-    if loss not in LOSS_POLICY:
-        raise ValueError(f"loss must be a policy loss, one of {tuple(LOSS_POLICY)}, got {loss!r}")
-    support, query = _check_meta_args(params, support, query, loss, inner_steps, activation)
-    _check_number("inner_lr", inner_lr)
+    trust_region: a TrustRegion; settings, its fields by name, override it (max_kl=0.02).
+    The meta-Fisher is estimated on every fisher_stride-th sample, its weights scaled to
+    match; the line search uses every sample. info: {"kl", "improvement" (of L),
+    "step_fraction"}; where no step passes, params come back as they are with step_fraction 0."""
+    region = _check_trust_region(trust_region, settings)
+    support, query, kl_weights = _check_trpo_args(params, support, query, kl_weights, loss, inner_steps,
+                                                  activation, inner_lr)
     inner_lr = float(inner_lr)
-    for name, value, low in (("cg_iters", cg_iters, 1), ("max_backtracks", max_backtracks, 1),
-                             ("fisher_stride", fisher_stride, 1)):
-        _check_int_at_least(name, value, low)
-    for name, value in (("max_kl", max_kl), ("damping", damping), ("backtrack", backtrack)):
-        _check_number(name, value)
-    if max_kl <= 0:
-        raise ValueError(f"max_kl must be > 0, got {max_kl!r}")
-    if damping < 0:
-        raise ValueError(f"damping must be >= 0, got {damping!r}")
-    if not 0 < backtrack < 1:
-        raise ValueError(f"backtrack must be in (0, 1), got {backtrack!r}")
     x_q, (actions, weights) = query[0], query[1][:2]
     T = x_q.shape[0]
-    kl_weights = xp.asarray(kl_weights, dtype=params[0].dtype)
-    if kl_weights.shape != weights.shape or not xp.isfinite(kl_weights).all() or (kl_weights < 0).any():
-        raise ValueError(f"kl_weights must be finite and >= 0, of shape {weights.shape}, got {kl_weights.shape}")
     policy = LOSS_POLICY[loss]
     logp, surrogate = POLICIES[policy][0], lvc_loss(policy)[0]  # L: the LVC surrogate's value on the query
     kl = POLICY_KL[policy][0]
@@ -1117,31 +1194,64 @@ def maml_trpo_step(params, support, query, kl_weights, loss="pg", inner_lr=0.1, 
     mean_kl = lambda out: float((kl_weights * kl(old_out, out)).sum()) / T
 
     # The meta-Fisher product on every fisher_stride-th sample (weights scaled by the stride).
-    s = fisher_stride
+    s = region.fisher_stride
     thin = lambda x, target: (x[:, ::s], (target[0][:, ::s], target[1][:, ::s] * s, *(r[:, ::s] for r in target[2:])))
     thin_support = [thin(*batch) for batch in supports]
     fisher_vector = _meta_fisher(params, thetas, thin_support, x_q[:, ::s], old_out[:, ::s], kl_weights[:, ::s] * s,
-                                 loss, inner_lr, first_order, activation, damping)
-    direction = conjugate_gradient(fisher_vector, g, cg_iters)  # F^-1 g
+                                 loss, inner_lr, first_order, activation, region.damping)
+    direction = conjugate_gradient(fisher_vector, g, region.cg_iters)  # F^-1 g
     quadratic = _dot(direction, fisher_vector(direction))  # d^T F d
     before = objective(old_out)
     if quadratic > 0 and math.isfinite(quadratic):
-        scale = math.sqrt(2.0 * max_kl / quadratic)  # 1/2 (scale d)^T F (scale d) = max_kl
-        for i in range(max_backtracks):
-            fraction = backtrack ** i
+        scale = math.sqrt(2.0 * region.max_kl / quadratic)  # 1/2 (scale d)^T F (scale d) = max_kl
+        for i in range(region.max_backtracks):
+            fraction = region.backtrack ** i
             new = [(p - (fraction * scale) * d).astype(p.dtype) for p, d in zip(params, direction)]
-            out = mlp_forward(adapt(new, supports, loss, inner_lr, inner_steps, activation)[0][-1], x_q, activation)[0]
+            out = mlp_forward(adapt(new, supports, loss, inner_lr, inner_steps, activation).params, x_q, activation)[0]
             improvement, step_kl = before - objective(out), mean_kl(out)
-            if improvement > 0 and step_kl <= max_kl:  # False for NaN too
+            if improvement > 0 and step_kl <= region.max_kl:  # False for NaN too
                 return new, {"kl": step_kl, "improvement": improvement, "step_fraction": fraction}
     return list(params), {"kl": 0.0, "improvement": 0.0, "step_fraction": 0.0}
 
 
-# ----------------------------------------------------------------------------
-# Value-based: Q-learning with linear features (Watkins 1989; Sutton & Barto
-# 2018, eq. 6.8 and sec. 9.3): a table is one-hot features, a kernel its
-# explicit feature map. Batched: B envs, each with its own weights.
-# ----------------------------------------------------------------------------
+def _check_trust_region(trust_region, settings):
+    """The TrustRegion of maml_trpo_step, its fields overridden by settings, checked."""
+    unknown = set(settings) - {f.name for f in dataclasses.fields(TrustRegion)}
+    if not isinstance(trust_region, TrustRegion) or unknown:
+        raise TypeError(f"trust_region must be a TrustRegion, and the other settings its fields "
+                        f"{tuple(f.name for f in dataclasses.fields(TrustRegion))}; got {sorted(unknown) or trust_region}")
+    region = dataclasses.replace(trust_region, **settings)
+    for name in ("cg_iters", "max_backtracks", "fisher_stride"):
+        _check_int_at_least(name, getattr(region, name), 1)
+    for name in ("max_kl", "damping", "backtrack"):
+        _check_number(name, getattr(region, name))
+    if region.max_kl <= 0:
+        raise ValueError(f"max_kl must be > 0, got {region.max_kl!r}")
+    if region.damping < 0:
+        raise ValueError(f"damping must be >= 0, got {region.damping!r}")
+    if not 0 < region.backtrack < 1:
+        raise ValueError(f"backtrack must be in (0, 1), got {region.backtrack!r}")
+    return region
+
+
+def _check_trpo_args(params, support, query, kl_weights, loss, inner_steps, activation, inner_lr):
+    """support, query and kl_weights of maml_trpo_step, checked and cast to the params' dtype."""
+    if loss not in LOSS_POLICY:
+        raise ValueError(f"loss must be a policy loss, one of {tuple(LOSS_POLICY)}, got {loss!r}")
+    support, query = _check_meta_args(params, support, query, loss, inner_steps, activation, inner_lr)
+    kl_weights, weights = xp.asarray(kl_weights, dtype=params[0].dtype), query[1][1]
+    if kl_weights.shape != weights.shape or not xp.isfinite(kl_weights).all() or (kl_weights < 0).any():
+        raise ValueError(f"kl_weights must be finite and >= 0, of shape {weights.shape}, got {kl_weights.shape}")
+    return support, query, kl_weights
+
+
+# ============================================================================
+# 3. Value-based: Q-learning with linear features (Watkins 1989; Sutton & Barto
+#    2018, eq. 6.8 and sec. 9.3): a table is one-hot features, a kernel its
+#    explicit feature map. Batched: B envs, each with its own weights.
+# ============================================================================
+
+
 # The box the kernels scale states to [-1, 1] by: x, x_dot, theta, theta_dot.
 Q_STATE_LOW = np.array([-2.4, -3.0, -0.21, -3.5])
 Q_STATE_HIGH = -Q_STATE_LOW
@@ -1321,98 +1431,11 @@ def episodes_to_solve(returns, threshold=475.0, window=100):
 
 
 # ============================================================================
-# 4. Tasks: the sinusoid regression and the 2D navigation of the MAML paper
-#    (secs. 5.1 and 5.3); CartPole's tasks are in cartpole.py.
-# ============================================================================
-SINE_AMPLITUDE = (0.1, 5.0)  # A ~ U[0.1, 5]
-SINE_PHASE = (0.0, math.pi)  # phase ~ U[0, pi]
-SINE_X = (-5.0, 5.0)  # x ~ U[-5, 5]
-
-
-def sample_sine_tasks(rng, n):
-    """Amplitudes and phases of n tasks y = A sin(x - phase), each (n,)."""
-    _check_rng(rng)
-    _check_int_at_least("n", n, 1)
-    return rng.uniform(*SINE_AMPLITUDE, size=n), rng.uniform(*SINE_PHASE, size=n)
-
-
-def sample_sine_points(rng, amplitude, phase, k, dtype=np.float32):
-    """k points of each task: x (T, k, 1), y (T, k, 1), drawn on the host (the same
-    numbers on every device) and then made arrays of the backend."""
-    x = rng.uniform(*SINE_X, size=(amplitude.shape[0], k, 1))
-    y = amplitude[:, None, None] * np.sin(x - phase[:, None, None])
-    return xp.asarray(x, dtype=dtype), xp.asarray(y, dtype=dtype)
-
-
-# 2D navigation (MAML paper sec. 5.3), as in the authors' code (maml_rl,
-# rllab's PointEnvRandGoal): a point starts at the origin and moves towards a
-# goal it does not observe; the reward is minus its distance to the goal.
-NAV_GOAL_RANGE = (-0.5, 0.5)  # goal ~ U[-0.5, 0.5]^2
-NAV_MAX_SPEED = 0.1  # each velocity component is clipped to [-0.1, 0.1]
-NAV_TOLERANCE = 0.01  # the episode ends when |dx| and |dy| are both below this
-NAV_MAX_EPISODE_STEPS = 100
-
-
-def sample_nav_tasks(rng, n):
-    """Goals of n tasks: (n, 2)."""
-    _check_rng(rng)
-    _check_int_at_least("n", n, 1)
-    return rng.uniform(*NAV_GOAL_RANGE, size=(n, 2))
-
-
-class VecNav2D:
-    """num_envs point robots, each with its own goal (goals: (num_envs, 2)),
-    with the batched API of cartpole.VecCartPole (same-step autoreset, the
-    ended episode's last observation in info["final_obs"]).
-
-    The observation is the position (2,). An action a (2,) is in the policy's
-    units: the velocity is clip(action_scale * a, -NAV_MAX_SPEED, NAV_MAX_SPEED),
-    as rllab's normalize wrapper maps [-1, 1] onto the action bounds in the
-    authors' code."""
-
-    def __init__(self, goals, max_episode_steps=NAV_MAX_EPISODE_STEPS, action_scale=NAV_MAX_SPEED):
-        goals = xp.asarray(goals, dtype=np.float64)
-        if goals.ndim != 2 or goals.shape[0] < 1 or goals.shape[1] != 2 or not xp.isfinite(goals).all():
-            raise ValueError(f"goals must be a finite array of shape (num_envs, 2), num_envs >= 1, got shape "
-                             f"{goals.shape}")
-        _check_int_at_least("max_episode_steps", max_episode_steps, 1)
-        self.num_envs, self.goals = goals.shape[0], goals.copy()
-        self.max_episode_steps, self.action_scale = int(max_episode_steps), float(action_scale)
-        self.pos = None  # (N, 2)
-        self.steps = xp.zeros(self.num_envs, dtype=np.int64)
-
-    def reset(self, *, seed=None, options=None):
-        """Every point back at the origin (the start is not random: seed is accepted and unused)."""
-        self.pos = xp.zeros((self.num_envs, 2))
-        self.steps[:] = 0
-        return self.pos.astype(np.float32), {}
-
-    def step(self, actions):
-        """actions (N, 2) -> obs (N, 2) float32, reward (N,) float32, terminated, truncated, info."""
-        actions = xp.asarray(actions, dtype=np.float64)
-        if actions.shape != (self.num_envs, 2):
-            raise ValueError(f"actions must have shape ({self.num_envs}, 2), got {actions.shape}")
-        if self.pos is None:
-            raise RuntimeError("Call reset() before step().")
-        self.pos = self.pos + xp.clip(self.action_scale * actions, -NAV_MAX_SPEED, NAV_MAX_SPEED)
-        d = self.pos - self.goals
-        reward = -xp.sqrt((d * d).sum(axis=1))  # -||pos - goal||
-        terminated = (xp.abs(d) < NAV_TOLERANCE).all(axis=1)
-        self.steps += 1
-        truncated = self.steps >= self.max_episode_steps
-        obs = self.pos.astype(np.float32)
-        done = terminated | truncated
-        final_obs = obs.copy()
-        self.pos[done] = 0.0
-        obs[done] = 0.0
-        self.steps[done] = 0
-        return obs, reward.astype(np.float32), terminated, truncated, {"final_obs": final_obs, "_final_obs": done}
-
-
-# ============================================================================
-# 5. Experiments: hyperparameters, training loops with progress and
+# 4. Experiments: hyperparameters, training loops with progress and
 #    checkpoints, evaluation with confidence intervals.
 # ============================================================================
+
+
 def hparam(default, help, low=None, high=None, choices=None):
     """A hyperparameter: its default, meaning and allowed range, for the dataclass and its flag."""
     return dataclasses.field(default=default, metadata=dict(help=help, low=low, high=high, choices=choices))
@@ -1462,6 +1485,21 @@ class Progress:
         shown = "  ".join(f"{k} {float(v):.3f}" for k, v in metrics.items())
         print(f"iter {iteration:>6}/{self.total}  {shown}  elapsed {elapsed:6.1f}s  ETA {eta:6.1f}s",
               file=self.stream or sys.stdout, flush=True)
+
+
+# The random streams of a run. Training draws from default_rng(seed), which its checkpoints save.
+# The evaluation draws from streams of its own, default_rng([seed, k]), so that resuming cannot
+# change them; each k means the same in every command.
+HELD_OUT_TASKS = 1  # the held-out tasks, with their data (the sinusoid's points)
+VALIDATION_TASKS = 2  # the tasks on which test-time step sizes are chosen, with their data
+RANDOM_INIT = 3  # the weights of the random-init baseline
+VALIDATION_DRAWS = 4  # the rollouts on the validation tasks
+HELD_OUT_DRAWS = 5  # what the learners draw on the held-out tasks: rollouts, exploration
+
+
+def stream(seed, k):
+    """The evaluation stream k (one of the constants above) of the run with this seed."""
+    return np.random.default_rng([seed, k])
 
 
 def mean_ci95(values):
@@ -1607,7 +1645,7 @@ def sine_evaluate(params, config, rng, inner_lr, n_tasks):
     amplitude, phase = sample_sine_tasks(rng, n_tasks)
     support = sample_sine_points(rng, amplitude, phase, config.shots)
     query = sample_sine_points(rng, amplitude, phase, config.eval_points)
-    thetas, _, _ = adapt(params, support, "mse", inner_lr, max(SINE_EVAL_STEPS), "relu")
+    thetas = adapt(params, support, "mse", inner_lr, max(SINE_EVAL_STEPS), "relu").thetas
     return {str(s): mean_ci95(loss_and_grad(thetas[s], query, "mse", "relu")[0]) for s in SINE_EVAL_STEPS}
 
 
@@ -1636,9 +1674,9 @@ def run_sine(config, json_path=None, save=None, load=None):
     # The baseline's step size: the lowest MSE (mean over 1, 5, 10 steps) on 100 validation tasks.
     baseline_lr = best_step_size(lambda lr, rng: np.mean([m for s, (m, _) in sine_evaluate(
         pretrained, config, rng, lr, 100).items() if s != "0"]), SINE_BASELINE_LRS,
-        np.random.default_rng([config.seed, 2]))
-    ours = sine_evaluate(maml, config, np.random.default_rng([config.seed, 1]), config.inner_lr, config.eval_tasks)
-    base = sine_evaluate(pretrained, config, np.random.default_rng([config.seed, 1]), baseline_lr, config.eval_tasks)
+        stream(config.seed, VALIDATION_TASKS))
+    ours = sine_evaluate(maml, config, stream(config.seed, HELD_OUT_TASKS), config.inner_lr, config.eval_tasks)
+    base = sine_evaluate(pretrained, config, stream(config.seed, HELD_OUT_TASKS), baseline_lr, config.eval_tasks)
     seconds = time.perf_counter() - t0
     paper = SINE_PAPER_5SHOT if config.shots == 5 else None
     print(f"\n{config.shots}-shot sinusoid, MSE on {config.eval_tasks} held-out tasks (mean +- 95% CI), "
@@ -1704,7 +1742,7 @@ class Nav2DConfig(CartPoleConfig):
     """Meta-RL on the MAML paper's 2D navigation: reach a goal the policy does not observe."""
     command: ClassVar[str] = "nav2d"
     inner_lr: float = hparam(0.1, "alpha: step size of the inner policy-gradient step (the paper's 0.1; the "
-                             "authors' code, 0.5, did worse here: README)", 0.0)
+                             "authors' code, 0.5, did worse here: docs/results.md)", 0.0)
     meta_lr: float = hparam(0.003, "beta: Adam step size of the outer loop (--outer adam)", 0.0)
     hidden: int = hparam(100, "units in each of the two hidden ReLU layers (the paper's 100)", 1)
     init_out_scale: float = hparam(0.01, "factor on the policy's last-layer weights at initialisation: small, the "
@@ -1723,10 +1761,22 @@ class Nav2DConfig(CartPoleConfig):
     log_every: int = hparam(10, "iterations between progress lines and checkpoints", 1)
 
 
+def _import_cartpole():
+    """cartpole.py, imported only by what runs CartPole; ImportError, in one line, when it is not at hand."""
+    try:
+        import cartpole
+    except ModuleNotFoundError as e:
+        if e.name != "cartpole":
+            raise
+        raise ImportError("this needs cartpole.py, which is not beside metarl_min.py: copy it from the "
+                          "metarl-min repository") from None
+    return cartpole
+
+
 def cartpole_envs(tasks, episodes):
     """A VecCartPole holding `episodes` copies of each task's physics, task after task."""
     n_tasks = len(tasks["force_mag"])
-    return cartpole.VecCartPole(n_tasks * episodes, **{k: np.repeat(v, episodes) for k, v in tasks.items()})
+    return _import_cartpole().VecCartPole(n_tasks * episodes, **{k: np.repeat(v, episodes) for k, v in tasks.items()})
 
 
 def nav_envs(goals, episodes):
@@ -1734,16 +1784,19 @@ def nav_envs(goals, episodes):
     return VecNav2D(np.repeat(goals, episodes, axis=0))
 
 
-# What differs between the two meta-RL problems; everything else is shared.
-META_RL_PROBLEMS = {
-    "cartpole": dict(sample_tasks=lambda rng, n: cartpole.sample_tasks(rng, n, "reversed"), make_env=cartpole_envs,
-                     n_in=4, n_out=2, bias_outputs=0, policy="categorical", loss="pg", activation="tanh",
-                     horizon=cartpole.MAX_EPISODE_STEPS),
-    # The Gaussian policy's log-std is state-independent, as in the authors' code: the last 2 of
-    # the 4 outputs [mean, log_std] are bias-only (init_mlp's bias_outputs).
-    "nav2d": dict(sample_tasks=sample_nav_tasks, make_env=nav_envs, n_in=2, n_out=4, bias_outputs=2, policy="gaussian",
-                  loss="gauss", activation="relu", horizon=NAV_MAX_EPISODE_STEPS),
-}
+def meta_rl_problem(name):
+    """What differs between the two meta-RL problems, "cartpole" and "nav2d"; everything else is shared."""
+    if name == "nav2d":
+        # The Gaussian policy's log-std is state-independent, as in the authors' code: the last 2 of
+        # the 4 outputs [mean, log_std] are bias-only (init_mlp's bias_outputs).
+        return dict(sample_tasks=sample_nav_tasks, make_env=nav_envs, n_in=2, n_out=4, bias_outputs=2,
+                    policy="gaussian", loss="gauss", activation="relu", horizon=NAV_MAX_EPISODE_STEPS)
+    cartpole = _import_cartpole()
+    return dict(sample_tasks=lambda rng, n: cartpole.sample_tasks(rng, n, "reversed"), make_env=cartpole_envs,
+                n_in=4, n_out=2, bias_outputs=0, policy="categorical", loss="pg", activation="tanh",
+                horizon=cartpole.MAX_EPISODE_STEPS)
+
+
 RL_EVAL_STEPS = (0, 1, 2, 3)
 # Test-time step sizes, each chosen on validation tasks. The baselines adapt with the best of
 # RL_BASELINE_LRS at every step. MAML's first step is its trained inner_lr; its later steps use
@@ -1758,7 +1811,7 @@ NAV_PAPER = {"0": -40.41, "1": -11.68, "2": -3.33, "3": -3.23}
 def init_policy(problem, config, rng):
     """The policy network of a meta-RL problem: its last-layer weights scaled by config.init_out_scale,
     a Gaussian policy's log-std starting at config.init_log_std."""
-    spec = META_RL_PROBLEMS[problem]
+    spec = meta_rl_problem(problem)
     params = init_mlp((spec["n_in"], config.hidden, config.hidden, spec["n_out"]), rng, spec["activation"],
                       bias_outputs=spec["bias_outputs"])
     params[-2] = params[-2] * config.init_out_scale
@@ -1777,7 +1830,7 @@ def meta_rl_train(problem, config, save=None, load=None):
     it adapts; run fast_batch episodes of each adapted policy (query); step Adam
     on the meta-gradient, or take a TRPO step (config.outer). Returns (meta params,
     pretrained params, extra) where extra holds env_steps and the training curve."""
-    spec = META_RL_PROBLEMS[problem]
+    spec = meta_rl_problem(problem)
     loss, act = spec["loss"], spec["activation"]
     if load:
         start, rng, models, opts, extra = load_checkpoint(load, config)
@@ -1805,7 +1858,7 @@ def meta_rl_train(problem, config, save=None, load=None):
         for _ in range(config.inner_steps):
             rollouts.append(roll(policies[-1], env))
             supports.append(batch(rollouts[-1]))
-            policies.append(adapt(policies[-1], supports[-1], loss, config.inner_lr, 1, act)[0][-1])
+            policies.append(adapt(policies[-1], supports[-1], loss, config.inner_lr, 1, act).params)
         pre, post = rollouts[0], roll(policies[-1], env)
         query = batch(post)
         meta_loss, meta_support, meta_query = loss, supports, query
@@ -1819,7 +1872,7 @@ def meta_rl_train(problem, config, save=None, load=None):
         elif config.outer == "trpo":
             models["meta"] = maml_trpo_step(models["meta"], meta_support, meta_query, step_weights(post), meta_loss,
                                             config.inner_lr, config.inner_steps, config.first_order, act,
-                                            config.max_kl)[0]
+                                            TrustRegion(config.max_kl))[0]
         else:
             adam("meta", maml_grad(models["meta"], meta_support, meta_query, meta_loss, config.inner_lr,
                                    config.inner_steps, config.first_order, act)[1])
@@ -1829,7 +1882,8 @@ def meta_rl_train(problem, config, save=None, load=None):
         both = batch(joint)
         if config.outer == "trpo":
             models["pretrained"] = maml_trpo_step(models["pretrained"], both, both, step_weights(joint), loss,
-                                                  inner_steps=0, activation=act, max_kl=config.max_kl)[0]
+                                                  inner_steps=0, activation=act,
+                                                  trust_region=TrustRegion(config.max_kl))[0]
         else:
             adam("pretrained", maml_grad(models["pretrained"], both, both, loss, inner_steps=0, activation=act)[1])
         extra["env_steps"] += int(sum(e["mask"].sum() for e in rollouts + [post, joint]))
@@ -1849,19 +1903,20 @@ def meta_rl_evaluate(params, problem, config, tasks, rng, inner_lr, later_lr=Non
     the first of inner_lr and the others of later_lr (default: inner_lr), each
     step on fresh episodes of the current policy (which also give the return
     at that step): eval_batch of them, or as many as eval_batch envs finish in
-    eval_min_steps steps (rollout's min_steps). Returns {steps: (n_tasks,) returns}."""
+    eval_min_steps steps (rollout_min_steps). Returns {steps: (n_tasks,) returns}."""
     later_lr = inner_lr if later_lr is None else later_lr
-    spec = META_RL_PROBLEMS[problem]
+    spec = meta_rl_problem(problem)
     env = spec["make_env"](tasks, config.eval_batch)
     n_tasks = env.num_envs // config.eval_batch
     result = {}
     for s in RL_EVAL_STEPS:
-        episodes = rollout(params, env, n_tasks, rng, spec["horizon"], spec["policy"], spec["activation"],
-                           config.eval_min_steps or None)
+        episodes = (rollout_min_steps(params, env, n_tasks, rng, config.eval_min_steps, spec["horizon"],
+                                      spec["policy"], spec["activation"]) if config.eval_min_steps else
+                    rollout(params, env, n_tasks, rng, spec["horizon"], spec["policy"], spec["activation"]))
         result[str(s)] = mean_returns(episodes)
         if s < max(RL_EVAL_STEPS):
             batch = pg_batch(episodes, config.gamma, config.gae_lambda)
-            params = adapt(params, batch, spec["loss"], later_lr if s else inner_lr, 1, spec["activation"])[0][-1]
+            params = adapt(params, batch, spec["loss"], later_lr if s else inner_lr, 1, spec["activation"]).params
     return result
 
 
@@ -1912,16 +1967,16 @@ def run_meta_rl(problem, config, json_path=None, save=None, load=None, plot=None
         raise ValueError(f"--max-kl must be > 0 with --outer trpo; got {config.max_kl!r}")
     plt = _check_plot(plot)
     t0 = time.perf_counter()
-    spec = META_RL_PROBLEMS[problem]
+    spec = meta_rl_problem(problem)
     name = (f"{'first-order ' if config.first_order else ''}MAML{'+LVC' if config.lvc else ''}"
             f"{'-TRPO' if config.outer == 'trpo' else ''}" if config.algorithm == "maml" else "Reptile")
     print(f"{problem}: {name}, {config.iterations} iterations x {config.meta_batch} tasks x {config.fast_batch} "
           f"episodes, seed {config.seed}")
     meta, pretrained, extra = meta_rl_train(problem, config, save, load)
     # Held-out tasks, validation tasks and the random init: streams of their own, untouched by resuming.
-    tasks = spec["sample_tasks"](np.random.default_rng([config.seed, 1]), config.eval_tasks)
-    validation = spec["sample_tasks"](np.random.default_rng([config.seed, 2]), config.val_tasks)
-    random_init = init_policy(problem, config, np.random.default_rng([config.seed, 3]))
+    tasks = spec["sample_tasks"](stream(config.seed, HELD_OUT_TASKS), config.eval_tasks)
+    validation = spec["sample_tasks"](stream(config.seed, VALIDATION_TASKS), config.val_tasks)
+    random_init = init_policy(problem, config, stream(config.seed, RANDOM_INIT))
 
     def tuned(params, step_sizes, first=None):
         """The step size with the best mean validation return after steps 1-3; with `first`
@@ -1929,7 +1984,7 @@ def run_meta_rl(problem, config, json_path=None, save=None, load=None, plot=None
         scored = ("1", "2", "3") if first is None else ("2", "3")
         score = lambda lr, rng: -np.mean([float(r.mean()) for s, r in meta_rl_evaluate(
             params, problem, config, validation, rng, lr if first is None else first, lr).items() if s in scored])
-        return best_step_size(score, step_sizes, np.random.default_rng([config.seed, 4]))
+        return best_step_size(score, step_sizes, stream(config.seed, VALIDATION_DRAWS))
 
     models = {name: (meta, config.inner_lr, tuned(meta, [f * config.inner_lr for f in RL_LATER_LR_FRACTIONS],
                                                   config.inner_lr))}
@@ -1937,7 +1992,7 @@ def run_meta_rl(problem, config, json_path=None, save=None, load=None, plot=None
         lr = tuned(params, RL_BASELINE_LRS)
         models[label] = (params, lr, lr)
     results = {label: {s: mean_ci95(r) for s, r in meta_rl_evaluate(
-        params, problem, config, tasks, np.random.default_rng([config.seed, 5]), first, later).items()}
+        params, problem, config, tasks, stream(config.seed, HELD_OUT_DRAWS), first, later).items()}
         for label, (params, first, later) in models.items()}
     seconds = time.perf_counter() - t0
 
@@ -2019,6 +2074,7 @@ def _parse_bins(text):
 def run_qlearn(config, json_path=None, save=None, load=None):
     check_config(config)
     bins = _parse_bins(config.bins)
+    cartpole = _import_cartpole()
     t0 = time.perf_counter()
     n_states = math.prod(bins)
     table = lambda obs: discretize(obs, bins)
@@ -2047,7 +2103,7 @@ def run_qlearn(config, json_path=None, save=None, load=None):
 
     # Held-out tasks, each learned `seeds` times: the table from zero and from the meta-learned
     # start, and the two kernels from zero, all on the same tasks and seeds.
-    tasks = cartpole.sample_tasks(np.random.default_rng([config.seed, 1]), config.eval_tasks, config.family)
+    tasks = cartpole.sample_tasks(stream(config.seed, HELD_OUT_TASKS), config.eval_tasks, config.family)
     runs = config.eval_tasks * config.seeds
     kernels = {f"poly d={config.degree}": lambda obs: poly_features(obs, config.degree),
                f"rbf {config.rbf_per_dim}^4": lambda obs: rbf_features(obs, config.rbf_per_dim)}
@@ -2059,7 +2115,7 @@ def run_qlearn(config, json_path=None, save=None, load=None):
         starts = xp.concatenate([xp.broadcast_to(init, (runs,) + init.shape) for _, init, _ in members])
         start_episode = xp.repeat(xp.asarray([s for _, _, s in members]), runs)
         env = cartpole_envs({k: np.tile(v, len(members)) for k, v in tasks.items()}, config.seeds)
-        _, returns = learn(featurize, env, starts, np.random.default_rng([config.seed, 2]), config.episodes,
+        _, returns = learn(featurize, env, starts, stream(config.seed, HELD_OUT_DRAWS), config.episodes,
                            start_episode)
         for i, (name, _, _) in enumerate(members):
             curve = returns[i * runs:(i + 1) * runs]
@@ -2087,6 +2143,11 @@ def run_qlearn(config, json_path=None, save=None, load=None):
     if json_path:
         write_json(json_path, result)
     return result
+
+
+# ============================================================================
+# 5. bench: speed, measured side by side in one run.
+# ============================================================================
 
 
 @dataclasses.dataclass
@@ -2135,6 +2196,7 @@ def bench_env(config, rng, device="cpu"):
     """Env steps per second of VecCartPole on the backend xp at several N, with random
     actions, so that episodes end and autoreset is part of the figure. On the CPU,
     beside it: a Python loop of CartPoleEnv, and Gymnasium's CartPoleVectorEnv when installed."""
+    cartpole = _import_cartpole()
     if device == "gpu":
         sizes = (1 << 16,) if config.quick else (1 << 20, 1 << 24)
     else:
@@ -2264,15 +2326,20 @@ def run_bench(config, json_path=None):
     print(f"bench on {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, NumPy {np.__version__}"
           f"{gpu_name}{' (quick)' if config.quick else ''}; best of {config.rounds} interleaved rounds")
     env, meta = {}, {}
+    with_env = _optional("cartpole") is not None  # the env rows need cartpole.py beside this file
     try:
         for device, module in devices.items():
             set_array_module(module)
             rng = np.random.default_rng(config.seed)
-            env.update(bench_env(config, rng, device))
+            if with_env:
+                env.update(bench_env(config, rng, device))
             meta.update(bench_meta_grad(config, rng, device))
     finally:
         set_array_module(backend)
-    _print_rows("CartPole env steps per second", "steps/s", env)
+    if with_env:
+        _print_rows("CartPole env steps per second", "steps/s", env)
+    else:
+        print("\n(no CartPole rows: cartpole.py is not beside metarl_min.py)")
 
     setting = lambda name: name[name.rindex(" T="):]  # " T=25", or " T=100000 (gpu)"
     _print_rows("meta-gradient, sinusoid problem (K=10, 1-40-40-1)", "ms", meta,
@@ -2286,6 +2353,8 @@ def run_bench(config, json_path=None):
 # ============================================================================
 # 6. The command line.
 # ============================================================================
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line on stderr and exit status 2."""
 
@@ -2324,7 +2393,7 @@ def build_parser():
         p = sub.add_parser(name, help=summary, description=cls.__doc__)
         _add_config_flags(p, cls)
         p.add_argument("--json", metavar="PATH", help="write the final metrics to this JSON file")
-        p.add_argument("--device", choices=cartpole.DEVICES, help="cpu (NumPy) or gpu (CuPy); default: the "
+        p.add_argument("--device", choices=DEVICES, help="cpu (NumPy) or gpu (CuPy); default: the "
                        "environment variable METARL_DEVICE, else cpu")
         if name in TRAINED:
             p.add_argument("--save", metavar="PATH", help="write a checkpoint (.npz) here as training goes")
@@ -2333,25 +2402,6 @@ def build_parser():
             p.add_argument("--plot", metavar="PATH", help="save the training curve and adaptation bars as a PNG "
                                                            "(needs matplotlib)")
     return parser
-
-
-def _tune_allocator():
-    """Let glibc keep freed memory in the process instead of giving it back to the OS.
-
-    By default each freed array goes back to the OS, and the next one page-faults
-    anew: measured here, maml_grad in the sinusoid setting spent a third of its time
-    so. Setting any of these options also turns off glibc's own adaptive threshold,
-    so all three are set: M_TOP_PAD (64 MB kept when the heap shrinks), M_MMAP_THRESHOLD
-    (arrays up to 32 MB, glibc's most, from the heap, not from mmap: nav2d's (20, 2000,
-    100) float32 arrays are 16 MB) and M_TRIM_THRESHOLD (give memory back only above
-    256 MB free). Only the command line does this; importing this file changes nothing."""
-    import ctypes
-    import platform
-    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-2, 64 << 20)  # M_TOP_PAD
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
 
 
 def _check_paths(load=None, **outputs):
@@ -2383,8 +2433,8 @@ def main(argv=None):
     backend = xp
     try:
         device = args.device or os.environ.get("METARL_DEVICE", "cpu")
-        if device not in cartpole.DEVICES:
-            raise ValueError(f"METARL_DEVICE must be one of {', '.join(cartpole.DEVICES)}; got {device!r}")
+        if device not in DEVICES:
+            raise ValueError(f"METARL_DEVICE must be one of {', '.join(DEVICES)}; got {device!r}")
         use_device(device)
         files = dict(save=args.save, load=args.load) if command in TRAINED else {}
         if command in PLOTTED:
@@ -2397,6 +2447,108 @@ def main(argv=None):
     finally:
         set_array_module(backend)
     return 0
+
+
+# ============================================================================
+# 7. The backend switch, and the fast paths that plug themselves in: CuPy's
+#    products and sums, and glibc's allocator for the command line.
+# ============================================================================
+DEVICES = ("cpu", "gpu")
+CUPY_INSTALL = "pip install cupy-cuda12x (or cupy-cuda11x for CUDA 11; see https://docs.cupy.dev/en/stable/install.html)"
+
+
+def use_device(device):
+    """Compute on "cpu" (NumPy, the default) or "gpu" (CuPy, imported only now), here and in
+    cartpole.py. ImportError, saying how to install it, when CuPy or a GPU is missing."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "cpu":
+        return set_array_module(np)
+    try:
+        import cupy
+    except ImportError:
+        raise ImportError(f"device 'gpu' needs CuPy, which is not installed: {CUPY_INSTALL}") from None
+    try:
+        n_gpus = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CUDARuntimeError: no driver
+        raise ImportError(f"device 'gpu': CuPy is installed but cannot reach a GPU ({e})") from None
+    if n_gpus < 1:
+        raise ImportError("device 'gpu': CuPy is installed but finds no GPU")
+    set_array_module(cupy)
+
+
+def set_array_module(module):
+    """The one switch of the backend: compute with ``module`` (numpy, cupy, or another
+    NumPy-compatible module) in this file and in cartpole.py, with that module's fast paths."""
+    global xp
+    xp = module
+    globals().update(_CUPY_PATHS if hasattr(module, "cuda") else _PLAIN_PATHS)
+    cartpole = _optional("cartpole")  # it follows when it is at hand
+    if cartpole is not None:
+        cartpole.set_array_module(module)
+
+
+def _cublas_matmul(a, b):
+    """_matmul on CuPy: one cuBLAS strided-batched product that reads a transposed operand where
+    it lies. CuPy's own @ first copies every operand that is not C-contiguous (h_l^T in each
+    weight gradient, W^T in each backward pass), and runs a 2-D one through an array of pointers."""
+    tasks = {x.shape[0] for x in (a, b) if x.ndim == 3} - {1}
+    if (max(a.ndim, b.ndim) != 3 or len(tasks) > 1 or a.dtype != b.dtype or a.shape[-1] != b.shape[-2]
+            or 0 in a.shape + b.shape):
+        return a @ b  # not a product of this shape: CuPy's own, or its error
+    from cupy_backends.cuda.api import runtime
+    from cupy_backends.cuda.libs import cublas
+
+    def column_major(x):  # cuBLAS's view of x (rows, cols): an op and a leading dimension giving x^T
+        rows, cols = x.shape[-2:]
+        row_stride, col_stride = (s // x.itemsize for s in x.strides[-2:])
+        if col_stride == 1 and row_stride >= max(1, cols):  # row-major: as stored, it is x^T
+            return x, cublas.CUBLAS_OP_N, row_stride
+        if row_stride == 1 and col_stride >= max(1, rows):  # a transposed view: transpose it back
+            return x, cublas.CUBLAS_OP_T, col_stride
+        return xp.ascontiguousarray(x), cublas.CUBLAS_OP_N, cols
+
+    T = tasks.pop() if tasks else 1
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    (a, op_a, ld_a), (b, op_b, ld_b) = column_major(a), column_major(b)
+    task_stride = lambda x: x.strides[0] // x.itemsize if x.ndim == 3 and x.shape[0] > 1 else 0  # 0: shared
+    out = xp.empty((T, m, n), a.dtype)
+    one, zero = np.ones((), a.dtype), np.zeros((), a.dtype)
+    dtype, compute = ((runtime.CUDA_R_64F, cublas.CUBLAS_COMPUTE_64F) if a.dtype == np.float64 else
+                      (runtime.CUDA_R_32F, cublas.CUBLAS_COMPUTE_32F))
+    # Column-major, out^T (n, m) = b^T a^T: out comes back row-major (T, m, n).
+    cublas.gemmStridedBatchedEx(
+        xp.cuda.device.get_cublas_handle(), op_b, op_a, n, m, k, one.ctypes.data,
+        b.data.ptr, dtype, ld_b, task_stride(b), a.data.ptr, dtype, ld_a, task_stride(a),
+        zero.ctypes.data, out.data.ptr, dtype, n, m * n, T, compute, cublas.CUBLAS_GEMM_DEFAULT)
+    return out
+
+
+def _cublas_sum_leading(a):
+    """_sum_leading on CuPy: the product 1^T a, one cuBLAS call, where CuPy's reduction over a
+    leading axis is many times slower."""
+    return (_ones_row(a.shape[0], a.dtype, xp) @ a.reshape(a.shape[0], -1)).reshape(a.shape[1:])
+
+
+# What set_array_module puts in place: the core's plain functions, or CuPy's fast paths.
+_PLAIN_PATHS = {"_matmul": _matmul, "_sum_leading": _sum_leading}
+_CUPY_PATHS = {"_matmul": _cublas_matmul, "_sum_leading": _cublas_sum_leading}
+
+
+def _tune_allocator():
+    """Let glibc keep freed memory in the process instead of giving it back to the OS, where
+    each new array would page-fault anew. Setting any of these options turns off glibc's own
+    adaptive threshold, so all three are set: M_TOP_PAD (64 MB kept when the heap shrinks),
+    M_MMAP_THRESHOLD (arrays up to 32 MB, glibc's most, from the heap, not from mmap: the
+    meta-RL batches hold arrays of several MB) and M_TRIM_THRESHOLD (give memory back only
+    above 256 MB free). Only the command line does this; importing this file changes nothing."""
+    import ctypes
+    import platform
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-2, 64 << 20)  # M_TOP_PAD
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
 
 
 if __name__ == "__main__":

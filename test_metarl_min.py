@@ -1,7 +1,7 @@
 """Tests for metarl-min: ``python -m unittest`` (or ``pytest``), NumPy only.
 
 Reference numbers from libraries the project does not import (Gymnasium,
-PyTorch) were generated once in a scratch virtualenv and are embedded here;
+PyTorch) were generated once in a virtualenv outside the repository and are embedded here;
 the script that made each set is described beside it.
 """
 
@@ -691,6 +691,7 @@ import contextlib  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -902,8 +903,8 @@ class TestPolicyGradient(unittest.TestCase):
         # Task 0: episodes of 3 and 5 steps; by step 5 (0-based) it has finished 3 + 3 + 5 >= 10 steps.
         # Task 1: episodes of 2 and 7; by step 6, 2 + 2 + 2 + 7 >= 10. Running episodes are dropped.
         params = mm.init_mlp((1, 4, 2), np.random.default_rng(0))
-        episodes = mm.rollout(params, _CountdownEnv([3, 5, 2, 7]), 2, np.random.default_rng(1), horizon=8,
-                              min_steps=10)
+        episodes = mm.rollout_min_steps(params, _CountdownEnv([3, 5, 2, 7]), 2, np.random.default_rng(1), 10,
+                                        horizon=8)
         self.assertEqual(episodes["obs"].shape, (2, 4, 8, 1))
         np.testing.assert_array_equal(episodes["mask"].sum(axis=-1), [[3, 3, 5, 0], [2, 2, 2, 7]])
         for t, e in zip(*np.nonzero(episodes["mask"][..., 0])):
@@ -912,9 +913,9 @@ class TestPolicyGradient(unittest.TestCase):
             np.testing.assert_array_equal(episodes["obs"][t, e, :n, 0], np.arange(n))  # each from its start
         np.testing.assert_allclose(mm.mean_returns(episodes), [11 / 3, 13 / 4])  # over the episodes, not the rows
         with self.assertRaisesRegex(ValueError, "within horizon"):
-            mm.rollout(params, _CountdownEnv([3, 9]), 1, np.random.default_rng(1), horizon=8, min_steps=30)
+            mm.rollout_min_steps(params, _CountdownEnv([3, 9]), 1, np.random.default_rng(1), 30, horizon=8)
         with self.assertRaisesRegex(ValueError, "min_steps must be"):
-            mm.rollout(params, _CountdownEnv([3, 5]), 1, np.random.default_rng(1), horizon=8, min_steps=0)
+            mm.rollout_min_steps(params, _CountdownEnv([3, 5]), 1, np.random.default_rng(1), 0, horizon=8)
 
     def test_rollout_with_min_steps_equals_rllabs_sampler_loop(self):
         # Goals near the start and a narrow policy: episodes end after 1 to 100 steps.
@@ -923,8 +924,8 @@ class TestPolicyGradient(unittest.TestCase):
         params = mm.init_policy("nav2d", mm.Nav2DConfig(hidden=8, init_log_std=-2.5, init_out_scale=0.0),
                                 np.random.default_rng(0))
         params[-1][:2] = 0.0  # the mean velocity: 0 everywhere
-        got = mm.rollout(params, mm.nav_envs(goals, E), T, np.random.default_rng(4), mm.NAV_MAX_EPISODE_STEPS,
-                         "gaussian", "relu", min_steps)
+        got = mm.rollout_min_steps(params, mm.nav_envs(goals, E), T, np.random.default_rng(4), min_steps,
+                                   mm.NAV_MAX_EPISODE_STEPS, "gaussian", "relu")
         # rllab's VectorizedSampler, one env at a time: keep each episode as it ends until the task has enough.
         rng, env = np.random.default_rng(4), mm.nav_envs(goals, E)
         ob, _ = env.reset(seed=int(rng.integers(2 ** 63)))
@@ -1052,12 +1053,14 @@ class TestPolicyGradient(unittest.TestCase):
             got = mm.meta_rl_evaluate(params, "nav2d", config, goals, np.random.default_rng(2), 0.3, 0.05)
             rng, p = np.random.default_rng(2), params
             for step, lr in zip("0123", (0.3, 0.05, 0.05, None)):
-                episodes = mm.rollout(p, mm.nav_envs(goals, 3), 2, rng, mm.NAV_MAX_EPISODE_STEPS, "gaussian", "relu",
-                                      min_steps or None)
+                env = mm.nav_envs(goals, 3)
+                episodes = (mm.rollout_min_steps(p, env, 2, rng, min_steps, mm.NAV_MAX_EPISODE_STEPS, "gaussian",
+                                                 "relu") if min_steps else
+                            mm.rollout(p, env, 2, rng, mm.NAV_MAX_EPISODE_STEPS, "gaussian", "relu"))
                 self.assertEqual(episodes["mask"].shape[1], 3 if min_steps == 0 else 6)  # 2 rounds of 100 steps
                 np.testing.assert_array_equal(got[step], mm.episode_returns(episodes).mean(axis=1))
                 if lr is not None:
-                    p = mm.adapt(p, mm.pg_batch(episodes), "gauss", lr, 1, "relu")[0][-1]
+                    p = mm.adapt(p, mm.pg_batch(episodes), "gauss", lr, 1, "relu").params
             same = mm.meta_rl_evaluate(params, "nav2d", config, goals, np.random.default_rng(2), 0.3, None)
             np.testing.assert_array_equal(same["1"], got["1"])  # later_lr does not touch the first step
             self.assertFalse(np.array_equal(same["2"], got["2"]))
@@ -1133,14 +1136,14 @@ class TestTRPO(unittest.TestCase):
                     if per_step:  # a batch for each inner step
                         support = [support] + [_batch(self.rng, loss, 3, 6, 2, n_out) for _ in range(steps - 1)]
                     kl_weights = self.rng.uniform(0.1, 1.0, size=(3, 5))
-                    thetas = mm.adapt(params, support, loss, 0.1, steps, "tanh")[0]
+                    thetas = mm.adapt(params, support, loss, 0.1, steps, "tanh").thetas
                     old_out = mm.mlp_forward(thetas[-1], x_q, "tanh")[0]
                     product = mm._meta_fisher(params, thetas, mm._step_batches(support, steps), x_q, old_out,
                                               kl_weights, loss, 0.1, first_order, "tanh")
 
                     def meta_kl(d):  # first-order: the same shift of every task's adapted params (J = I)
                         moved = ([t + di for t, di in zip(thetas[-1], d)] if first_order else
-                                 mm.adapt([p + di for p, di in zip(params, d)], support, loss, 0.1, steps, "tanh")[0][-1])
+                                 mm.adapt([p + di for p, di in zip(params, d)], support, loss, 0.1, steps, "tanh").params)
                         return (kl_weights * kl(old_out, mm.mlp_forward(moved, x_q, "tanh")[0])).sum() / 3
 
                     quad = lambda w: (meta_kl([eps * wi for wi in w]) + meta_kl([-eps * wi for wi in w])) / eps ** 2
@@ -1172,7 +1175,7 @@ class TestTRPO(unittest.TestCase):
                     np.testing.assert_array_equal(p, q)
                 # The reported KL and improvement, recomputed from the adapted policies.
                 logp, kl = mm.POLICIES[mm.LOSS_POLICY[loss]][0], mm.POLICY_KL[mm.LOSS_POLICY[loss]][0]
-                out = lambda P: mm.mlp_forward(mm.adapt(P, support, loss, 0.1, steps, "tanh")[0][-1], query[0],
+                out = lambda P: mm.mlp_forward(mm.adapt(P, support, loss, 0.1, steps, "tanh").params, query[0],
                                                "tanh")[0]
                 old_out, new_out = out(params), out(new)
                 actions, weights = query[1]
@@ -1185,7 +1188,7 @@ class TestTRPO(unittest.TestCase):
                 # then shortened by the line search.
                 g = mm.maml_grad(params, support, query, loss, 0.1, steps, False, "tanh")[1]
                 step = [q - p for p, q in zip(params, new)]
-                thetas = mm.adapt(params, support, loss, 0.1, steps, "tanh")[0]
+                thetas = mm.adapt(params, support, loss, 0.1, steps, "tanh").thetas
                 f_step = mm._meta_fisher(params, thetas, mm._step_batches(support, steps), query[0], old_out,
                                          kl_weights, loss, 0.1, False, "tanh", 1e-2)(step)
                 dot = mm._dot
@@ -1482,6 +1485,73 @@ class TestQLearning(unittest.TestCase):
 
 
 # ----------------------------------------------------------------------------
+# Copying: each file works alone, and so does the core of metarl_min.py.
+# ----------------------------------------------------------------------------
+_COPY_CHECK = """
+import numpy as np, metarl_min as mm
+rng = np.random.default_rng(0)
+params = mm.init_mlp((1, 8, 1), rng, "relu", np.float64)
+x = rng.uniform(-5, 5, (3, 4, 1))
+batch = (x, np.sin(x))
+loss, grads = mm.maml_grad(params, batch, batch, "mse", 0.01, 1, False, "relu")
+_, _, lr_grads = mm.meta_sgd_grad(params, [np.full(p.shape, 0.01) for p in params], batch, batch, activation="relu")
+_, direction = mm.reptile_grad(params, batch, batch, "mse", 0.01, 2, "relu")
+new, _ = mm.adam_step(params, grads, mm.adam_init(params))
+print(repr(loss), sum(float(g.sum()) for g in grads + lr_grads + direction + new))
+"""
+
+
+class TestCopying(unittest.TestCase):
+    def _run(self, folder, *args):
+        return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=folder, timeout=120,
+                              env={**os.environ, "PYTHONPATH": ""})
+
+    def test_metarl_min_alone_and_its_core_alone(self):
+        here = self._run(HERE, "-c", _COPY_CHECK)
+        self.assertEqual(here.returncode, 0, here.stderr)
+        with tempfile.TemporaryDirectory() as d:
+            with open(os.path.join(HERE, "metarl_min.py")) as f:
+                source = f.read()
+            with open(os.path.join(d, "metarl_min.py"), "w") as f:
+                f.write(source)
+            alone = self._run(d, "-c", "import sys, metarl_min\nassert 'cartpole' not in sys.modules\n" + _COPY_CHECK)
+            self.assertEqual(alone.returncode, 0, alone.stderr)
+            self.assertEqual(alone.stdout, here.stdout)  # the same numbers
+            # The commands that need CartPole say so in one line; the others run.
+            for command in ("cartpole", "qlearn"):
+                with self.subTest(command=command):
+                    proc = self._run(d, "metarl_min.py", command, "--iterations", "1")
+                    self.assertEqual(proc.returncode, 2)
+                    self.assertEqual(len(proc.stderr.strip().splitlines()), 1, proc.stderr)
+                    self.assertIn("needs cartpole.py", proc.stderr)
+            proc = self._run(d, "metarl_min.py", "sine", "--iterations", "2", "--eval-tasks", "2", "--eval-points", "2")
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            # The core: everything above the line the docstring names, and nothing else.
+            line = int(re.search(r"everything above line (\d+) is the core", source).group(1))
+            core = source.splitlines()[:line - 1]
+            self.assertTrue(source.splitlines()[line].startswith("# The end of the core"))
+            with open(os.path.join(d, "metarl_min.py"), "w") as f:
+                f.write("\n".join(core) + "\n")
+            proc = self._run(d, "-c", _COPY_CHECK)
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            self.assertEqual(proc.stdout, here.stdout)
+
+    def test_cartpole_alone(self):
+        with tempfile.TemporaryDirectory() as d:
+            with open(os.path.join(HERE, "cartpole.py")) as f, open(os.path.join(d, "cartpole.py"), "w") as g:
+                g.write(f.read())
+            check = ("import numpy as np, cartpole\n"
+                     "env = cartpole.VecCartPole(8, **cartpole.sample_tasks(np.random.default_rng(0), 8))\n"
+                     "env.reset(seed=0)\n"
+                     "for _ in range(30): obs, *_ = env.step(np.ones(8, int))\n"
+                     "one = cartpole.CartPoleEnv(); one.reset(seed=0); one.step(1)\n"
+                     "print(obs.shape, obs.dtype)")
+            proc = self._run(d, "-c", check)
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            self.assertEqual(proc.stdout.strip(), "(8, 4) float32")
+
+
+# ----------------------------------------------------------------------------
 # The backend: xp is NumPy, an emulated device, or CuPy on a GPU.
 # ----------------------------------------------------------------------------
 def _on_host(obj, host_ok=False):
@@ -1576,6 +1646,18 @@ def _cupy_with_gpu():
 class TestBackend(unittest.TestCase):
     def tearDown(self):
         mm.set_array_module(np)
+
+    def test_one_switch_for_both_files(self):
+        """set_array_module and use_device switch this file and cartpole.py together, with the
+        fast paths of the module: the core's plain ones except on CuPy."""
+        for switch in (lambda: mm.use_device("cpu"), lambda: mm.set_array_module(_EmulatedDevice()),
+                       lambda: mm.set_array_module(np), lambda: mm.set_array_module(_EmulatedDevice()),
+                       lambda: mm.use_device("cpu")):
+            switch()
+            self.assertIs(cp.xp, mm.xp)
+            self.assertIs(mm._matmul, mm._PLAIN_PATHS["_matmul"])
+            self.assertIs(mm._sum_leading, mm._PLAIN_PATHS["_sum_leading"])
+            self.assertIsInstance(cp.VecCartPole(2).reset(seed=0)[0], mm.xp.ndarray)
 
     def test_numpy_is_the_default_and_cupy_is_not_imported(self):
         self.assertIs(mm.xp, np)
