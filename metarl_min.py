@@ -1,6 +1,6 @@
 """metarl-min: meta-learning with the exact second-order MAML gradient, in NumPy.
 
-To vendor MAML, copy this file; everything above line 753 is the core, and the
+To vendor MAML, copy this file; everything above line 836 is the core, and the
 core needs nothing but NumPy.
 
 The file reads top to bottom:
@@ -130,15 +130,27 @@ def _matmul(a, b):
 
 
 def _mm(h, W):
-    """h (T, K, in) @ W, with W shared (in, out) or per task (T, in, out).
+    """h (T, K, in) @ W, with W shared (in, out), per task (T, in, out), or a LowRank.
 
     A shared W is one (T*K, in) @ (in, out) product: a single BLAS call
     instead of T small ones."""
+    if isinstance(W, LowRank):  # h (W + L^T R) = h W + (h L^T) R: a (T, K, r) product, no (T, in, out) array
+        shared = None if W.W is None else _mm(h, W.W)
+        if W.L is None:  # rank 0: W alone
+            return shared
+        low = _matmul(_matmul(h, _T(W.L)), W.R)  # (T, K, r) @ (T, r, out)
+        return low if shared is None else shared + low
     if h.shape[-1] == 1:  # a product over a length-1 axis is a broadcast multiply: no BLAS call per task
         return h * W[..., None, 0, :] if W.ndim == 3 else h * W[0]
     if W.ndim == 2 and h.ndim == 3:
         return (h.reshape(-1, h.shape[-1]) @ W).reshape(h.shape[:-1] + W.shape[-1:])
     return _matmul(h, W)
+
+
+def _outer(h, delta, W):
+    """sum_k h_k^T delta_k per task, (T, K, in) x (T, K, out) -> (T, in, out): the gradient of a
+    weight W, kept as its factors (a LowRank of rank K) where W is a LowRank."""
+    return LowRank(None, h, delta) if isinstance(W, LowRank) else _matmul(_T(h), delta)
 
 
 def _sum_k(delta):
@@ -196,7 +208,7 @@ def mlp_backward(params, hs, d_out, activation="tanh", slopes=None):
     for l in reversed(range(n_layers)):
         deltas[l] = delta
         delta_w = delta[..., :params[2 * l].shape[-1]]  # the outputs that W_l reaches (all but bias-only ones)
-        grads[2 * l] = _matmul(_T(hs[l]), delta_w)  # dL/dW_l = h_l^T delta_l:  (T, in, K) @ (T, K, out)
+        grads[2 * l] = _outer(hs[l], delta_w, params[2 * l])  # dL/dW_l = h_l^T delta_l:  (T, in, K) @ (T, K, out)
         grads[2 * l + 1] = _sum_k(delta)  # dL/db_l = sum_k delta_l
         if l > 0:
             ghs[l] = _mm(delta_w, _T(params[2 * l]))  # dL/dh_l = delta_l W_l^T
@@ -242,10 +254,10 @@ def mlp_rop(params, hs, back, v, r_d_out_fn, activation="tanh"):
         r_delta_w, delta_w = r_delta[..., :n_w], deltas[l][..., :n_w]
         # R{dL/dW_l} = h_l^T R{delta_l} + R{h_l}^T delta_l   (one matmul: [h_l, R{h_l}]^T [R{delta_l}; delta_l])
         if l == 0:
-            hv[0] = _matmul(_T(hs[0]), r_delta_w)
+            hv[0] = _outer(hs[0], r_delta_w, params[0])
         else:
-            hv[2 * l] = _matmul(_T(xp.concatenate([hs[l], r_hs[l]], axis=-2)),
-                                xp.concatenate([r_delta_w, delta_w], axis=-2))
+            hv[2 * l] = _outer(xp.concatenate([hs[l], r_hs[l]], axis=-2), xp.concatenate([r_delta_w, delta_w], axis=-2),
+                               params[2 * l])
         hv[2 * l + 1] = _sum_k(r_delta)  # R{dL/db_l} = sum_k R{delta_l}
         if l > 0:
             # R{dL/dh_l} = R{delta_l} W_l^T + delta_l V_l^T
@@ -448,6 +460,68 @@ def _per_param(inner_lr, params):
     return inner_lr if isinstance(inner_lr, list) else [inner_lr] * len(params)
 
 
+# ---------------- One inner step is a rank-K update ----------------
+# A weight's gradient on K samples is  sum_k h_k^T delta_k,  of rank K at most. So after S inner steps
+#   W'_t = W - alpha sum_j H_j^T Delta_j = W + L_t^T R_t,   L_t = [H_0; H_1; ...] (S K, in),  R_t = -alpha [Delta_0; ...]
+# and every product with W'_t goes through its factors:
+#   h W'_t = h W + (h L_t^T) R_t,        delta W'_t^T = delta W^T + (delta R_t^T) L_t,
+# (T, K, S K) products in place of (T, in, out) arrays. The meta-backward's directions are of low
+# rank too: the query gradient has rank K_query, and each H v adds 2 K rows (the R-operator's
+# [h, R{h}]^T [R{delta}; delta]). Their sum over tasks,  sum_t L_t^T R_t,  is one 2-D product over
+# the (T r) stacked rows. A LowRank is that factored matrix; the inner loop keeps a weight so when it
+# starts as one (_maml), since each gradient of a LowRank weight is a LowRank (_outer).
+class LowRank:
+    """The per-task matrix W + L_t^T R_t, kept as its factors: W (in, out) shared by all tasks, or
+    None for 0; L (T, r, in) and R (T, r, out), or both None for rank 0. NumPy's operators defer to
+    it, so the inner loop's  theta - lr * g  and the meta-backward's  v - H v  stay factored."""
+    __array_ufunc__ = None
+
+    def __init__(self, W, L, R):
+        self.W, self.L, self.R = W, L, R
+
+    @property
+    def shape(self):
+        n_in, n_out = self.W.shape if self.W is not None else (self.L.shape[-1], self.R.shape[-1])
+        return (n_in, n_out) if self.L is None else (self.L.shape[0], n_in, n_out)
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    @property
+    def dtype(self):
+        return (self.W if self.W is not None else self.L).dtype
+
+    def swapaxes(self, axis1, axis2):  # the transpose of the last two axes: (W + L^T R)^T = W^T + R^T L
+        return LowRank(None if self.W is None else _T(self.W), self.R, self.L)
+
+    def __mul__(self, c):  # c a number
+        return LowRank(None if self.W is None else c * self.W, self.L, None if self.R is None else c * self.R)
+
+    __rmul__ = __mul__
+
+    def __sub__(self, other):  # (W + L^T R) - (W' + L'^T R') = (W - W') + [L; L']^T [R; -R']
+        W = self.W if other.W is None else -other.W if self.W is None else self.W - other.W
+        if other.L is None or self.L is None:
+            return LowRank(W, self.L, self.R) if other.L is None else LowRank(W, other.L, -other.R)
+        return LowRank(W, xp.concatenate([self.L, other.L], axis=-2), xp.concatenate([self.R, -other.R], axis=-2))
+
+    def sum_tasks(self):
+        """sum_t (W + L_t^T R_t): one (in, T r) @ (T r, out) product."""
+        T, n_in, n_out = self.shape
+        total = _T(self.L.reshape(-1, n_in)) @ self.R.reshape(-1, n_out)
+        return total if self.W is None else total + T * self.W
+
+
+def _factored(params, supports, factored):
+    """The params with the weights the inner loop keeps as LowRanks: every one (factored=True),
+    none (False), or (None) those whose update rank, the samples of all inner steps, is below both
+    their widths, where the factors are the smaller arrays."""
+    rank = sum(batch[0].shape[1] for batch in supports)
+    keep = lambda W: factored if factored is not None else 0 < rank < min(W.shape)
+    return [LowRank(p, None, None) if i % 2 == 0 and keep(p) else p for i, p in enumerate(params)]
+
+
 class Adaptation(NamedTuple):
     """What the inner loop leaves: ``params``, the adapted per-task params (leading axis T),
     and for the meta-backward the params, caches and gradients of every step."""
@@ -513,8 +587,10 @@ def _forward_inner(v, thetas, caches, supports, inner_lr, loss, activation):
 
 
 def _sum_tasks(v, params):
-    """Per-task directions (T, ...) -> their sum over tasks, shaped and typed as the shared params."""
-    return [(_sum_leading(vi) if vi.ndim > p.ndim else vi).astype(p.dtype, copy=False) for vi, p in zip(v, params)]
+    """Per-task directions (T, ...) or LowRanks -> their sum over tasks, shaped and typed as the shared params."""
+    total = [vi.sum_tasks() if isinstance(vi, LowRank) else _sum_leading(vi) if vi.ndim > p.ndim else vi
+             for vi, p in zip(v, params)]
+    return [t.astype(p.dtype, copy=False) for t, p in zip(total, params)]
 
 
 def _sum_leading(a):
@@ -522,10 +598,12 @@ def _sum_leading(a):
     return a.sum(axis=0)
 
 
-def _maml(params, support, query, loss, inner_lr, inner_steps, first_order, activation):
-    """Meta-loss and its gradient w.r.t. params (and w.r.t. inner_lr when it is a list)."""
+def _maml(params, support, query, loss, inner_lr, inner_steps, first_order, activation, factored=False):
+    """Meta-loss and its gradient w.r.t. params (and w.r.t. inner_lr when it is a list).
+    factored: as maml_grad's (False for Meta-SGD, whose per-element rates have no low-rank form)."""
     supports = _step_batches(support, inner_steps)
-    thetas, caches, inner_grads = adapt(params, supports, loss, inner_lr, inner_steps, activation)
+    start = _factored(params, supports, factored)
+    thetas, caches, inner_grads = adapt(start, supports, loss, inner_lr, inner_steps, activation)
     # v = d meta_loss / d theta'_t, per task; meta_loss = mean_t L_query,t(theta'_t)
     losses, v, _ = loss_and_grad(thetas[-1], query, loss, activation, scale=1.0 / query[0].shape[0])
     v, lr_grads = _backprop_inner(v, thetas, caches, supports, inner_lr, loss, first_order, activation, inner_grads)
@@ -533,7 +611,7 @@ def _maml(params, support, query, loss, inner_lr, inner_steps, first_order, acti
 
 
 def maml_grad(params, support, query, loss="mse", inner_lr=0.01, inner_steps=1, first_order=False,
-              activation="tanh"):
+              activation="tanh", factored=None):
     """MAML's meta-loss and its exact gradient w.r.t. params (never modified).
 
     support, query: (x (T, K, in), target) for T tasks; target is y
@@ -544,9 +622,14 @@ def maml_grad(params, support, query, loss="mse", inner_lr=0.01, inner_steps=1, 
     theta'_t = theta - inner_lr grad L_support,t, inner_steps times; then
       meta_loss = mean_t L_query,t(theta'_t)
       grads     = d meta_loss / d theta  (through every inner step, Hessians included)
-    first_order=True drops the Hessian terms (first-order MAML)."""
+    first_order=True drops the Hessian terms (first-order MAML).
+    factored: how the adapted weights are held (the block above). None (the default) keeps a
+    weight factored where the inner steps' samples, S K in all, are fewer than both its widths:
+    few-shot regression; it is dense otherwise (meta-RL's thousands of steps). True or False
+    forces one way for every weight; the two agree to rounding."""
     support, query = _check_meta_args(params, support, query, loss, inner_steps, activation, inner_lr)
-    meta_loss, grads, _ = _maml(params, support, query, loss, float(inner_lr), inner_steps, first_order, activation)
+    meta_loss, grads, _ = _maml(params, support, query, loss, float(inner_lr), inner_steps, first_order, activation,
+                                factored)
     return meta_loss, grads
 
 
@@ -2240,14 +2323,16 @@ def bench_env(config, rng, device="cpu"):
 
 
 def bench_meta_grad(config, rng, device="cpu"):
-    """Milliseconds per meta-gradient of the sinusoid problem (K=10, 1-40-40-1 ReLU,
-    one inner step, float32), on the backend xp: second-order and first-order
-    batched, and beside them PyTorch when installed. On the CPU the paper's
-    meta-batch (T=25) and a per-task loop of maml_grad; on the GPU T=10,000 and 100,000."""
+    """Milliseconds per meta-gradient of the sinusoid problem (K=10, 1-40-40-1 ReLU, one inner
+    step, float32), on the backend xp: maml_grad as it chooses (the middle weight factored), every
+    weight factored, every weight dense, first-order; beside them PyTorch's formulations when it is
+    installed. On the CPU the paper's meta-batch (T=25), with a per-task loop of maml_grad, and
+    T=1,000; on the GPU T=10,000 to 1,000,000, and each path's peak device memory.
+    Returns ({name: ms}, {name: bytes})."""
     if device == "gpu":
-        sizes = (1000,) if config.quick else (10_000, 100_000)
+        sizes = (1000,) if config.quick else (10_000, 100_000, 1_000_000)
     else:
-        sizes = (5,) if config.quick else (25,)
+        sizes = (5,) if config.quick else (25, 1000)
     torch = _optional("torch")
     torch_device = "cuda" if device == "gpu" else "cpu"
     if torch is not None and torch_device == "cuda" and not torch.cuda.is_available():
@@ -2258,62 +2343,114 @@ def bench_meta_grad(config, rng, device="cpu"):
         amplitude, phase = sample_sine_tasks(rng, T)
         support, query = sample_sine_points(rng, amplitude, phase, 10), sample_sine_points(rng, amplitude, phase, 10)
         tag = f" T={T}" + ("" if device == "cpu" else f" ({device})")
-        fns[f"maml_grad second-order, batched{tag}"] = lambda s=support, q=query: maml_grad(
-            params, s, q, "mse", 0.01, 1, False, "relu")
-        fns[f"maml_grad first-order, batched{tag}"] = lambda s=support, q=query: maml_grad(
-            params, s, q, "mse", 0.01, 1, True, "relu")
-        if device == "cpu":
+        for name, first_order, factored in (("second-order, batched", False, None), ("second-order, factored", False, True),
+                                            ("second-order, dense", False, False), ("first-order, batched", True, None)):
+            fns[f"maml_grad {name}{tag}"] = lambda s=support, q=query, f=first_order, k=factored: maml_grad(
+                params, s, q, "mse", 0.01, 1, f, "relu", k)
+        if device == "cpu" and T <= 25:
             one = lambda batch, t: (batch[0][t:t + 1], batch[1][t:t + 1])
             fns[f"maml_grad second-order, loop over tasks{tag}"] = lambda s=support, q=query, T=T: [
                 maml_grad(params, one(s, t), one(q, t), "mse", 0.01, 1, False, "relu") for t in range(T)]
         if torch is not None:
-            for name, fn in _torch_maml(torch, params, support, query, torch_device).items():
+            for name, fn in _torch_maml(torch, params, support, query, torch_device, loop=T <= 25).items():
                 fns[name + tag] = fn
     for name in fns:
         sync[name] = (lambda: torch.cuda.synchronize()) if "torch" in name and device == "gpu" else (
             lambda: _synchronize(xp))
-    calls = {name: 3 if config.quick else (10 if "loop" in name or device == "gpu" else 100) for name in fns}
-    return {name: 1e3 * s for name, s in _time_alternatives(fns, calls, config.rounds, sync).items()}
+    memory = {name: _peak_memory(fn, torch if "torch" in name else None) for name, fn in fns.items()} if device == "gpu" else {}
+    def calls(name):  # per round: enough to outlast the clock's resolution, few where one call is long
+        T = int(name.split(" T=")[1].split()[0])
+        if config.quick:
+            return 3
+        return (3 if T >= 10 ** 6 else 10) if device == "gpu" else 10 if "loop" in name else max(3, 2500 // T)
+    calls = {name: calls(name) for name in fns}
+    return {name: 1e3 * s for name, s in _time_alternatives(fns, calls, config.rounds, sync).items()}, memory
 
 
-def _torch_maml(torch, params, support, query, device="cpu"):
-    """The same second-order meta-gradient with PyTorch: torch.func over vmap, and
-    (on the CPU) the per-task autograd.grad(create_graph=True) loop most MAML libraries use."""
+def _peak_memory(fn, torch=None):
+    """The most device memory one call of fn holds at once, in bytes: PyTorch's own count for its
+    rows; for CuPy's, what its memory pool holds after one call from empty (it keeps what it frees)."""
+    if torch is not None:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated())
+    pool = xp.get_default_memory_pool()
+    _synchronize(xp)
+    pool.free_all_blocks()
+    fn()
+    _synchronize(xp)
+    return int(pool.total_bytes())
+
+
+def _torch_maml(torch, params, support, query, device="cpu", loop=True):
+    """The same second-order meta-gradient with PyTorch, in the formulations we know, fastest last:
+    torch.func's grad of a vmap over tasks; vmap over the inner loop, then autograd.grad of the
+    mean query loss; the tasks batched by hand (bmm over per-task copies of the weights), then
+    autograd.grad; and (on the CPU, with loop) the per-task autograd.grad(create_graph=True) loop
+    most MAML libraries use."""
     from torch.func import grad, vmap
     if device == "cpu":
         torch.set_num_threads(1)
     tp = [torch.tensor(to_host(p), device=device) for p in params]
     xs, ys, xq, yq = (torch.tensor(to_host(a), device=device) for a in (*support, *query))
+    T = xs.shape[0]
+    mse = lambda out, y: ((out - y) ** 2).mean()
 
     def f(p, x):
         for l in range(0, len(p) - 2, 2):
             x = torch.relu(x @ p[l] + p[l + 1])
         return x @ p[-2] + p[-1]
 
+    def adapted(p, xs, ys):  # one task's inner step
+        return [a - 0.01 * b for a, b in zip(p, grad(lambda p: mse(f(p, xs), ys))(p))]
+
     def task_loss(p, xs, ys, xq, yq):
-        g = grad(lambda p: ((f(p, xs) - ys) ** 2).mean())(p)
-        return ((f([a - 0.01 * b for a, b in zip(p, g)], xq) - yq) ** 2).mean()
+        return mse(f(adapted(p, xs, ys), xq), yq)
 
-    vmapped = grad(lambda p: vmap(task_loss, in_dims=(None, 0, 0, 0, 0))(p, xs, ys, xq, yq).mean())
+    grad_of_vmap = grad(lambda p: vmap(task_loss, in_dims=(None, 0, 0, 0, 0))(p, xs, ys, xq, yq).mean())
 
-    def loop():
+    def vmap_then_autograd():
+        ps = [a.detach().requires_grad_() for a in tp]
+        loss = vmap(lambda p, xq, yq: mse(f(p, xq), yq))(vmap(adapted, in_dims=(None, 0, 0))(ps, xs, ys), xq, yq)
+        return torch.autograd.grad(loss.mean(), ps)
+
+    def batched(W, x):  # per-task weights (T, in, out), biases (T, out)
+        for l in range(0, len(W) - 2, 2):
+            x = torch.relu(torch.bmm(x, W[l]) + W[l + 1][:, None])
+        return torch.bmm(x, W[-2]) + W[-1][:, None]
+
+    def bmm_then_autograd():
+        ps = [a.detach().requires_grad_() for a in tp]
+        W = [p.expand(T, *p.shape) for p in ps]
+        inner = torch.autograd.grad(((batched(W, xs) - ys) ** 2).mean(dim=(1, 2)).sum(), W, create_graph=True)
+        loss = ((batched([w - 0.01 * g for w, g in zip(W, inner)], xq) - yq) ** 2).mean()
+        return torch.autograd.grad(loss, ps)
+
+    def per_task_loop():
         ps = [a.clone().requires_grad_() for a in tp]
         total = 0.0
-        for t in range(xs.shape[0]):
-            g = torch.autograd.grad(((f(ps, xs[t]) - ys[t]) ** 2).mean(), ps, create_graph=True)
-            total = total + ((f([a - 0.01 * b for a, b in zip(ps, g)], xq[t]) - yq[t]) ** 2).mean()
-        return torch.autograd.grad(total / xs.shape[0], ps)
-    fns = {"torch.func grad(vmap), second-order": lambda: vmapped(tp)}
-    if device == "cpu":
-        fns["torch autograd loop over tasks, second-order"] = loop
+        for t in range(T):
+            g = torch.autograd.grad(mse(f(ps, xs[t]), ys[t]), ps, create_graph=True)
+            total = total + mse(f([a - 0.01 * b for a, b in zip(ps, g)], xq[t]), yq[t])
+        return torch.autograd.grad(total / T, ps)
+    fns = {"torch.func grad(vmap), second-order": lambda: grad_of_vmap(tp),
+           "torch vmap inner loop, autograd.grad, second-order": vmap_then_autograd,
+           "torch bmm batched by hand, autograd.grad, second-order": bmm_then_autograd}
+    if device == "cpu" and loop:
+        fns["torch autograd loop over tasks, second-order"] = per_task_loop
     return fns
 
 
-def _print_rows(title, unit, rows, ratio_to=None):
-    print(f"\n{title:60s} {unit:>12}" + (f" {'vs ours':>8}" if ratio_to else ""))
+def _print_rows(title, unit, rows, ratios=None):
+    """A table of rows {name: value}, with a column for each of ratios {header: (name, value) -> ratio or None}."""
+    ratios = ratios or {}
+    print(f"\n{title:66s} {unit:>10}" + "".join(f" {header:>16}" for header in ratios))
     for name, v in rows.items():
-        base = ratio_to(name) if ratio_to else None
-        print(f"{name:60s} {v:12.4g}" + (f" {v / base:7.1f}x" if base else ""))
+        cells = [ratio(name, v) for ratio in ratios.values()]
+        print(f"{name:66s} {v:10.4g}" + "".join(f" {'':>16}" if r is None else f" {r:15.2f}x" for r in cells))
 
 
 def run_bench(config, json_path=None):
@@ -2325,7 +2462,7 @@ def run_bench(config, json_path=None):
                 if "gpu" in devices else "")
     print(f"bench on {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, NumPy {np.__version__}"
           f"{gpu_name}{' (quick)' if config.quick else ''}; best of {config.rounds} interleaved rounds")
-    env, meta = {}, {}
+    env, meta, memory = {}, {}, {}
     with_env = _optional("cartpole") is not None  # the env rows need cartpole.py beside this file
     try:
         for device, module in devices.items():
@@ -2333,7 +2470,9 @@ def run_bench(config, json_path=None):
             rng = np.random.default_rng(config.seed)
             if with_env:
                 env.update(bench_env(config, rng, device))
-            meta.update(bench_meta_grad(config, rng, device))
+            times, peaks = bench_meta_grad(config, rng, device)
+            meta.update(times)
+            memory.update(peaks)
     finally:
         set_array_module(backend)
     if with_env:
@@ -2342,9 +2481,17 @@ def run_bench(config, json_path=None):
         print("\n(no CartPole rows: cartpole.py is not beside metarl_min.py)")
 
     setting = lambda name: name[name.rindex(" T="):]  # " T=25", or " T=100000 (gpu)"
-    _print_rows("meta-gradient, sinusoid problem (K=10, 1-40-40-1)", "ms", meta,
-                lambda name: meta[f"maml_grad second-order, batched{setting(name)}"])
-    result = {"env_steps_per_second": env, "meta_grad_ms": meta, "devices": list(devices), "quick": config.quick}
+    torch_best = {}  # the fastest PyTorch formulation of each setting
+    for name, ms in meta.items():
+        if name.startswith("torch"):
+            torch_best[setting(name)] = min(ms, torch_best.get(setting(name), math.inf))
+    _print_rows("meta-gradient, sinusoid problem (K=10, 1-40-40-1)", "ms", meta, {
+        "time / ours": lambda name, v: v / meta[f"maml_grad second-order, batched{setting(name)}"],
+        "fastest torch / it": lambda name, v: torch_best[setting(name)] / v if setting(name) in torch_best else None})
+    if memory:
+        _print_rows("peak device memory of one meta-gradient", "MB", {k: v / 2 ** 20 for k, v in memory.items()})
+    result = {"env_steps_per_second": env, "meta_grad_ms": meta, "meta_grad_peak_bytes": memory,
+              "devices": list(devices), "quick": config.quick}
     if json_path:
         write_json(json_path, result)
     return result

@@ -506,6 +506,9 @@ class TestGradients(unittest.TestCase):
                     fd = _fd_grad(lambda P: mm.maml_grad(P, support, query, loss, lr, steps, False, activation)[0],
                                   params)
                     self.assertLess(_rel_err(grads, fd), 1e-6)
+                    # The factored inner update (every weight a LowRank) against the same differences.
+                    _, factored = mm.maml_grad(params, support, query, loss, lr, steps, False, activation, True)
+                    self.assertLess(_rel_err(factored, fd), 1e-6)
                     # The second-order term matters: first-order MAML differs.
                     _, fo = mm.maml_grad(params, support, query, loss, lr, steps, True, activation)
                     self.assertGreater(_rel_err(fo, fd), 1e-4)
@@ -536,6 +539,51 @@ class TestGradients(unittest.TestCase):
             mm.maml_grad(params, supports, query, loss, 0.05, 3)
         with self.assertRaisesRegex(TypeError, "one batch"):
             mm.reptile_grad(params, supports, query, loss, 0.05, 2)
+
+    def test_factored_equals_dense(self):
+        """The inner update kept as its rank-K factors (LowRank) against the dense per-task weights, in
+        float64: every loss and activation, bias-only outputs, 1-3 inner steps, second- and first-order,
+        one support batch or one per step."""
+        cases = [(loss, act, bias) for loss in mm.LOSSES for act in mm.ACTIVATIONS
+                 for bias in ((0, 2) if _gaussian(loss) else (0,))]
+        for (loss, activation, bias_outputs), steps, first_order, per_step in itertools.product(
+                cases, (1, 2, 3), (False, True), (False, True)):
+            with self.subTest(loss=loss, activation=activation, bias_outputs=bias_outputs, inner_steps=steps,
+                              first_order=first_order, per_step=per_step):
+                n_out = 4 if _gaussian(loss) else 3
+                params = mm.init_mlp((2, 16, 12, n_out), self.rng, activation, np.float64, bias_outputs)
+                support = ([_batch(self.rng, loss, 3, 3 + j, 2, n_out) for j in range(steps)] if per_step
+                           else _batch(self.rng, loss, 3, 4, 2, n_out))
+                query = _batch(self.rng, loss, 3, 5, 2, n_out)
+                dense = mm.maml_grad(params, support, query, loss, 0.05, steps, first_order, activation, False)
+                for factored in (True, None):  # every weight factored; and where it pays (here the middle one)
+                    got = mm.maml_grad(params, support, query, loss, 0.05, steps, first_order, activation, factored)
+                    self.assertLess(abs(got[0] - dense[0]), 1e-12 * abs(dense[0]))
+                    self.assertLess(max(float(np.abs(g - d).max() / np.abs(d).max()) for g, d in zip(got[1], dense[1])),
+                                    1e-12)
+
+    def test_factored_where_the_update_rank_is_below_the_widths(self):
+        """The automatic choice: a weight is held as a LowRank when the inner steps' samples, S K,
+        are fewer than both its widths. On the sinusoid's 1-40-40-1, K = 10 and one step factor the
+        middle weight only; four steps (rank 40) or K = 50 leave every weight dense."""
+        params = mm.init_mlp((1, 40, 40, 1), self.rng, "relu", np.float64)
+        kinds = lambda K, steps: [type(p).__name__ for p in mm._factored(params, [_batch(self.rng, "mse", 2, K, 1, 1)]
+                                                                                  * steps, None)[::2]]
+        self.assertEqual(kinds(10, 1), ["ndarray", "LowRank", "ndarray"])
+        self.assertEqual(kinds(10, 3), ["ndarray", "LowRank", "ndarray"])
+        self.assertEqual(kinds(10, 4), ["ndarray"] * 3)
+        self.assertEqual(kinds(50, 1), ["ndarray"] * 3)
+        self.assertEqual(kinds(10, 0), ["ndarray"] * 3)  # no inner step: nothing to factor
+        # The adapted params of a factored weight are its factors: W shared, L the support inputs, R = -alpha delta.
+        support = _batch(self.rng, "mse", 2, 10, 1, 1)
+        adapted = mm.adapt(mm._factored(params, [support], None), support, "mse", 0.01, 1, "relu")
+        W = adapted.params[2]
+        self.assertIsInstance(W, mm.LowRank)
+        self.assertIs(W.W, params[2])
+        np.testing.assert_array_equal(W.L, adapted.caches[0][1][1])  # the first hidden layer's outputs
+        self.assertEqual((W.shape, W.L.shape, W.R.shape), ((2, 40, 40), (2, 10, 40), (2, 10, 40)))
+        dense = mm.adapt(params, support, "mse", 0.01, 1, "relu").params[2]
+        np.testing.assert_allclose(W.W + W.L.swapaxes(1, 2) @ W.R, dense, rtol=0, atol=1e-14)
 
     def test_first_order_is_mean_query_gradient_at_adapted_params(self):
         params = mm.init_mlp((1, 8, 1), self.rng, "tanh", dtype=np.float64)
