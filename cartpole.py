@@ -33,6 +33,7 @@ where l is half the pole's length. The order of the floating-point operations
 is Gymnasium's own, which is what makes the trajectories bit-identical.
 """
 
+import functools
 import math
 import types
 
@@ -510,6 +511,103 @@ def sample_tasks(rng, n, family="reversed", reverse_prob=REVERSE_PROB):
     if family == "reversed":
         tasks["force_mag"] *= np.where(rng.random(n) < reverse_prob, -1.0, 1.0)
     return tasks
+
+
+# ----------------------------------------------------------------------------
+# Gymnasium: the two environments as a real gymnasium.Env and gymnasium.vector.VectorEnv,
+# for Gymnasium's wrappers, its env checker and the agents built on it. Gymnasium is
+# imported only here, when one of these is called.
+# ----------------------------------------------------------------------------
+GYMNASIUM_INSTALL = "pip install gymnasium"
+GYMNASIUM_ID = "MetaCartPole-v1"  # what register() names them
+
+
+def gymnasium_env(render_mode=None, **physics):
+    """A ``gymnasium.Env`` around ``CartPoleEnv(**physics)``: CartPole-v1's spaces, and the
+    trajectories of the bare class (its reset draws from the generator that
+    ``gymnasium.Env.reset(seed=)`` seeds, which is ``numpy.random.default_rng(seed)``).
+    ImportError, naming the install command, without Gymnasium."""
+    return _gymnasium_classes()[0](render_mode, **physics)
+
+
+def gymnasium_vector_env(num_envs, render_mode=None, **physics):
+    """A ``gymnasium.vector.VectorEnv`` around ``VecCartPole(num_envs, **physics)``, each physics
+    parameter a scalar or a (num_envs,) array: batched spaces, and Gymnasium 1.x's same-step
+    autoreset declared in ``metadata["autoreset_mode"]``, with the ended episodes' last
+    observations in ``info["final_obs"]``. NumPy arrays only (the CPU backend)."""
+    return _gymnasium_classes()[1](num_envs, render_mode, **physics)
+
+
+def register(env_id=GYMNASIUM_ID):
+    """Register env_id with Gymnasium, so that ``gymnasium.make(env_id, force_mag=-10.0)`` and
+    ``gymnasium.make_vec(env_id, num_envs=8, force_mag=forces)`` make these; as CartPole-v1, a
+    500-step limit and a reward threshold of 475. Registering again changes nothing."""
+    gym = _import_gymnasium()
+    if env_id not in gym.registry:
+        gym.register(env_id, entry_point=gymnasium_env, vector_entry_point=gymnasium_vector_env,
+                     max_episode_steps=MAX_EPISODE_STEPS, reward_threshold=475.0)
+    return env_id
+
+
+def _import_gymnasium():
+    try:
+        import gymnasium
+    except ImportError:
+        raise ImportError(f"this needs Gymnasium, which is not installed: {GYMNASIUM_INSTALL}") from None
+    return gymnasium
+
+
+@functools.lru_cache(maxsize=None)
+def _gymnasium_classes():
+    """The two adapter classes, made once, when Gymnasium is first asked for."""
+    gym = _import_gymnasium()
+    from gymnasium.vector import AutoresetMode, VectorEnv
+    from gymnasium.vector.utils import batch_space
+
+    def no_render(render_mode):
+        if render_mode is not None:
+            raise ValueError(f"render_mode must be None: this CartPole does not render; got {render_mode!r}")
+
+    class GymnasiumCartPole(gym.Env):
+        metadata = {"render_modes": [], "render_fps": 50}
+
+        def __init__(self, render_mode=None, **physics):
+            no_render(render_mode)
+            self.cartpole = CartPoleEnv(**physics)
+            self.observation_space = gym.spaces.Box(-_OBS_HIGH, _OBS_HIGH, dtype=np.float32)
+            self.action_space = gym.spaces.Discrete(2)
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)  # seeds self.np_random as every gymnasium.Env does
+            self.cartpole.np_random = self.np_random
+            return self.cartpole.reset(options=options)
+
+        def step(self, action):
+            return self.cartpole.step(action)
+
+    class GymnasiumVecCartPole(VectorEnv):
+        metadata = {"render_modes": [], "render_fps": 50, "autoreset_mode": AutoresetMode.SAME_STEP}
+
+        def __init__(self, num_envs, render_mode=None, **physics):
+            no_render(render_mode)
+            self.cartpoles = VecCartPole(num_envs, **physics)
+            self.num_envs = self.cartpoles.num_envs
+            self.single_observation_space = gym.spaces.Box(-_OBS_HIGH, _OBS_HIGH, dtype=np.float32)
+            self.single_action_space = gym.spaces.Discrete(2)
+            self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+            self.action_space = batch_space(self.single_action_space, self.num_envs)
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            self.cartpoles.np_random = self.np_random
+            return self.cartpoles.reset(options=options)
+
+        def step(self, actions):
+            obs, reward, terminated, truncated, info = self.cartpoles.step(actions)
+            # Same-step autoreset's keys, as Gymnasium's vector envs give them (CartPole's infos are empty).
+            return obs, reward, terminated, truncated, {**info, "final_info": {}, "_final_info": info["_final_obs"]}
+
+    return GymnasiumCartPole, GymnasiumVecCartPole
 
 
 # ----------------------------------------------------------------------------

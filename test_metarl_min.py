@@ -367,6 +367,119 @@ class TestTasks(unittest.TestCase):
 # ----------------------------------------------------------------------------
 # The model, the losses and MAML, against central finite differences (float64).
 # ----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------
+# Gymnasium: the adapters (these tests run where Gymnasium is installed:
+# pip install gymnasium && python -m unittest)
+# ----------------------------------------------------------------------------
+def _gymnasium():
+    try:
+        import gymnasium
+    except ImportError:
+        return None
+    return gymnasium
+
+
+class TestGymnasiumAdapters(unittest.TestCase):
+    def test_without_gymnasium_one_clear_line(self):
+        cp._gymnasium_classes.cache_clear()
+        try:
+            with unittest.mock.patch.dict(sys.modules, {"gymnasium": None}):  # as if it were not installed
+                for make in (lambda: cp.gymnasium_env(), lambda: cp.gymnasium_vector_env(2), cp.register):
+                    with self.assertRaisesRegex(ImportError, "needs Gymnasium, which is not installed: pip install "
+                                                             "gymnasium"):
+                        make()
+        finally:
+            cp._gymnasium_classes.cache_clear()
+
+    @unittest.skipUnless(_gymnasium(), "needs Gymnasium")
+    def test_check_env_passes(self):
+        from gymnasium.utils.env_checker import check_env
+        gym = _gymnasium()
+        check_env(cp.gymnasium_env(force_mag=-7.0, length=0.3))
+        check_env(gym.make(cp.register(), masspole=0.2).unwrapped)
+        with self.assertRaisesRegex(ValueError, "render_mode must be None"):
+            cp.gymnasium_env(render_mode="human")
+
+    @unittest.skipUnless(_gymnasium(), "needs Gymnasium")
+    def test_trajectories_equal_the_bare_classes_and_cartpole_v1(self):
+        gym = _gymnasium()
+        rng = np.random.default_rng(0)
+        # One env, through resets: the adapter, the bare class, and Gymnasium's own CartPole-v1 by make.
+        ours, bare = cp.gymnasium_env(), cp.CartPoleEnv()
+        made, theirs = gym.make(cp.register()), gym.make("CartPole-v1")
+        for seed in range(3):
+            first = [env.reset(seed=seed)[0] for env in (ours, bare, made, theirs)]
+            for _ in range(600):
+                a = int(rng.integers(2))
+                steps = [env.step(a) for env in (ours, bare, made, theirs)]
+                for step in steps[1:]:
+                    self.assertEqual(step[0].tobytes(), steps[0][0].tobytes())
+                    self.assertEqual(step[1:4], steps[0][1:4])
+                if steps[0][2] or steps[0][3]:
+                    break
+            for obs in first[1:]:
+                self.assertEqual(obs.tobytes(), first[0].tobytes())
+        # Many envs with mixed physics, through autoresets: the adapter and the bare VecCartPole.
+        tasks = cp.sample_tasks(np.random.default_rng(1), 16)
+        ours, bare = cp.gymnasium_vector_env(16, **tasks), cp.VecCartPole(16, **tasks)
+        for a, b in zip(ours.reset(seed=5), bare.reset(seed=5)):
+            np.testing.assert_array_equal(a, b)
+        ended = 0
+        for _ in range(200):
+            actions = rng.integers(0, 2, 16)
+            got, want = ours.step(actions), bare.step(actions)
+            for a, b in zip(got[:4], want[:4]):
+                np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(got[4]["final_obs"], want[4]["final_obs"])
+            np.testing.assert_array_equal(got[4]["_final_info"], want[4]["_final_obs"])
+            ended += int(want[4]["_final_obs"].sum())
+        self.assertGreater(ended, 16)
+        self.assertEqual(ours.metadata["autoreset_mode"], gym.vector.AutoresetMode.SAME_STEP)
+        self.assertEqual(ours.single_observation_space, gym.make("CartPole-v1").observation_space)
+
+    @unittest.skipUnless(_gymnasium(), "needs Gymnasium")
+    def test_record_episode_statistics_counts_our_returns(self):
+        gym = _gymnasium()
+        rng = np.random.default_rng(2)
+        env = gym.wrappers.RecordEpisodeStatistics(cp.gymnasium_env(force_mag=-10.0))
+        env.reset(seed=0)
+        returns, total = [], 0.0
+        while len(returns) < 5:
+            _, reward, terminated, truncated, info = env.step(int(rng.integers(2)))
+            total += reward
+            if terminated or truncated:
+                self.assertEqual(info["episode"]["r"], total)
+                returns.append(total)
+                total = 0.0
+                env.reset()
+        # Vectorised, over same-step autoresets: each ended episode's return as we count it.
+        tasks = cp.sample_tasks(np.random.default_rng(3), 8)
+        envs = gym.wrappers.vector.RecordEpisodeStatistics(cp.gymnasium_vector_env(8, **tasks))
+        envs.reset(seed=0)
+        running, checked = np.zeros(8), 0
+        for _ in range(150):
+            _, reward, terminated, truncated, info = envs.step(rng.integers(0, 2, 8))
+            running += reward
+            done = terminated | truncated
+            if done.any():
+                np.testing.assert_array_equal(info["episode"]["r"][done], running[done])
+                np.testing.assert_array_equal(info["_episode"], done)
+                checked += int(done.sum())
+            running[done] = 0.0
+        self.assertGreater(checked, 8)
+
+    @unittest.skipUnless(_gymnasium(), "needs Gymnasium")
+    def test_make_vec_with_per_env_physics(self):
+        gym = _gymnasium()
+        forces = np.array([10.0, -10.0, 7.0, -7.0])
+        envs = gym.make_vec(cp.register(), num_envs=4, force_mag=forces)
+        bare = cp.VecCartPole(4, force_mag=forces)
+        for a, b in zip(envs.reset(seed=1)[0], bare.reset(seed=1)[0]):
+            np.testing.assert_array_equal(a, b)
+        for _ in range(50):
+            np.testing.assert_array_equal(envs.step(np.ones(4, int))[0], bare.step(np.ones(4, int))[0])
+
+
 import metarl_min as mm  # noqa: E402
 
 
@@ -1593,6 +1706,7 @@ class TestCopying(unittest.TestCase):
                      "env.reset(seed=0)\n"
                      "for _ in range(30): obs, *_ = env.step(np.ones(8, int))\n"
                      "one = cartpole.CartPoleEnv(); one.reset(seed=0); one.step(1)\n"
+                     "import sys; assert not {'gymnasium', 'cupy', 'metarl_min'} & set(sys.modules)\n"
                      "print(obs.shape, obs.dtype)")
             proc = self._run(d, "-c", check)
             self.assertEqual(proc.returncode, 0, proc.stderr)
