@@ -1365,17 +1365,25 @@ def discretize(obs, bins, low=TABLE_LOW, high=TABLE_HIGH):
     return (idx @ xp.asarray(strides, dtype=np.float64)).astype(np.int64)
 
 
+def _scaled(obs, low, high):
+    """obs (B, n) scaled to [-1, 1] on the box [low, high], and clipped into it: a state outside the
+    box counts as on its edge, as the table's end bins count it, so no feature grows without bound
+    (a cube) or vanishes (a Gaussian far from every centre, whose normalised step would then blow up)."""
+    return xp.clip(2.0 * _in_box(obs, low, high) - 1.0, -1.0, 1.0)
+
+
 def poly_features(obs, degree, c=1.0, low=Q_STATE_LOW, high=Q_STATE_HIGH):
     """The explicit feature map of the polynomial kernel K(s, s') = (c + s.s')^d
-    on states scaled to [-1, 1]: phi(s).phi(s') = K(s, s'). By the multinomial
+    on states scaled to [-1, 1] (_scaled): phi(s).phi(s') = K(s, s'). By the multinomial
     theorem, phi_k(s) = sqrt(d! / (k_0! ... k_n!) c^k_0) prod_i s_i^k_i over all
     k_0 + ... + k_n = d: C(n + d, d) features. obs (B, n) -> (B, F)."""
     _check_int_at_least("degree", degree, 1)
     if not c >= 0:
         raise ValueError(f"c must be >= 0, got {c!r}")
-    s = 2.0 * _in_box(obs, low, high) - 1.0  # (B, n), in [-1, 1] inside the box
+    s = _scaled(obs, low, high)  # (B, n)
     root_coef, powers = _poly_terms(degree, s.shape[-1], float(c), xp)
-    s_pow = s[:, :, None] ** xp.arange(degree + 1)  # (B, n, d + 1): s_i^0 ... s_i^d
+    ones = xp.ones(s.shape + (1,))
+    s_pow = xp.cumprod(xp.concatenate([ones, xp.repeat(s[:, :, None], degree, axis=2)], axis=2), axis=2)  # s_i^0..s_i^d
     return root_coef * xp.prod(s_pow[:, xp.arange(s.shape[-1]), powers], axis=-1)  # (B, F): prod_i s_i^k_i
 
 
@@ -1395,11 +1403,15 @@ def _compositions(total, parts):
     return [(first,) + rest for first in range(total + 1) for rest in _compositions(total - first, parts - 1)]
 
 
-def rbf_features(obs, per_dim=3, width=0.5, low=Q_STATE_LOW, high=Q_STATE_HIGH):
-    """Gaussian (RBF) kernel features exp(-|s - c_j|^2 / (2 width^2)) on a fixed grid of
-    per_dim^n centres in [-1, 1]^n, states scaled to [-1, 1]. obs (B, n) -> (B, per_dim^n)."""
+def rbf_features(obs, per_dim=4, width=0.4, low=Q_STATE_LOW, high=Q_STATE_HIGH):
+    """Gaussian (RBF) features exp(-|s - c_j|^2 / (2 width^2)) on a grid of per_dim^n centres c_j
+    in [-1, 1]^n, states scaled to [-1, 1] (_scaled). obs (B, n) -> (B, per_dim^n). Their kernel is
+      phi(s).phi(s') = exp(-|s - s'|^2 / (4 width^2)) sum_j exp(-|(s + s')/2 - c_j|^2 / width^2),
+    a Gaussian of width sqrt(2) width wherever the grid is dense around (s + s') / 2."""
     _check_int_at_least("per_dim", per_dim, 1)
-    s = 2.0 * _in_box(obs, low, high) - 1.0  # (B, n), in [-1, 1] inside the box
+    if not width > 0:
+        raise ValueError(f"width must be > 0, got {width!r}")
+    s = _scaled(obs, low, high)  # (B, n)
     centres = _rbf_centres(per_dim, s.shape[-1], xp)  # (C, n)
     d2 = (s * s).sum(axis=1, keepdims=True) - 2.0 * s @ centres.T + (centres * centres).sum(axis=1)  # |s - c|^2
     return xp.exp(-xp.maximum(d2, 0.0) / (2.0 * width ** 2))  # (B, C)
@@ -1410,6 +1422,30 @@ def _rbf_centres(per_dim, n_vars, module):
     """The grid of per_dim^n_vars centres in [-1, 1]^n_vars, made once per grid and backend."""
     axis = np.linspace(-1.0, 1.0, per_dim)
     return module.asarray(np.stack(np.meshgrid(*[axis] * n_vars, indexing="ij"), axis=-1).reshape(-1, n_vars))
+
+
+def block_features(featurizers, learner_of_env):
+    """One feature map for a batch whose envs learn with different maps: env b's features are
+    those of featurizers[learner_of_env[b]] (a table's rows made one-hot), in that map's own block
+    of columns, zero elsewhere. So one q_learn runs every learner side by side, and each env's
+    update touches its own block alone (for one-hot features it is the tabular rule exactly).
+    featurizers: [(featurize, n_features)]; the returned map takes obs whose rows are the
+    envs in order, repeated (q_learn passes two rows a env)."""
+    which = np.asarray(learner_of_env)
+    ends = np.cumsum([n for _, n in featurizers])
+
+    @functools.lru_cache(maxsize=None)
+    def rows_of(n_rows):  # each learner's rows among n_rows, made once per count
+        learner = np.tile(which, n_rows // which.size)
+        return [xp.asarray(np.nonzero(learner == l)[0]) for l in range(len(featurizers))]
+
+    def featurize(obs):
+        phi = xp.zeros((obs.shape[0], int(ends[-1])))
+        for (f, n), rows, end in zip(featurizers, rows_of(obs.shape[0]), ends):
+            block = f(obs[rows])
+            phi[rows, end - n:end] = (block[:, None] == xp.arange(n)) if block.ndim == 1 else block
+        return phi
+    return featurize
 
 
 def log_decay(episode, floor, decay=25.0):
@@ -1467,8 +1503,8 @@ def q_learn(env, weights, featurize, rng, episodes, alpha_min=0.1, epsilon_min=0
     phi = featurize(obs)
     tabular = phi.dtype.kind in "iu"
 
-    def q_values(phi):  # (B, A)
-        return W[rows, phi] if tabular else xp.einsum("bf,bfa->ba", phi, W)
+    def q_values(phi):  # (B, A): phi_b . w_b,a, as (B, 1, F) @ (B, F, A) (einsum is several times slower)
+        return W[rows, phi] if tabular else (phi[:, None, :] @ W)[:, 0, :]
     # The schedules, per env and episode count (the last column for an env that has finished)
     counts = xp.broadcast_to(xp.arange(episodes + 1) + xp.reshape(xp.asarray(start_episode), (-1, 1)),
                              (B, episodes + 1))
@@ -2120,7 +2156,7 @@ def run_nav2d(config, json_path=None, save=None, load=None, plot=None):
 # ----------------------------------------------------------------------------
 @dataclasses.dataclass
 class QLearnConfig:
-    """Tabular and kernel Q-learning on CartPole tasks, from zero and from a meta-learned start."""
+    """Tabular and kernel Q-learning on CartPole tasks, each from zero and from a meta-learned start."""
     command: ClassVar[str] = "qlearn"
     bins: str = hparam("1,1,6,3", "table bins for x, x_dot, theta, theta_dot (each >= 1; the classic agent's: 1,1,6,12)")
     alpha_min: float = hparam(0.1, "floor of the learning rate's log decay, in (0, 1]", 1e-9, 1.0)
@@ -2135,11 +2171,12 @@ class QLearnConfig:
     iterations: int = hparam(5, "Reptile meta-iterations (the total, also when resuming)", 1)
     meta_tasks: int = hparam(20, "training tasks per meta-iteration", 1)
     meta_episodes: int = hparam(100, "episodes of Q-learning per task in each meta-iteration", 1)
-    meta_step: float = hparam(0.5, "Reptile step: init += meta_step (mean learned table - init)", 0.0, 1.0)
+    meta_step: float = hparam(0.5, "Reptile step: init += meta_step (mean learned weights - init)", 0.0, 1.0)
     warm_start: int = hparam(150, "the episode the schedules of a learner from the meta-learned start begin at "
                              "(from 150 with decay 15: no exploration, step size at its floor)", 0)
     degree: int = hparam(3, "polynomial kernel (c + s.s')^d: the degree d", 1)
-    rbf_per_dim: int = hparam(3, "RBF kernel: centres per state variable (a grid)", 1)
+    rbf_per_dim: int = hparam(4, "RBF kernel: centres per state variable (a grid)", 1)
+    rbf_width: float = hparam(0.4, "RBF kernel: the Gaussians' width, on states scaled to [-1, 1] (> 0)", 1e-6)
     seed: int = hparam(0, "seed of every random draw", 0)
     log_every: int = hparam(1, "meta-iterations between progress lines and checkpoints", 1)
 
@@ -2159,69 +2196,87 @@ def run_qlearn(config, json_path=None, save=None, load=None):
     bins = _parse_bins(config.bins)
     cartpole = _import_cartpole()
     t0 = time.perf_counter()
-    n_states = math.prod(bins)
-    table = lambda obs: discretize(obs, bins)
-    learn = lambda featurize, env, W, rng, episodes, start=0: q_learn(
-        env, W, featurize, rng, episodes, config.alpha_min, config.epsilon_min, config.decay, config.gamma, start)
-    print(f"qlearn: tabular Q-learning, bins {bins} ({n_states} states), tasks {config.family!r}; "
-          f"Reptile start over {config.iterations} x {config.meta_tasks} tasks, seed {config.seed}")
+    # The learners: one q_learn, three feature maps, each given (featurize, number of features).
+    learners = {"table": (lambda obs: discretize(obs, bins), math.prod(bins)),
+                "poly": (lambda obs: poly_features(obs, config.degree), math.comb(4 + config.degree, 4)),
+                "rbf": (lambda obs: rbf_features(obs, config.rbf_per_dim, config.rbf_width), config.rbf_per_dim ** 4)}
+    kernel_names = {"poly": f"poly d={config.degree}", "rbf": f"rbf {config.rbf_per_dim}^4"}  # the JSON's keys
 
-    # Reptile across training tasks (Nichol et al. 2018, Algorithm 2, batched):
-    #   init <- init + meta_step * (mean_b Q_b - init),  Q_b learned from init on task b.
+    def learn(members, tasks, rng, episodes):
+        """Every member (learner, initial weights (F, 2), first episode) on every task, side by side
+        in one batch, member after member; returns the weights and returns of each."""
+        n = len(tasks["force_mag"]) * config.seeds
+        which = [list(learners).index(name) for name, _, _ in members for _ in range(n)]
+        ends = np.cumsum([f for _, f in learners.values()])
+        W0 = xp.zeros((len(which), int(ends[-1]), 2))
+        for i, (name, init, _) in enumerate(members):
+            l = list(learners).index(name)
+            W0[i * n:(i + 1) * n, ends[l] - init.shape[0]:ends[l]] = init
+        env = cartpole_envs({k: np.tile(v, len(members)) for k, v in tasks.items()}, config.seeds)
+        W, returns = q_learn(env, W0, block_features(list(learners.values()), which), rng, episodes, config.alpha_min,
+                             config.epsilon_min, config.decay, config.gamma,
+                             xp.repeat(xp.asarray([first for _, _, first in members]), n))
+        blocks = {name: slice(ends[l] - f, ends[l]) for l, (name, (_, f)) in enumerate(learners.items())}
+        return [(W[i * n:(i + 1) * n, blocks[name]], returns[i * n:(i + 1) * n]) for i, (name, _, _) in enumerate(members)]
+
+    print(f"qlearn: Q-learning with a table (bins {bins}), {kernel_names['poly']} and {kernel_names['rbf']} "
+          f"features, tasks {config.family!r}; Reptile starts over {config.iterations} x {config.meta_tasks} tasks, "
+          f"seed {config.seed}")
+    # Reptile across training tasks (Nichol et al. 2018, Algorithm 2, batched), for every learner on the same tasks:
+    #   init <- init + meta_step * (mean_b W_b - init),  W_b learned from init on task b.
     if load:
         start, rng, models, _, _ = load_checkpoint(load, config)
-        q_init = models["q_init"][0]
+        if set(models) != set(learners):
+            raise ValueError(f"{load} holds starts for {sorted(models)}, not for {sorted(learners)}: a checkpoint of "
+                             "an older qlearn")
+        inits = {name: models[name][0] for name in learners}
     else:
-        start, rng, q_init = 0, np.random.default_rng(config.seed), xp.zeros((n_states, 2))
+        start, rng = 0, np.random.default_rng(config.seed)
+        inits = {name: xp.zeros((f, 2)) for name, (_, f) in learners.items()}
     progress = Progress(config.iterations, start)
     for it in range(start, config.iterations):
         tasks = cartpole.sample_tasks(rng, config.meta_tasks, config.family)
-        starts = xp.broadcast_to(q_init, (config.meta_tasks,) + q_init.shape)
-        W, returns = learn(table, cartpole_envs(tasks, 1), starts, rng, config.meta_episodes)
-        q_init = q_init + config.meta_step * (W.mean(axis=0) - q_init)
+        learned = learn([(name, inits[name], 0) for name in learners], tasks, rng, config.meta_episodes)
+        for name, (W, _) in zip(learners, learned):
+            inits[name] = inits[name] + config.meta_step * (W.mean(axis=0) - inits[name])
         if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
-            progress(it + 1, mean_return_last_50=returns[:, -50:].mean())
+            progress(it + 1, **{f"{name}_last_50": float(returns[:, -50:].mean())
+                                for name, (_, returns) in zip(learners, learned)})
             if save:
-                save_checkpoint(save, config, it + 1, rng, {"q_init": [q_init]}, {})
+                save_checkpoint(save, config, it + 1, rng, {name: [init] for name, init in inits.items()}, {})
 
-    # Held-out tasks, each learned `seeds` times: the table from zero and from the meta-learned
-    # start, and the two kernels from zero, all on the same tasks and seeds.
+    # Held-out tasks, each learned `seeds` times by every learner from zero and from its meta-learned
+    # start (whose schedules begin at warm_start), all on the same tasks and draws.
     tasks = cartpole.sample_tasks(stream(config.seed, HELD_OUT_TASKS), config.eval_tasks, config.family)
-    runs = config.eval_tasks * config.seeds
-    kernels = {f"poly d={config.degree}": lambda obs: poly_features(obs, config.degree),
-               f"rbf {config.rbf_per_dim}^4": lambda obs: rbf_features(obs, config.rbf_per_dim)}
-    # Learners of the same features learn side by side in one batch: (name, initial weights, start episode).
-    groups = {"table": (table, [("scratch", xp.zeros_like(q_init), 0), ("meta", q_init, config.warm_start)])}
-    groups.update({name: (f, [(name, xp.zeros((f(xp.zeros((1, 4))).shape[1], 2)), 0)]) for name, f in kernels.items()})
-    results, curves = {}, {}
-    for featurize, members in groups.values():
-        starts = xp.concatenate([xp.broadcast_to(init, (runs,) + init.shape) for _, init, _ in members])
-        start_episode = xp.repeat(xp.asarray([s for _, _, s in members]), runs)
-        env = cartpole_envs({k: np.tile(v, len(members)) for k, v in tasks.items()}, config.seeds)
-        _, returns = learn(featurize, env, starts, stream(config.seed, HELD_OUT_DRAWS), config.episodes,
-                           start_episode)
-        for i, (name, _, _) in enumerate(members):
-            curve = returns[i * runs:(i + 1) * runs]
-            curves[name], results[name] = to_host(curve), to_host(episodes_to_solve(curve))
-        print(f"held-out tasks, {' and '.join(name for name, _, _ in members)}: done, "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)
+    members = [(name, init, first) for name in learners
+               for init, first in ((xp.zeros_like(inits[name]), 0), (inits[name], config.warm_start))]
+    curves = {(name, first > 0): returns for (name, _, first), (_, returns) in zip(
+        members, learn(members, tasks, stream(config.seed, HELD_OUT_DRAWS), config.episodes))}
     seconds = time.perf_counter() - t0
 
-    median = lambda solve: float(np.median(solve))
+    def summary(curve):  # a learner's returns (runs, episodes) -> its figures
+        solve, curve = to_host(episodes_to_solve(curve)), to_host(curve)
+        return {"episodes_to_solve": float(np.median(solve)), "solved_fraction": float(np.isfinite(solve).mean()),
+                "mean_return_last_100": float(curve[:, -100:].mean()), "mean_return_first_20": float(curve[:, :20].mean())}
+    stats = {key: summary(curve) for key, curve in curves.items()}
     print(f"\nqlearn: {config.eval_tasks} held-out tasks x {config.seeds} seeds, {config.episodes} episodes each; "
           f"solved = mean return of the last 100 episodes >= 475")
-    print(f"{'learner':28s} {'median episodes to solve':>25} {'solved':>8} {'mean return, last 100':>22}")
-    for name, solve in results.items():
-        label = {"scratch": "tabular, from zero", "meta": "tabular, meta-learned start"}.get(name, f"kernel {name}")
-        print(f"{label:28s} {median(solve):25.0f} {np.isfinite(solve).mean():8.0%} "
-              f"{curves[name][:, -100:].mean():22.1f}")
+    print(f"{'learner':34s} {'median episodes to solve':>25} {'solved':>8} {'mean return, first 20':>22} "
+          f"{'last 100':>9}")
+    for (name, meta), st in stats.items():
+        label = f"{'tabular' if name == 'table' else 'kernel ' + kernel_names[name]}, " + (
+            "meta-learned start" if meta else "from zero")
+        print(f"{label:34s} {st['episodes_to_solve']:25.0f} {st['solved_fraction']:8.0%} "
+              f"{st['mean_return_first_20']:22.1f} {st['mean_return_last_100']:9.1f}")
     print(f"({seconds:.0f} s)")
     finite = lambda v: v if math.isfinite(v) else None  # JSON has no inf: unsolved medians are null
-    result = {"episodes_to_solve": {k: finite(median(results[k])) for k in ("scratch", "meta")},
-              "solved_fraction": {k: float(np.isfinite(results[k]).mean()) for k in ("scratch", "meta")},
-              "kernel": {name: {"episodes_to_solve": finite(median(results[name])),
-                                "solved_fraction": float(np.isfinite(results[name]).mean()),
-                                "mean_return_last_100": float(curves[name][:, -100:].mean())} for name in kernels},
+    table = {"scratch": stats["table", False], "meta": stats["table", True]}
+    kernel_entry = lambda st: {k: finite(v) if k == "episodes_to_solve" else v for k, v in st.items()}
+    result = {"episodes_to_solve": {k: finite(st["episodes_to_solve"]) for k, st in table.items()},
+              "solved_fraction": {k: st["solved_fraction"] for k, st in table.items()},
+              "mean_return_first_20": {k: st["mean_return_first_20"] for k, st in table.items()},
+              "kernel": {kernel_names[name]: {**kernel_entry(stats[name, False]), "meta": kernel_entry(stats[name, True])}
+                         for name in kernel_names},
               "seconds": seconds, "config": dataclasses.asdict(config)}
     if json_path:
         write_json(json_path, result)

@@ -1583,6 +1583,36 @@ class TestQLearning(unittest.TestCase):
         self.assertTrue((returns >= 8).all())
         self.assertTrue(np.abs(W).sum() > 0)
 
+    def test_block_features_run_learners_side_by_side(self):
+        """Envs of one batch learning with different feature maps: each env's features sit in its map's
+        block, zero elsewhere; a table's rows become one-hot, and learning on them is the tabular rule."""
+        obs = np.array([[0.0], [1.0], [1.0], [0.0]])
+        double = lambda o: np.concatenate([o, 2 * o], axis=1)  # a dense map of 2 features
+        featurize = mm.block_features([(self.rows, 2), (double, 2)], [0, 1])  # env 0: table, env 1: dense
+        np.testing.assert_array_equal(featurize(obs), [[1, 0, 0, 0], [0, 0, 1, 2], [0, 1, 0, 0], [0, 0, 0, 0]])
+        W0 = np.zeros((2, 2, 2))
+        W0[:, 0, 1] = 0.1
+        table, returns = mm.q_learn(_TwoStateEnv(2), W0, self.rows, np.random.default_rng(0), 30, epsilon_min=0.2,
+                                    decay=2.0, gamma=0.5)
+        one_hot, same = mm.q_learn(_TwoStateEnv(2), W0, mm.block_features([(self.rows, 2)], [0, 0]),
+                                   np.random.default_rng(0), 30, epsilon_min=0.2, decay=2.0, gamma=0.5)
+        np.testing.assert_array_equal(one_hot, table)
+        np.testing.assert_array_equal(same, returns)
+
+    def test_learner_from_a_meta_learned_start(self):
+        """Reptile over the weights learned on the two-state MDP gives a start from which a greedy
+        learner takes the rewarded path at once; from zero, greedy, it ends with nothing."""
+        init = np.zeros((2, 2))
+        for it in range(5):
+            W, _ = mm.q_learn(_TwoStateEnv(3), np.broadcast_to(init, (3, 2, 2)), self.rows,
+                              np.random.default_rng(it), 20, epsilon_min=0.0, decay=5.0, gamma=0.5)
+            init = init + 0.5 * (W.mean(axis=0) - init)
+        self.assertGreater(init[0, 1], init[0, 0])  # in state 0, action 1 leads on to the reward
+        for start, first_return in ((init, 1.0), (np.zeros((2, 2)), 0.0)):
+            _, returns = mm.q_learn(_TwoStateEnv(1), start[None], self.rows, np.random.default_rng(9), 3,
+                                    epsilon_min=0.0, decay=5.0, gamma=0.5, start_episode=150)
+            self.assertEqual(returns[0, 0], first_return)
+
     def test_discretizer_edges(self):
         low, high = np.array([0.0, -1.0]), np.array([1.0, 1.0])
         obs = np.array([[0.0, -1.0], [0.2499, 0.0], [0.25, 0.999], [1.0, 1.0], [-5.0, 7.0], [0.999, -0.0001]])
@@ -1591,17 +1621,34 @@ class TestQLearning(unittest.TestCase):
         np.testing.assert_array_equal(rows, [0 * 2 + 0, 0 * 2 + 1, 1 * 2 + 1, 3 * 2 + 1, 0 * 2 + 1, 3 * 2 + 0])
         np.testing.assert_array_equal(mm.discretize(obs, (1, 1), low, high), np.zeros(6))
 
-    def test_polynomial_feature_map_is_the_kernel(self):
+    def test_each_feature_map_is_its_kernel(self):
+        """phi(s).phi(s') against each kernel's formula, on states scaled to [-1, 1] on the box and
+        clipped into it (the states below reach past the box's edges)."""
         rng = np.random.default_rng(1)
-        scale = lambda o: 2 * (o - mm.Q_STATE_LOW) / (mm.Q_STATE_HIGH - mm.Q_STATE_LOW) - 1
+        scale = lambda o: np.clip(2 * (o - mm.Q_STATE_LOW) / (mm.Q_STATE_HIGH - mm.Q_STATE_LOW) - 1, -1, 1)
         for degree, c in ((1, 1.0), (2, 0.5), (3, 1.0), (4, 2.0)):
             x, y = rng.normal(size=(20, 4)), rng.normal(size=(20, 4))
             fx, fy = mm.poly_features(x, degree, c), mm.poly_features(y, degree, c)
             self.assertEqual(fx.shape[1], math.comb(4 + degree, degree))
-            np.testing.assert_allclose((fx * fy).sum(1), (c + (scale(x) * scale(y)).sum(1)) ** degree, rtol=1e-10)
-        x = rng.normal(size=(3, 4))
-        np.testing.assert_allclose((mm.rbf_features(x, 2) ** 0).sum(1), 16)
-        self.assertTrue(((mm.rbf_features(x, 2) > 0) & (mm.rbf_features(x, 2) <= 1)).all())
+            np.testing.assert_allclose((fx * fy).sum(1), (c + (scale(x) * scale(y)).sum(1)) ** degree, rtol=1e-10,
+                                       atol=1e-12)
+        # The RBF grid's kernel: exp(-|s - s'|^2 / (4 w^2)) sum_j exp(-|(s + s')/2 - c_j|^2 / w^2).
+        for per_dim, width in ((2, 0.5), (3, 0.3), (4, 0.4)):
+            x, y = rng.normal(size=(20, 4)), rng.normal(size=(20, 4))
+            fx, fy = mm.rbf_features(x, per_dim, width), mm.rbf_features(y, per_dim, width)
+            self.assertEqual(fx.shape[1], per_dim ** 4)
+            grid = np.linspace(-1, 1, per_dim)
+            centres = np.stack(np.meshgrid(*[grid] * 4, indexing="ij"), -1).reshape(-1, 4)
+            sx, sy = scale(x), scale(y)
+            mid = (sx + sy) / 2
+            kernel = np.exp(-((sx - sy) ** 2).sum(1) / (4 * width ** 2)) * np.exp(
+                -((mid[:, None] - centres) ** 2).sum(-1) / width ** 2).sum(1)
+            np.testing.assert_allclose((fx * fy).sum(1), kernel, rtol=1e-10)
+        # Past the box, a state counts as on its edge: bounded features that never all vanish.
+        edge, far = np.array([[2.4, 3.0, 0.21, 3.5]]), np.array([[9.0, 30.0, 2.0, 35.0]])
+        for f in (lambda o: mm.poly_features(o, 3), lambda o: mm.rbf_features(o, 4, 0.2)):
+            np.testing.assert_array_equal(f(far), f(edge))
+        self.assertGreater(mm.rbf_features(far, 4, 0.2).max(), 0.99)
 
     def test_solve_criterion(self):
         returns = np.full((2, 300), 500.0)
@@ -1621,6 +1668,15 @@ class TestQLearning(unittest.TestCase):
                               "episodes": 1, **kwargs})
         with self.assertRaisesRegex(ValueError, "degree must be an integer >= 1"):
             mm.poly_features(np.zeros((1, 4)), 0)
+        with self.assertRaisesRegex(ValueError, "width must be > 0"):
+            mm.rbf_features(np.zeros((1, 4)), 3, 0.0)
+        with self.assertRaisesRegex(ValueError, "per_dim must be an integer >= 1"):
+            mm.rbf_features(np.zeros((1, 4)), 0)
+        for flag, value, message in (("--degree", "0", "--degree must be >= 1"), ("--rbf-width", "0", "--rbf-width must be"),
+                                     ("--rbf-per-dim", "0", "--rbf-per-dim must be >= 1")):
+            status, _, err = _run_main(["qlearn", flag, value])
+            self.assertEqual(status, 2)
+            self.assertIn(message, err)
         with self.assertRaisesRegex(ValueError, "bins must be an integer >= 1"):
             mm.discretize(np.zeros((1, 4)), (1, 0, 6, 12))
         status, _, err = _run_main(["qlearn", "--bins", "1,1,6"])
@@ -1641,8 +1697,34 @@ class TestQLearning(unittest.TestCase):
             result = _read_json(path)
         self.assertEqual(set(result["episodes_to_solve"]), {"scratch", "meta"})
         self.assertEqual(set(result["solved_fraction"]), {"scratch", "meta"})
-        self.assertEqual(len(result["kernel"]), 2)
+        self.assertEqual(set(result["mean_return_first_20"]), {"scratch", "meta"})
+        self.assertEqual(set(result["kernel"]), {"poly d=3", "rbf 4^4"})
+        keys = {"episodes_to_solve", "solved_fraction", "mean_return_last_100", "mean_return_first_20"}
+        for entry in result["kernel"].values():
+            self.assertEqual(set(entry), keys | {"meta"})
+            self.assertEqual(set(entry["meta"]), keys)
         self.assertIn("median episodes to solve", out)
+
+    def test_qlearn_resume_ends_where_a_straight_run_ends(self):
+        """The meta-training of every learner, table and kernels, checkpointed and resumed."""
+        short = ["qlearn", "--episodes", "100", "--eval-tasks", "2", "--meta-tasks", "2", "--meta-episodes", "20",
+                 "--epsilon-min", "1", "--rbf-per-dim", "2"]
+        with tempfile.TemporaryDirectory() as d:
+            ck, straight, resumed, a, b = (os.path.join(d, n) for n in ("ck.npz", "s.npz", "r.npz", "a.json", "b.json"))
+            self.assertEqual(_run_main(short + ["--iterations", "2", "--json", a, "--save", straight])[0], 0)
+            self.assertEqual(_run_main(short + ["--iterations", "1", "--save", ck])[0], 0)
+            status, _, err = _run_main(short + ["--iterations", "2", "--load", ck, "--json", b, "--save", resumed])
+            self.assertEqual(status, 0, err)
+            ra, rb = _read_json(a), _read_json(b)
+            for r in (ra, rb):
+                r.pop("seconds")
+            self.assertEqual(ra, rb)
+            with np.load(straight) as x, np.load(resumed) as y:  # every learner's meta-learned start, bit for bit
+                self.assertEqual(sorted(k for k in x.files if k.startswith("params/")),
+                                 ["params/poly/0", "params/rbf/0", "params/table/0"])
+                for k in x.files:
+                    if k != "meta":
+                        np.testing.assert_array_equal(x[k], y[k])
 
 
 # ----------------------------------------------------------------------------
