@@ -1329,7 +1329,219 @@ def _check_trpo_args(params, support, query, kl_weights, loss, inner_steps, acti
 
 
 # ============================================================================
-# 3. Value-based: Q-learning with linear features (Watkins 1989; Sutton & Barto
+# 3. The other families of meta-learning: memory, a recurrent policy whose
+#    hidden state carries what it has learned of the task (RL^2), and
+#    evolution, a search that never backpropagates through adaptation (ES-MAML).
+# ============================================================================
+# ----------------------------------------------------------------------------
+# 3.1 A GRU (Cho et al. 2014) with backprop through time, batched over sequences.
+# ----------------------------------------------------------------------------
+# Params [Wx (in, 3H), Wh (H, 3H), b (3H,), Wo (H, n_out), bo (n_out,)], the three gates side by side [z, r, n]:
+#   z_t = sigmoid(x_t Wx_z + h_{t-1} Wh_z + b_z)              update gate
+#   r_t = sigmoid(x_t Wx_r + h_{t-1} Wh_r + b_r)              reset gate
+#   n_t = tanh(x_t Wx_n + r_t * (h_{t-1} Wh_n) + b_n)         candidate (PyTorch's form: r scales h Wh_n)
+#   h_t = (1 - z_t) * n_t + z_t * h_{t-1},    out_t = h_t Wo + bo
+# x (N, K, in): N sequences (RL^2: trials) of K steps, from the hidden states h0 (N, H).
+def init_gru(n_in, hidden, n_out, rng, dtype=np.float32):
+    """Params of a GRU with a linear output layer: uniform in +-1/sqrt(hidden) (PyTorch's GRU default);
+    the output layer as init_mlp's."""
+    _check_rng(rng)
+    bound = 1.0 / math.sqrt(hidden)
+    gru = [rng.uniform(-bound, bound, size=shape).astype(dtype) for shape in ((n_in, 3 * hidden), (hidden, 3 * hidden),
+                                                                            (3 * hidden,))]
+    return [xp.asarray(p) for p in gru] + init_mlp((hidden, n_out), rng, dtype=dtype)
+
+
+def sigmoid(z):
+    return 0.5 * (xp.tanh(0.5 * z) + 1.0)  # 1 / (1 + e^-z), without overflow
+
+
+def gru_step(params, a, h):
+    """One step of every sequence: a = x_t Wx + b (N, 3H), h = h_{t-1} (N, H) -> h_t and the gates
+    (z, r, n, h_{t-1} Wh_n) that the backward pass needs."""
+    Wh, H = params[1], h.shape[-1]
+    g = h @ Wh  # (N, 3H)
+    z = sigmoid(a[:, :H] + g[:, :H])
+    r = sigmoid(a[:, H:2 * H] + g[:, H:2 * H])
+    n = xp.tanh(a[:, 2 * H:] + r * g[:, 2 * H:])
+    return (1.0 - z) * n + z * h, (z, r, n, g[:, 2 * H:])
+
+
+def gru_forward(params, x, h0):
+    """out (N, K, n_out) and the cache (hs (N, K + 1, H) with hs[:, 0] = h0, each step's gates)."""
+    Wx, _, b, Wo, bo = params
+    a = x @ Wx + b  # (N, K, 3H): the inputs' part of every gate, one product
+    hs, gates = [h0], []
+    for t in range(x.shape[1]):
+        h, gate = gru_step(params, a[:, t], hs[-1])
+        hs.append(h)
+        gates.append(gate)
+    hs = xp.stack(hs, axis=1)
+    return hs[:, 1:] @ Wo + bo, (hs, gates)
+
+
+def gru_backward(params, x, cache, d_out):
+    """Backprop through time, given d_out = dL/d out (N, K, n_out) (0 where a step is masked out).
+    Returns grads [dWx, dWh, db, dWo, dbo], dL/dh0 (N, H) and dL/dx (N, K, in)."""
+    Wx, Wh, _, Wo, _ = params
+    hs, gates = cache
+    N, K, H = hs.shape[0], x.shape[1], hs.shape[-1]
+    flat = lambda a: a.reshape(-1, a.shape[-1])
+    d_hs = d_out @ _T(Wo)  # (N, K, H): dL/dh_t through the output layer
+    d_a, d_g = xp.empty((N, K, 3 * H), x.dtype), xp.empty((N, K, 3 * H), x.dtype)
+    dh = xp.zeros((N, H), x.dtype)  # dL/dh_t through the later steps
+    for t in reversed(range(K)):
+        z, r, n, gn = gates[t]
+        dh = dh + d_hs[:, t]
+        dn = dh * (1.0 - z) * (1.0 - n * n)  # through h_t = (1 - z) n + z h_{t-1}, then n = tanh(.)
+        dz = dh * (hs[:, t] - n) * z * (1.0 - z)  # through z = sigmoid(.)
+        dr = dn * gn * r * (1.0 - r)  # through r = sigmoid(.), inside n
+        d_a[:, t] = xp.concatenate([dz, dr, dn], axis=-1)  # dL/d(x_t Wx + b)
+        d_g[:, t] = xp.concatenate([dz, dr, dn * r], axis=-1)  # dL/d(h_{t-1} Wh)
+        dh = dh * z + d_g[:, t] @ _T(Wh)  # dL/dh_{t-1}
+    grads = [_T(flat(x)) @ flat(d_a), _T(flat(hs[:, :-1])) @ flat(d_g), d_a.sum(axis=(0, 1)),
+             _T(flat(hs[:, 1:])) @ flat(d_out), d_out.sum(axis=(0, 1))]
+    return grads, dh, d_a @ _T(Wx)
+
+
+# ----------------------------------------------------------------------------
+# 3.2 RL^2 (Duan et al. 2016, "RL^2: Fast reinforcement learning via slow
+#     reinforcement learning"): the GRU's memory is the task's learner.
+# ----------------------------------------------------------------------------
+# Each env runs one trial: `episodes` episodes of its task, the env restarting itself between
+# them and the hidden state carried across (reset only where the trial starts). The input at each
+# step is [observation, previous action one-hot, previous reward, done], the last three 0 where
+# the trial starts and done 1 where a new episode of the trial starts. Nothing is learned at test
+# time: what adapts is the hidden state.
+def rl2_inputs(obs, prev_action, prev_reward, done, n_actions):
+    """The GRU's input at one step of every trial: (N, obs_dim + n_actions + 2)."""
+    one_hot = prev_action[:, None] == xp.arange(n_actions)
+    return xp.concatenate([obs, one_hot, prev_reward[:, None], done[:, None]], axis=1)
+
+
+def rollout_trials(params, env, rng, episodes, max_steps):
+    """One trial of `episodes` episodes in each of env's N environments (the batched API of
+    cartpole.VecCartPole), by the GRU policy params. Returns {"x" (N, K, in), "actions" (N, K),
+    "rewards" (N, K), "episode" (N, K): the episode of the trial each step belongs to, "mask" (N, K):
+    the steps inside the trial}, K the longest trial's steps; ValueError past max_steps steps."""
+    _check_rng(rng)
+    _check_int_at_least("episodes", episodes, 1)
+    N, H, n_actions = env.num_envs, params[1].shape[0], params[-1].shape[-1]
+    dtype = params[0].dtype
+    obs, _ = env.reset(seed=int(rng.integers(2 ** 63)))
+    draws = device_rng(rng)
+    h, action, reward = xp.zeros((N, H), dtype), xp.zeros(N, dtype=np.int64), xp.zeros(N, dtype)
+    done, finished = xp.zeros(N, dtype=bool), xp.zeros(N, dtype=np.int64)  # episodes each env has finished
+    steps = []
+    while (finished < episodes).any():
+        if len(steps) == max_steps:
+            raise ValueError(f"a trial of {episodes} episodes ran past max_steps ({max_steps})")
+        x = rl2_inputs(obs.astype(dtype), action, reward, done, n_actions).astype(dtype)
+        h, _ = gru_step(params, x @ params[0] + params[2], h)
+        action = sample_actions(h @ params[3] + params[4], draws)  # (N,)
+        obs, reward, terminated, truncated, _ = env.step(action)
+        reward, done = reward.astype(dtype), terminated | truncated
+        steps.append((x, action, reward, finished))
+        finished = finished + done
+    x, actions, rewards, episode = (xp.stack(a, axis=1) for a in zip(*steps))
+    mask = episode < episodes
+    return {"x": x, "actions": actions, "rewards": rewards * mask, "episode": episode, "mask": mask}
+
+
+def trial_returns(trials, episodes):
+    """The return of each episode of each trial: (N, episodes)."""
+    at = trials["episode"][..., None] == xp.arange(episodes)  # (N, K, episodes)
+    return (trials["rewards"][..., None] * at).sum(axis=1)
+
+
+def ppo_surrogate(out, actions, advantages, old_logp, weights, clip=0.2):
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7) of a categorical policy, and its gradient in out:
+      L = -sum_k w_k min(rho_k A_k, clip(rho_k, 1 - eps, 1 + eps) A_k),   rho_k = pi(a_k | s_k) / pi_old(a_k | s_k)
+      dL/dlog pi_k = -w_k rho_k A_k where the first term is the smaller (the clip does not bind), else 0."""
+    rho = xp.exp(categorical_logp(out, actions) - old_logp)
+    unclipped, clipped = rho * advantages, xp.clip(rho, 1.0 - clip, 1.0 + clip) * advantages
+    d_logp = -weights * unclipped * (unclipped <= clipped)
+    return float(-(weights * xp.minimum(unclipped, clipped)).sum()), d_logp[..., None] * categorical_score(out, actions)
+
+
+def rl2_step(params, state, trials, lr, gamma=0.99, lam=0.95, clip=0.2, epochs=5):
+    """PPO on a batch of trials: advantages by GAE(lam) over each whole trial (episodes inside it are
+    steps of one meta-episode, as in RL^2), from the linear feature baseline fit to all trials, then
+    normalised; `epochs` Adam steps on the clipped surrogate, each a forward and BPTT over every trial.
+    Returns the new params and Adam state."""
+    x, mask, rewards = trials["x"], trials["mask"], trials["rewards"]
+    obs = x[..., :4][None]  # (1, N, K, 4): one pooled fit, trials as its episodes
+    returns = discounted_returns(rewards[None], gamma)
+    adv = advantages(rewards[None], fit_baseline(obs, returns, mask[None]), mask[None], gamma, lam)[0]
+    n = mask.sum()
+    adv = (adv - (adv * mask).sum() / n) / (xp.sqrt((((adv - (adv * mask).sum() / n) * mask) ** 2).sum() / n) + 1e-8)
+    weights = (mask / n).astype(x.dtype)
+    adv = adv.astype(x.dtype)
+    h0 = xp.zeros((x.shape[0], params[1].shape[0]), x.dtype)
+    old_logp = categorical_logp(gru_forward(params, x, h0)[0], trials["actions"])
+    for _ in range(epochs):
+        out, cache = gru_forward(params, x, h0)
+        _, d_out = ppo_surrogate(out, trials["actions"], adv, old_logp, weights, clip)
+        params, state = adam_step(params, gru_backward(params, x, cache, d_out.astype(x.dtype))[0], state, lr)
+    return params, state
+
+
+# ----------------------------------------------------------------------------
+# 3.3 ES-MAML (Song et al. 2020, "ES-MAML: Simple Hessian-free meta learning"):
+#     evolution strategies on the meta-objective, with a zero-order adaptation.
+# ----------------------------------------------------------------------------
+# The meta-objective is J(theta) = E_task f(U(theta, task)): f the mean return of a policy, U an
+# adaptation operator that only evaluates policies. Its Gaussian smoothing is estimated by
+# antithetic pairs theta +- sigma eps_i (Salimans et al. 2017), each candidate's fitness its return
+# after adaptation, ranked; Adam steps on the estimate. Every candidate's envs are one batch, every
+# candidate's policy one slice of per-policy params (a leading axis), so a generation is a few
+# batched rollouts. Nothing is backpropagated through U.
+def centred_ranks(x):
+    """Fitness shaping: the ranks of x (any shape) scaled to [-0.5, 0.5], ties broken by order."""
+    ranks = xp.empty(x.size)
+    ranks[xp.argsort(x.ravel())] = xp.arange(x.size)
+    return (ranks / max(x.size - 1, 1) - 0.5).reshape(x.shape)
+
+
+def es_gradient(fitness, noise, sigma):
+    """The antithetic estimate of the gradient of E f(theta + sigma eps), eps ~ N(0, I):
+      g = 1 / (2 n sigma) sum_i (f(theta + sigma eps_i) - f(theta - sigma eps_i)) eps_i
+    fitness (2, n): f at theta + sigma eps_i, then at theta - sigma eps_i; noise: [(n, *p.shape)] per
+    parameter array. Returns the estimate, a list shaped as the params."""
+    weights = (fitness[0] - fitness[1]) / (2.0 * fitness.shape[1] * sigma)  # (n,)
+    return [xp.tensordot(weights, eps, axes=1) for eps in noise]
+
+
+def perturbed(params, noise, sigma):
+    """The 2 n policies theta + sigma eps_i (i < n), then theta - sigma eps_i: per-policy params (2 n, ...);
+    params shared, or per policy with the same leading axis as noise."""
+    return [xp.concatenate([p + sigma * eps, p - sigma * eps]) for p, eps in zip(params, noise)]
+
+
+def policy_returns(params, tasks, episodes, rng, horizon, make_env):
+    """The mean return of each policy (params with a leading axis P) on its task (tasks: physics of P
+    tasks), over `episodes` episodes each: (P,), and the env steps taken."""
+    P = params[0].shape[0]
+    batch = rollout(params, make_env(tasks, episodes), P, rng, horizon)
+    return mean_returns(batch), int(batch["mask"].sum())
+
+
+def hill_climb(params, tasks, rng, perturbations, sigma, episodes, horizon, make_env):
+    """The zero-order adaptation of ES-MAML's hill climbing: per policy (leading axis P) and its task,
+    the best by return of the policy itself and `perturbations` Gaussian perturbations of it
+    (sigma each). Returns the chosen params (P, ...) and the env steps taken."""
+    P = params[0].shape[0]
+    noise = [xp.asarray(rng.standard_normal((perturbations,) + p.shape).astype(p.dtype)) for p in params]
+    candidates = [xp.concatenate([p[None], p[None] + sigma * eps]).reshape((-1,) + p.shape[1:])
+                  for p, eps in zip(params, noise)]  # (1 + perturbations) P policies, policy after policy
+    each = {k: xp.tile(v, perturbations + 1) for k, v in tasks.items()}
+    returns, steps = policy_returns(candidates, each, episodes, rng, horizon, make_env)
+    best = returns.reshape(perturbations + 1, P).argmax(axis=0)  # (P,)
+    return [c.reshape((perturbations + 1, P) + c.shape[1:])[best, xp.arange(P)] for c in candidates], steps
+
+
+# ============================================================================
+# 4. Value-based: Q-learning with linear features (Watkins 1989; Sutton & Barto
 #    2018, eq. 6.8 and sec. 9.3): a table is one-hot features, a kernel its
 #    explicit feature map. Batched: B envs, each with its own weights.
 # ============================================================================
