@@ -1419,11 +1419,12 @@ def rl2_inputs(obs, prev_action, prev_reward, done, n_actions):
     return xp.concatenate([obs, one_hot, prev_reward[:, None], done[:, None]], axis=1)
 
 
-def rollout_trials(params, env, rng, episodes, max_steps):
+def rollout_trials(params, env, rng, episodes, max_steps, obs_scale=1.0):
     """One trial of `episodes` episodes in each of env's N environments (the batched API of
     cartpole.VecCartPole), by the GRU policy params. Returns {"x" (N, K, in), "actions" (N, K),
     "rewards" (N, K), "episode" (N, K): the episode of the trial each step belongs to, "mask" (N, K):
-    the steps inside the trial}, K the longest trial's steps; ValueError past max_steps steps."""
+    the steps inside the trial}, K the longest trial's steps; ValueError past max_steps steps.
+    The observations enter divided by obs_scale (a number, or one per variable)."""
     _check_rng(rng)
     _check_int_at_least("episodes", episodes, 1)
     N, H, n_actions = env.num_envs, params[1].shape[0], params[-1].shape[-1]
@@ -1436,7 +1437,7 @@ def rollout_trials(params, env, rng, episodes, max_steps):
     while (finished < episodes).any():
         if len(steps) == max_steps:
             raise ValueError(f"a trial of {episodes} episodes ran past max_steps ({max_steps})")
-        x = rl2_inputs(obs.astype(dtype), action, reward, done, n_actions).astype(dtype)
+        x = rl2_inputs(obs / xp.asarray(obs_scale), action, reward, done, n_actions).astype(dtype)
         h, _ = gru_step(params, x @ params[0] + params[2], h)
         action = sample_actions(h @ params[3] + params[4], draws)  # (N,)
         obs, reward, terminated, truncated, _ = env.step(action)
@@ -1464,10 +1465,12 @@ def ppo_surrogate(out, actions, advantages, old_logp, weights, clip=0.2):
     return float(-(weights * xp.minimum(unclipped, clipped)).sum()), d_logp[..., None] * categorical_score(out, actions)
 
 
-def rl2_step(params, state, trials, lr, gamma=0.99, lam=0.95, clip=0.2, epochs=5):
+def rl2_step(params, state, trials, lr, rng, gamma=0.99, lam=0.95, clip=0.2, epochs=4, minibatches=4, entropy=0.0,
+             max_norm=None):
     """PPO on a batch of trials: advantages by GAE(lam) over each whole trial (episodes inside it are
     steps of one meta-episode, as in RL^2), from the linear feature baseline fit to all trials, then
-    normalised; `epochs` Adam steps on the clipped surrogate, each a forward and BPTT over every trial.
+    normalised; then `epochs` passes over the trials in `minibatches` random groups, an Adam step on
+    the clipped surrogate for each, a forward pass and BPTT over the group's trials.
     Returns the new params and Adam state."""
     x, mask, rewards = trials["x"], trials["mask"], trials["rewards"]
     obs = x[..., :4][None]  # (1, N, K, 4): one pooled fit, trials as its episodes
@@ -1475,14 +1478,24 @@ def rl2_step(params, state, trials, lr, gamma=0.99, lam=0.95, clip=0.2, epochs=5
     adv = advantages(rewards[None], fit_baseline(obs, returns, mask[None]), mask[None], gamma, lam)[0]
     n = mask.sum()
     adv = (adv - (adv * mask).sum() / n) / (xp.sqrt((((adv - (adv * mask).sum() / n) * mask) ** 2).sum() / n) + 1e-8)
-    weights = (mask / n).astype(x.dtype)
-    adv = adv.astype(x.dtype)
-    h0 = xp.zeros((x.shape[0], params[1].shape[0]), x.dtype)
+    adv, N = adv.astype(x.dtype), x.shape[0]
+    h0 = xp.zeros((N, params[1].shape[0]), x.dtype)
     old_logp = categorical_logp(gru_forward(params, x, h0)[0], trials["actions"])
     for _ in range(epochs):
-        out, cache = gru_forward(params, x, h0)
-        _, d_out = ppo_surrogate(out, trials["actions"], adv, old_logp, weights, clip)
-        params, state = adam_step(params, gru_backward(params, x, cache, d_out.astype(x.dtype))[0], state, lr)
+        for group in np.array_split(rng.permutation(N), minibatches):
+            g = xp.asarray(group)
+            weights = (mask[g] / mask[g].sum()).astype(x.dtype)  # the mean over the group's steps
+            out, cache = gru_forward(params, x[g], h0[g])
+            _, d_out = ppo_surrogate(out, trials["actions"][g], adv[g], old_logp[g], weights, clip)
+            if entropy:  # - entropy * H(pi), H = -sum_a p log p:  d/d out = entropy * p (log p + H)
+                logp = log_softmax(out)
+                p = xp.exp(logp)
+                d_out = d_out + entropy * weights[..., None] * p * (logp - (p * logp).sum(-1, keepdims=True))
+            grads = gru_backward(params, x[g], cache, d_out.astype(x.dtype))[0]
+            if max_norm:  # the gradient's norm clipped, as PPO implementations do
+                norm = math.sqrt(_dot(grads, grads))
+                grads = [gi * min(1.0, max_norm / (norm + 1e-12)) for gi in grads]
+            params, state = adam_step(params, grads, state, lr)
     return params, state
 
 
@@ -2033,9 +2046,9 @@ def run_sine(config, json_path=None, save=None, load=None):
 # 2D navigation, beside a policy pretrained on all tasks and a random one.
 # ----------------------------------------------------------------------------
 @dataclasses.dataclass
-class CartPoleConfig:
-    """Meta-RL on CartPole tasks, half with the actuator reversed (cartpole.py's "reversed" family)."""
-    command: ClassVar[str] = "cartpole"
+class MetaRLConfig:
+    """The settings the two meta-RL problems share (CartPoleConfig, Nav2DConfig)."""
+    command: ClassVar[str] = ""
     iterations: int = hparam(100, "meta-training iterations (the total, also when resuming)", 1)
     meta_batch: int = hparam(20, "tasks per meta-iteration", 1)
     fast_batch: int = hparam(20, "episodes per task for each inner step and for the outer step", 1)
@@ -2069,7 +2082,37 @@ class CartPoleConfig:
 
 
 @dataclasses.dataclass
-class Nav2DConfig(CartPoleConfig):
+class CartPoleConfig(MetaRLConfig):
+    """Meta-RL on CartPole tasks, half with the actuator reversed (cartpole.py's "reversed" family)."""
+    command: ClassVar[str] = "cartpole"
+    algorithm: str = hparam("maml", "the meta-learner: gradient-based (maml, reptile, on the same rollouts), memory-"
+                            "based (rl2: a GRU, nothing learned at test time) or evolutionary (es: ES-MAML)",
+                            choices=("maml", "reptile", "rl2", "es"))
+    trial_episodes: int = hparam(2, "RL^2 only: episodes per trial in training, the GRU's hidden state carried across "
+                                 "them (evaluation: trials of max(4, this))", 1, 10)
+    rl2_trials: int = hparam(5, "RL^2 only: trials per task in each iteration", 1)
+    rl2_lr: float = hparam(2e-3, "RL^2 only: Adam step size of PPO", 0.0)
+    ppo_epochs: int = hparam(4, "RL^2 only: PPO's passes over each batch of trials", 1)
+    ppo_minibatches: int = hparam(4, "RL^2 only: groups of trials per pass, an Adam step each", 1)
+    ppo_clip: float = hparam(0.2, "RL^2 only: PPO's clip of the probability ratio", 0.0, 1.0)
+    ppo_lambda: float = hparam(0.95, "RL^2 only: GAE lambda over each whole trial", 0.0, 1.0)
+    ppo_entropy: float = hparam(0.01, "RL^2 only: weight of the policy's entropy in PPO's loss", 0.0)
+    ppo_max_norm: float = hparam(0.5, "RL^2 only: the gradient's norm is clipped to this (0: no clip)", 0.0)
+    es_population: int = hparam(16, "ES only: antithetic pairs of candidates per generation (an iteration)", 1)
+    es_sigma: float = hparam(0.1, "ES only: the standard deviation of the candidates' Gaussian perturbations", 0.0)
+    es_lr: float = hparam(0.1, "ES only: Adam step size on the ES gradient", 0.0)
+    es_tasks: int = hparam(4, "ES only: tasks each candidate is evaluated on, the same for all candidates", 1)
+    es_episodes: int = hparam(2, "ES only: episodes per evaluation of a policy on a task", 1)
+    es_adaptation: str = hparam("hill", "ES only: the adaptation operator: hill climbing, the best of the policy and "
+                                "es_perturbations Gaussian perturbations by their returns (zero-order, as in ES-MAML), "
+                                "or pg, MAML's policy-gradient step (inner_lr, on es_episodes episodes)",
+                                choices=("hill", "pg"))
+    es_perturbations: int = hparam(8, "ES only: hill climbing's perturbations per adaptation step", 1)
+    es_adapt_sigma: float = hparam(0.5, "ES only: the standard deviation of hill climbing's perturbations", 0.0)
+
+
+@dataclasses.dataclass
+class Nav2DConfig(MetaRLConfig):
     """Meta-RL on the MAML paper's 2D navigation: reach a goal the policy does not observe."""
     command: ClassVar[str] = "nav2d"
     inner_lr: float = hparam(0.1, "alpha: step size of the inner policy-gradient step (the paper's 0.1; the "
@@ -2296,6 +2339,10 @@ def run_meta_rl(problem, config, json_path=None, save=None, load=None, plot=None
         raise ValueError("--outer trpo steps on MAML's meta-objective: it needs --algorithm maml")
     if config.outer == "trpo" and not config.max_kl > 0:
         raise ValueError(f"--max-kl must be > 0 with --outer trpo; got {config.max_kl!r}")
+    if config.algorithm in ("rl2", "es"):
+        if plot is not None:
+            raise ValueError("--plot draws MAML's and Reptile's curves: it needs --algorithm maml or reptile")
+        return run_memory_or_evolution(config, json_path, save, load)
     plt = _check_plot(plot)
     t0 = time.perf_counter()
     spec = meta_rl_problem(problem)
@@ -2343,7 +2390,8 @@ def run_meta_rl(problem, config, json_path=None, save=None, load=None, plot=None
     result["return"], result["return_ci95"] = means_and_cis(ours)
     result["pretrained_return"], result["pretrained_return_ci95"] = means_and_cis(base)
     result["random_init_return"], result["random_init_return_ci95"] = means_and_cis(rand)
-    result.update(baseline_lr={"pretrained": models["pretrained"][1], "random init": models["random init"][1]},
+    result.update(adaptation="policy-gradient steps",
+                  baseline_lr={"pretrained": models["pretrained"][1], "random init": models["random init"][1]},
                   later_lr=models[name][2],
                   env_steps=extra["env_steps"], seconds=seconds, config=dataclasses.asdict(config))
     if json_path:
@@ -2351,6 +2399,160 @@ def run_meta_rl(problem, config, json_path=None, save=None, load=None, plot=None
     if plt is not None:
         plot_meta_rl(plt, plot, f"{problem}: {name}, seed {config.seed}", extra["curve"], results)
         print(f"plot written to {plot}")
+    return result
+
+
+# ----------------------------------------------------------------------------
+# The other families on the same CartPole tasks: RL^2 (memory) and ES-MAML (evolution).
+# ----------------------------------------------------------------------------
+RL2_INPUTS = 4 + 2 + 2  # observation, previous action one-hot, previous reward, done
+TRIAL_STEPS = 500  # CartPole's episodes end by 500 steps: a trial of E episodes by 500 E
+
+
+def _check_finite_policy(params, iteration, flag):
+    """Stop cleanly, in one line, where training has diverged."""
+    if not all(bool(xp.isfinite(p).all()) for p in params):
+        raise ValueError(f"training diverged at iteration {iteration}: the policy's weights hold NaN or inf; a smaller "
+                         f"{flag} may help")
+
+
+def rl2_train(config, save=None, load=None):
+    """RL^2 on the reversed CartPole tasks: each iteration, rl2_trials trials of trial_episodes episodes on each of
+    meta_batch new tasks, then PPO (rl2_step). Returns (params, extra: env_steps and the curve)."""
+    cartpole = _import_cartpole()
+    if load:
+        start, rng, models, opts, extra = load_checkpoint(load, config)
+    else:
+        start, rng = 0, np.random.default_rng(config.seed)
+        models = {"meta": init_gru(RL2_INPUTS, config.hidden, 2, rng)}
+        models["meta"][3] = models["meta"][3] * config.init_out_scale
+        opts, extra = {"meta": adam_init(models["meta"])}, {"env_steps": 0, "curve": []}
+    progress, window = Progress(config.iterations, start), []
+    for it in range(start, config.iterations):
+        tasks = cartpole.sample_tasks(rng, config.meta_batch, "reversed")
+        trials = rollout_trials(models["meta"], cartpole_envs(tasks, config.rl2_trials), rng, config.trial_episodes,
+                                TRIAL_STEPS * config.trial_episodes, Q_STATE_HIGH)
+        with np.errstate(over="ignore", invalid="ignore"):  # a diverging step is caught just below, in one line
+            models["meta"], opts["meta"] = rl2_step(
+                models["meta"], opts["meta"], trials, config.rl2_lr, rng, config.gamma, config.ppo_lambda,
+                config.ppo_clip, config.ppo_epochs, config.ppo_minibatches, config.ppo_entropy, config.ppo_max_norm)
+        _check_finite_policy(models["meta"], it + 1, "--rl2-lr")
+        extra["env_steps"] += int(trials["mask"].sum())
+        window.append(to_host(trial_returns(trials, config.trial_episodes).mean(axis=0))[:2])
+        if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
+            first, second = np.mean(window, axis=0) if config.trial_episodes > 1 else (np.mean(window), np.nan)
+            progress(it + 1, episode_1_return=first, episode_2_return=second)
+            extra["curve"].append([it + 1, float(first), float(second)])
+            window = []
+            if save:
+                save_checkpoint(save, config, it + 1, rng, models, opts, extra)
+    return models["meta"], extra
+
+
+def rl2_evaluate(params, config, tasks, rng):
+    """Each task's mean return in episodes 1-4 of its trials (eval_batch trials per task, of max(4, trial_episodes)
+    episodes): {"0": (n_tasks,), ..., "3": ...}, "k" the (k + 1)-th episode, whose hidden state has seen k."""
+    episodes = max(4, config.trial_episodes)
+    env = cartpole_envs(tasks, config.eval_batch)
+    trials = rollout_trials(params, env, rng, episodes, TRIAL_STEPS * episodes, Q_STATE_HIGH)
+    returns = trial_returns(trials, episodes).reshape(-1, config.eval_batch, episodes).mean(axis=1)
+    return {str(k): returns[:, k] for k in RL_EVAL_STEPS}
+
+
+def es_adapt(params, config, tasks, rng):
+    """ES-MAML's adaptation operator, on per-policy params (leading axis P) and their tasks: hill climbing
+    (zero-order), or MAML's policy-gradient step. Returns the adapted params and the env steps taken."""
+    if config.es_adaptation == "hill":
+        return hill_climb(params, tasks, rng, config.es_perturbations, config.es_adapt_sigma, config.es_episodes,
+                          TRIAL_STEPS, cartpole_envs)
+    P = params[0].shape[0]
+    episodes = rollout(params, cartpole_envs(tasks, config.es_episodes), P, rng, TRIAL_STEPS)
+    batch = pg_batch(episodes, config.gamma, config.gae_lambda)
+    return adapt(params, batch, "pg", config.inner_lr, 1, "tanh").params, int(episodes["mask"].sum())
+
+
+def es_train(config, save=None, load=None):
+    """ES-MAML on the reversed CartPole tasks: each generation, es_population antithetic pairs of candidates,
+    each adapted (es_adapt) and evaluated on the same es_tasks new tasks; fitness, the mean return after
+    adaptation, ranked; an Adam step up the ES gradient. Returns (params, extra: env_steps and the curve)."""
+    cartpole = _import_cartpole()
+    if load:
+        start, rng, models, opts, extra = load_checkpoint(load, config)
+    else:
+        start, rng = 0, np.random.default_rng(config.seed)
+        models = {"meta": init_policy("cartpole", config, rng)}
+        opts, extra = {"meta": adam_init(models["meta"])}, {"env_steps": 0, "curve": []}
+    progress, window = Progress(config.iterations, start), []
+    n, m = config.es_population, config.es_tasks
+    for it in range(start, config.iterations):
+        tasks = cartpole.sample_tasks(rng, m, "reversed")
+        noise = [xp.asarray(rng.standard_normal((n,) + p.shape).astype(p.dtype)) for p in models["meta"]]
+        policies = [xp.repeat(c, m, axis=0) for c in perturbed(models["meta"], noise, config.es_sigma)]  # (2 n m, ...)
+        each = {k: np.tile(v, 2 * n) for k, v in tasks.items()}  # candidate after candidate, its m tasks
+        before, steps_before = policy_returns(policies, each, config.es_episodes, rng, TRIAL_STEPS, cartpole_envs)
+        adapted, steps_adapt = es_adapt(policies, config, each, rng)
+        after, steps_after = policy_returns(adapted, each, config.es_episodes, rng, TRIAL_STEPS, cartpole_envs)
+        fitness = after.reshape(2 * n, m).mean(axis=1)  # the meta-objective of each candidate
+        grads = es_gradient(centred_ranks(fitness).reshape(2, n), noise, config.es_sigma)
+        with np.errstate(over="ignore", invalid="ignore"):  # a diverging step is caught just below, in one line
+            models["meta"], opts["meta"] = adam_step(models["meta"], [-g for g in grads], opts["meta"], config.es_lr)
+        _check_finite_policy(models["meta"], it + 1, "--es-lr")
+        extra["env_steps"] += steps_before + steps_adapt + steps_after
+        window.append((float(before.mean()), float(after.mean())))
+        if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
+            pre, post = np.mean(window, axis=0)
+            progress(it + 1, pre_return=pre, post_return=post)
+            extra["curve"].append([it + 1, pre, post])
+            window = []
+            if save:
+                save_checkpoint(save, config, it + 1, rng, models, opts, extra)
+    return models["meta"], extra
+
+
+def es_evaluate(params, config, tasks, rng):
+    """Each task's mean return (eval_batch episodes) before adaptation and after 1, 2, 3 applications of
+    es_adapt, each on fresh episodes: {"0": (n_tasks,), ..., "3": ...}."""
+    n_tasks = len(tasks["force_mag"])
+    policies = [xp.broadcast_to(p, (n_tasks,) + p.shape).copy() for p in params]
+    result = {}
+    for s in RL_EVAL_STEPS:
+        if s:
+            policies = es_adapt(policies, config, tasks, rng)[0]
+        result[str(s)] = policy_returns(policies, tasks, config.eval_batch, rng, TRIAL_STEPS, cartpole_envs)[0]
+    return result
+
+
+def run_memory_or_evolution(config, json_path=None, save=None, load=None):
+    """The cartpole command for --algorithm rl2 or es: training, then the same 40 held-out tasks as MAML's
+    evaluation, beside the same model at its random initialisation."""
+    cartpole = _import_cartpole()
+    t0 = time.perf_counter()
+    rl2 = config.algorithm == "rl2"
+    name = "RL^2" if rl2 else f"ES-MAML ({'hill climbing' if config.es_adaptation == 'hill' else 'policy gradient'})"
+    print(f"cartpole: {name}, {config.iterations} iterations x {config.meta_batch if rl2 else config.es_tasks} tasks, "
+          f"seed {config.seed}")
+    params, extra = (rl2_train if rl2 else es_train)(config, save, load)
+    evaluate = rl2_evaluate if rl2 else es_evaluate
+    tasks = cartpole.sample_tasks(stream(config.seed, HELD_OUT_TASKS), config.eval_tasks, "reversed")
+    init = stream(config.seed, RANDOM_INIT)
+    random_init = init_gru(RL2_INPUTS, config.hidden, 2, init) if rl2 else init_policy("cartpole", config, init)
+    results = {label: {s: mean_ci95(r) for s, r in evaluate(p, config, tasks, stream(config.seed, HELD_OUT_DRAWS)).items()}
+               for label, p in ((name, params), ("random init", random_init))}
+    seconds = time.perf_counter() - t0
+    what = "episode k + 1 of a trial (nothing learned at test time)" if rl2 else "k adaptation steps"
+    print(f"\ncartpole: mean return on {config.eval_tasks} held-out tasks (+- 95% CI) after {what}; seed {config.seed}")
+    print(f"{'k':>5}" + "".join(f"  {label:>26}" for label in results))
+    for s in map(str, RL_EVAL_STEPS):
+        print(f"{s:>5}" + "".join(f"  {results[label][s][0]:16.2f} +- {results[label][s][1]:6.2f}" for label in results))
+    print(f"({extra['env_steps']:,} training env steps; {seconds:.0f} s)")
+    result = {}
+    result["return"], result["return_ci95"] = means_and_cis(results[name])
+    result["random_init_return"], result["random_init_return_ci95"] = means_and_cis(results["random init"])
+    adaptation = "in-context" if rl2 else {"hill": "zero-order (hill climbing)", "pg": "policy-gradient step"}[
+        config.es_adaptation]
+    result.update(adaptation=adaptation, env_steps=extra["env_steps"], seconds=seconds, config=dataclasses.asdict(config))
+    if json_path:
+        write_json(json_path, result)
     return result
 
 

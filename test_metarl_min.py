@@ -1728,6 +1728,121 @@ class TestQLearning(unittest.TestCase):
 
 
 # ----------------------------------------------------------------------------
+# The other families: a GRU with BPTT, RL^2's trials, ES-MAML.
+# ----------------------------------------------------------------------------
+class _CueEnv:
+    """A batched two-step memory task: a trial's first episode is one step that shows a cue +-1 (and ends);
+    the second is one step with nothing shown, rewarded 1 for action 1 if the cue was +1, for 0 if -1.
+    Only a policy that carries its state from the first episode into the second is rewarded every time."""
+
+    def __init__(self, cues):
+        self.cues, self.num_envs = np.asarray(cues, float), len(cues)
+
+    def reset(self, *, seed=None, options=None):
+        self.phase = np.zeros(self.num_envs, int)
+        return self._obs(), {}
+
+    def _obs(self):
+        return np.stack([np.where(self.phase == 0, self.cues, 0.0)] + [np.zeros(self.num_envs)] * 3, axis=1)
+
+    def step(self, actions):
+        reward = np.where(self.phase == 1, (actions == (self.cues > 0)).astype(float), 0.0)
+        self.phase = 1 - self.phase
+        done = np.ones(self.num_envs, bool)
+        return self._obs(), reward, done, np.zeros(self.num_envs, bool), {}
+
+
+class TestMemoryAndEvolution(unittest.TestCase):
+    def test_gru_backprop_through_time_against_finite_differences(self):
+        rng = np.random.default_rng(0)
+        N, K, n_in, H, n_out = 3, 5, 4, 6, 2
+        params = mm.init_gru(n_in, H, n_out, rng, np.float64)
+        x, h0 = rng.normal(size=(N, K, n_in)), 0.5 * rng.normal(size=(N, H))
+        weights = rng.normal(size=(N, K, n_out))
+        mask = np.ones((N, K, 1))
+        mask[1, 3:] = mask[2, 1:] = 0.0  # finished trials: their later steps carry no loss
+        loss = lambda: float((mm.gru_forward(params, x, h0)[0] * weights * mask).sum())
+        out, cache = mm.gru_forward(params, x, h0)
+        grads, d_h0, d_x = mm.gru_backward(params, x, cache, weights * mask)
+        for got, array in list(zip(grads, params)) + [(d_h0, h0), (d_x, x)]:
+            self.assertLess(_rel_err([got], _fd_grad(lambda _: loss(), [array])), 1e-7)
+        # The forward pass by hand, one step, against gru_step's gates.
+        Wx, Wh, b, Wo, bo = params
+        sig = lambda v: 1 / (1 + np.exp(-v))
+        z, r = sig(x[:, 0] @ Wx[:, :H] + h0 @ Wh[:, :H] + b[:H]), sig(x[:, 0] @ Wx[:, H:2 * H] + h0 @ Wh[:, H:2 * H] + b[H:2 * H])
+        n = np.tanh(x[:, 0] @ Wx[:, 2 * H:] + r * (h0 @ Wh[:, 2 * H:]) + b[2 * H:])
+        np.testing.assert_allclose(cache[0][:, 1], (1 - z) * n + z * h0, rtol=1e-12)
+        np.testing.assert_allclose(out[:, 0], ((1 - z) * n + z * h0) @ Wo + bo, rtol=1e-12)
+
+    def test_hidden_state_carried_across_episodes_and_reset_at_the_trial(self):
+        # A GRU made by hand: h keeps the cue (the update gate shut once it is seen), the action follows h.
+        H, big = 1, 20.0
+        Wx = np.zeros((mm.RL2_INPUTS, 3 * H))
+        Wx[0, 2] = big  # the candidate n = tanh(big * cue)
+        Wx[7, 0] = big  # done (a new episode of the trial) shuts the update gate: h is kept
+        params = [Wx, np.zeros((H, 3 * H)), np.array([-big, 0.0, 0.0]), np.array([[-big, big]]), np.zeros(2)]
+        cues = np.array([1.0, -1.0, 1.0, -1.0])
+        trials = mm.rollout_trials(params, _CueEnv(cues), np.random.default_rng(0), 2, 10)
+        np.testing.assert_array_equal(trials["episode"], [[0, 1]] * 4)
+        np.testing.assert_array_equal(mm.trial_returns(trials, 2), [[0.0, 1.0]] * 4)  # rewarded every time
+        np.testing.assert_array_equal(trials["x"][:, 1, 7], 1.0)  # the second step is a new episode's first
+        # With the hidden state reset where an episode starts, the second episode sees nothing: chance.
+        no_memory = [params[0].copy()] + params[1:]
+        no_memory[0][7, 0] = -big  # done opens the gate: h becomes n = tanh(0) = 0
+        returns = mm.trial_returns(mm.rollout_trials(no_memory, _CueEnv(np.tile(cues, 50)),
+                                                     np.random.default_rng(1), 2, 10), 2)
+        self.assertTrue(0.35 < returns[:, 1].mean() < 0.65)
+        # Each trial starts from a zero state: a second call gives the same (deterministic) behaviour.
+        again = mm.rollout_trials(params, _CueEnv(-cues), np.random.default_rng(2), 2, 10)
+        np.testing.assert_array_equal(mm.trial_returns(again, 2), [[0.0, 1.0]] * 4)
+
+    def test_es_gradient_on_a_quadratic(self):
+        """The antithetic estimate of grad E f(theta + sigma eps), f = -|theta - c|^2, against the true -2 (theta - c),
+        within four standard errors of its sampling (per coordinate: |grad| / sqrt(n) for a quadratic)."""
+        rng = np.random.default_rng(0)
+        theta, c, sigma, n = [rng.normal(size=(3, 2)), rng.normal(size=4)], [rng.normal(size=(3, 2)), rng.normal(size=4)], 0.1, 4000
+        noise = [rng.standard_normal((n,) + p.shape) for p in theta]
+        f = lambda ps: -sum(((p - ci) ** 2).reshape(p.shape[0], -1).sum(axis=1) for p, ci in zip(ps, c))
+        fitness = f(mm.perturbed(theta, noise, sigma)).reshape(2, n)
+        estimate = mm.es_gradient(fitness, noise, sigma)
+        true = [-2 * (p - ci) for p, ci in zip(theta, c)]
+        error = math.sqrt(sum(float((t ** 2).sum()) for t in true) / n)
+        for e, t in zip(estimate, true):
+            self.assertLess(np.abs(e - t).max(), 4 * error)
+        ranks = mm.centred_ranks(np.array([3.0, -1.0, 10.0, 0.5]))
+        np.testing.assert_allclose(ranks, [1 / 6, -0.5, 0.5, -1 / 6])
+
+    def test_short_runs_resume_exactly_and_fail_cleanly(self):
+        for algorithm in ("rl2", "es"):
+            short = ["cartpole", "--algorithm", algorithm, "--meta-batch", "3", "--rl2-trials", "2", "--hidden", "8",
+                     "--es-population", "3", "--es-tasks", "2", "--es-perturbations", "2", "--eval-tasks", "3",
+                     "--eval-batch", "2", "--log-every", "1"]
+            with self.subTest(algorithm=algorithm), tempfile.TemporaryDirectory() as d:
+                ck, a, b = (os.path.join(d, n) for n in ("ck.npz", "a.json", "b.json"))
+                status, out, err = _run_main(short + ["--iterations", "2", "--json", a])
+                self.assertEqual(status, 0, err)
+                self.assertIn("ETA", out)
+                self.assertEqual(_run_main(short + ["--iterations", "1", "--save", ck])[0], 0)
+                self.assertEqual(_run_main(short + ["--iterations", "2", "--load", ck, "--json", b])[0], 0)
+                ra, rb = _read_json(a), _read_json(b)
+                self.assertEqual(ra["return"], rb["return"])
+                self.assertEqual(ra["env_steps"], rb["env_steps"])
+                self.assertEqual(set(ra["return"]), {"0", "1", "2", "3"})
+                self.assertEqual(ra["adaptation"], "in-context" if algorithm == "rl2" else "zero-order (hill climbing)")
+                # A learning rate that diverges stops in one line.
+                flag = "--rl2-lr" if algorithm == "rl2" else "--es-lr"
+                status, _, err = _run_main(short + ["--iterations", "1", flag, "1e39"])
+                self.assertEqual(status, 2)
+                self.assertIn("training diverged", err)
+                self.assertEqual(len(err.strip().splitlines()), 1)
+        status, _, err = _run_main(["cartpole", "--algorithm", "rl3"])
+        self.assertEqual(status, 2)
+        self.assertIn("invalid choice", err)
+        status, _, err = _run_main(["nav2d", "--algorithm", "rl2"])
+        self.assertEqual(status, 2)
+
+
+# ----------------------------------------------------------------------------
 # Copying: each file works alone, and so does the core of metarl_min.py.
 # ----------------------------------------------------------------------------
 _COPY_CHECK = """
