@@ -1,6 +1,6 @@
 """metarl-min: meta-learning with the exact second-order MAML gradient, in NumPy.
 
-To vendor MAML, copy this file; everything above line 836 is the core, and the
+To vendor MAML, copy this file; everything above line 838 is the core, and the
 core needs nothing but NumPy.
 
 The file reads top to bottom:
@@ -23,12 +23,14 @@ The file reads top to bottom:
      function, a linear baseline, GAE), and TRPO (Schulman et al. 2015, appendix
      C) as MAML's outer step, its metric the meta-Fisher J^T F J built from exact
      products.
-  3. Q-learning with tables and kernel features, batched over environments.
-  4. The experiments, each with its hyperparameters in one dataclass: sine,
-     cartpole, nav2d, qlearn.
-  5. bench: speed, measured side by side.
-  6. The command line: ``python metarl_min.py --help``.
-  7. The backend switch (``use_device("gpu")`` computes with CuPy, here and in
+  3. The other families of meta-learning: memory, RL^2 (Duan et al. 2016) with a
+     GRU and backprop through time; evolution, ES-MAML (Song et al. 2020).
+  4. Q-learning with tables and kernel features, batched over environments.
+  5. The experiments, each with its hyperparameters in one dataclass: sine,
+     cartpole (with --algorithm maml, reptile, rl2 or es), nav2d, qlearn.
+  6. bench: speed, measured side by side.
+  7. The command line: ``python metarl_min.py --help``.
+  8. The backend switch (``use_device("gpu")`` computes with CuPy, here and in
      cartpole.py) and the fast paths for one backend, which plug themselves in.
 
 Shapes: a batch of tasks is ``x`` of shape (T, K, in): T tasks, K samples.
@@ -38,7 +40,7 @@ Params are a plain list ``[W1, b1, W2, b2, ...]`` with ``W`` of shape
 ``b`` (T, out). Every function here accepts both.
 
 Randomness comes only from a ``numpy.random.Generator`` passed in. cartpole.py is
-imported only by the parts that use CartPole (sections 2-5).
+imported only by the parts that use CartPole.
 
 What it leaves out: convolutional networks, batch norm, and any autograd.
 """
@@ -57,7 +59,7 @@ from typing import ClassVar, NamedTuple
 
 import numpy as np
 
-xp = np  # the array module every function computes with: NumPy, or CuPy after use_device("gpu") (section 7)
+xp = np  # the array module every function computes with: NumPy, or CuPy after use_device("gpu") (section 8)
 
 
 # ============================================================================
@@ -125,7 +127,7 @@ def _T(W):  # transpose of the last two axes: (in, out) -> (out, in), (T, in, ou
 
 def _matmul(a, b):
     """a @ b for per-task stacks, (T, m, k) @ (T, k, n), where either side may be 2-D (shared
-    by all tasks). On CuPy, set_array_module (section 7) puts one cuBLAS call in its place."""
+    by all tasks). On CuPy, set_array_module (section 8) puts one cuBLAS call in its place."""
     return a @ b
 
 
@@ -594,7 +596,7 @@ def _sum_tasks(v, params):
 
 
 def _sum_leading(a):
-    """The sum over the first axis (tasks). On CuPy, set_array_module (section 7) puts a product in its place."""
+    """The sum over the first axis (tasks). On CuPy, set_array_module (section 8) puts a product in its place."""
     return a.sum(axis=0)
 
 
@@ -1775,7 +1777,7 @@ def episodes_to_solve(returns, threshold=475.0, window=100):
 
 
 # ============================================================================
-# 4. Experiments: hyperparameters, training loops with progress and
+# 5. Experiments: hyperparameters, training loops with progress and
 #    checkpoints, evaluation with confidence intervals.
 # ============================================================================
 
@@ -2698,7 +2700,7 @@ def run_qlearn(config, json_path=None, save=None, load=None):
 
 
 # ============================================================================
-# 5. bench: speed, measured side by side in one run.
+# 6. bench: speed, measured side by side in one run.
 # ============================================================================
 
 
@@ -2967,7 +2969,7 @@ def run_bench(config, json_path=None):
 
 
 # ============================================================================
-# 6. The command line.
+# 7. The command line.
 # ============================================================================
 
 
@@ -3066,7 +3068,7 @@ def main(argv=None):
 
 
 # ============================================================================
-# 7. The backend switch, and the fast paths that plug themselves in: CuPy's
+# 8. The backend switch, and the fast paths that plug themselves in: CuPy's
 #    products and sums, and glibc's allocator for the command line.
 # ============================================================================
 DEVICES = ("cpu", "gpu")
