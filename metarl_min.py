@@ -2793,6 +2793,29 @@ def bench_env(config, rng, device="cpu"):
     return {name: steps[name] / s for name, s in seconds.items()}
 
 
+def bench_es(config, rng, device="cpu"):
+    """Env steps per second of an ES-MAML generation's rollouts: every candidate's policy on every task, one
+    batched env and one batched forward pass of per-policy weights (4-32-32-2), as es_train runs them. On
+    the CPU a generation of the defaults' size and one 16 times larger; on the GPU 16 and 256 times."""
+    cartpole = _import_cartpole()
+    params = init_policy("cartpole", CartPoleConfig(), rng)
+    scales = (1,) if config.quick else ((16, 256) if device == "gpu" else (1, 16))
+    fns, steps = {}, {}
+    for scale in scales:
+        n, m = 16 * scale, 4  # pairs of candidates, tasks
+        noise = [xp.asarray(rng.standard_normal((n,) + p.shape).astype(p.dtype)) for p in params]
+        policies = [xp.repeat(c, m, axis=0) for c in perturbed(params, noise, 0.1)]
+        tasks = {k: np.tile(v, 2 * n) for k, v in cartpole.sample_tasks(rng, m, "reversed").items()}
+        name = f"ES-MAML rollouts, {2 * n * m} policies x 2 episodes" + ("" if device == "cpu" else f" ({device})")
+        seed = int(rng.integers(2 ** 63))
+        run = lambda policies=policies, tasks=tasks, seed=seed: policy_returns(
+            policies, tasks, 2, np.random.default_rng(seed), TRIAL_STEPS, cartpole_envs)[1]
+        fns[name], steps[name] = run, run()  # the same draws each call: the same steps
+    seconds = _time_alternatives(fns, {name: 1 for name in fns}, config.rounds, {name: lambda: _synchronize(xp)
+                                                                                  for name in fns})
+    return {name: steps[name] / s for name, s in seconds.items()}
+
+
 def bench_meta_grad(config, rng, device="cpu"):
     """Milliseconds per meta-gradient of the sinusoid problem (K=10, 1-40-40-1 ReLU, one inner
     step, float32), on the backend xp: maml_grad as it chooses (the middle weight factored), every
@@ -2941,6 +2964,7 @@ def run_bench(config, json_path=None):
             rng = np.random.default_rng(config.seed)
             if with_env:
                 env.update(bench_env(config, rng, device))
+                env.update(bench_es(config, rng, device))
             times, peaks = bench_meta_grad(config, rng, device)
             meta.update(times)
             memory.update(peaks)
