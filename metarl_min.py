@@ -1435,11 +1435,11 @@ def rollout_trials(params, env, rng, episodes, max_steps, obs_scale=1.0):
     draws = device_rng(rng)
     h, action, reward = xp.zeros((N, H), dtype), xp.zeros(N, dtype=np.int64), xp.zeros(N, dtype)
     done, finished = xp.zeros(N, dtype=bool), xp.zeros(N, dtype=np.int64)  # episodes each env has finished
-    steps = []
+    scale, steps = xp.asarray(obs_scale), []
     while (finished < episodes).any():
         if len(steps) == max_steps:
             raise ValueError(f"a trial of {episodes} episodes ran past max_steps ({max_steps})")
-        x = rl2_inputs(obs / xp.asarray(obs_scale), action, reward, done, n_actions).astype(dtype)
+        x = rl2_inputs(obs / scale, action, reward, done, n_actions).astype(dtype)
         h, _ = gru_step(params, x @ params[0] + params[2], h)
         action = sample_actions(h @ params[3] + params[4], draws)  # (N,)
         obs, reward, terminated, truncated, _ = env.step(action)
@@ -1549,7 +1549,7 @@ def hill_climb(params, tasks, rng, perturbations, sigma, episodes, horizon, make
     noise = [xp.asarray(rng.standard_normal((perturbations,) + p.shape).astype(p.dtype)) for p in params]
     candidates = [xp.concatenate([p[None], p[None] + sigma * eps]).reshape((-1,) + p.shape[1:])
                   for p, eps in zip(params, noise)]  # (1 + perturbations) P policies, policy after policy
-    each = {k: xp.tile(v, perturbations + 1) for k, v in tasks.items()}
+    each = {k: np.tile(v, perturbations + 1) for k, v in tasks.items()}  # physics stay on the host
     returns, steps = policy_returns(candidates, each, episodes, rng, horizon, make_env)
     best = returns.reshape(perturbations + 1, P).argmax(axis=0)  # (P,)
     return [c.reshape((perturbations + 1, P) + c.shape[1:])[best, xp.arange(P)] for c in candidates], steps

@@ -2113,6 +2113,15 @@ class TestBackend(unittest.TestCase):
                                             "--outer", "trpo"])
             self.assertEqual(status, 0, err)
             self.assertEqual(set(_read_json(path)["return"]), {"0", "1", "2", "3"})
+            # RL^2 and ES-MAML, training and evaluation, every array on the device.
+            for algorithm in ("rl2", "es"):
+                with unittest.mock.patch.object(mm, "use_device", lambda device: None):
+                    status, _, err = _run_main(["cartpole", "--algorithm", algorithm, "--iterations", "1", "--meta-batch",
+                                                "2", "--rl2-trials", "2", "--hidden", "8", "--es-population", "2",
+                                                "--es-tasks", "2", "--es-perturbations", "2", "--eval-tasks", "2",
+                                                "--eval-batch", "2", "--json", path])
+                self.assertEqual(status, 0, err)
+                self.assertEqual(set(_read_json(path)["return"]), {"0", "1", "2", "3"})
             # The qlearn command, evaluation included, on episodes cut at 10 steps.
             make_envs = mm.cartpole_envs
 
