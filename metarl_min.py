@@ -1,6 +1,6 @@
 """metarl-min: meta-learning with the exact second-order MAML gradient, in NumPy.
 
-To vendor MAML, copy this file; everything above line 838 is the core, and the
+To vendor MAML, copy this file; everything above line 839 is the core, and the
 core needs nothing but NumPy.
 
 The file reads top to bottom:
@@ -464,7 +464,8 @@ def _per_param(inner_lr, params):
 
 # ---------------- One inner step is a rank-K update ----------------
 # A weight's gradient on K samples is  sum_k h_k^T delta_k,  of rank K at most. So after S inner steps
-#   W'_t = W - alpha sum_j H_j^T Delta_j = W + L_t^T R_t,   L_t = [H_0; H_1; ...] (S K, in),  R_t = -alpha [Delta_0; ...]
+#   W'_t = W - alpha sum_j H_j^T Delta_j = W + L_t^T R_t,
+#   L_t = [H_0; H_1; ...] (S K, in),   R_t = -alpha [Delta_0; Delta_1; ...] (S K, out)
 # and every product with W'_t goes through its factors:
 #   h W'_t = h W + (h L_t^T) R_t,        delta W'_t^T = delta W^T + (delta R_t^T) L_t,
 # (T, K, S K) products in place of (T, in, out) arrays. The meta-backward's directions are of low
@@ -1301,10 +1302,11 @@ def maml_trpo_step(params, support, query, kl_weights, loss="pg", inner_lr=0.1, 
 
 def _check_trust_region(trust_region, settings):
     """The TrustRegion of maml_trpo_step, its fields overridden by settings, checked."""
-    unknown = set(settings) - {f.name for f in dataclasses.fields(TrustRegion)}
+    fields = tuple(f.name for f in dataclasses.fields(TrustRegion))
+    unknown = set(settings) - set(fields)
     if not isinstance(trust_region, TrustRegion) or unknown:
-        raise TypeError(f"trust_region must be a TrustRegion, and the other settings its fields "
-                        f"{tuple(f.name for f in dataclasses.fields(TrustRegion))}; got {sorted(unknown) or trust_region}")
+        raise TypeError(f"trust_region must be a TrustRegion, and the other settings its fields {fields}; "
+                        f"got {sorted(unknown) or trust_region}")
     region = dataclasses.replace(trust_region, **settings)
     for name in ("cg_iters", "max_backtracks", "fisher_stride"):
         _check_int_at_least(name, getattr(region, name), 1)
@@ -2538,21 +2540,24 @@ def run_memory_or_evolution(config, json_path=None, save=None, load=None):
     tasks = cartpole.sample_tasks(stream(config.seed, HELD_OUT_TASKS), config.eval_tasks, "reversed")
     init = stream(config.seed, RANDOM_INIT)
     random_init = init_gru(RL2_INPUTS, config.hidden, 2, init) if rl2 else init_policy("cartpole", config, init)
-    results = {label: {s: mean_ci95(r) for s, r in evaluate(p, config, tasks, stream(config.seed, HELD_OUT_DRAWS)).items()}
+    draws = lambda: stream(config.seed, HELD_OUT_DRAWS)  # both models on the same draws
+    results = {label: {s: mean_ci95(r) for s, r in evaluate(p, config, tasks, draws()).items()}
                for label, p in ((name, params), ("random init", random_init))}
     seconds = time.perf_counter() - t0
     what = "episode k + 1 of a trial (nothing learned at test time)" if rl2 else "k adaptation steps"
     print(f"\ncartpole: mean return on {config.eval_tasks} held-out tasks (+- 95% CI) after {what}; seed {config.seed}")
     print(f"{'k':>5}" + "".join(f"  {label:>26}" for label in results))
     for s in map(str, RL_EVAL_STEPS):
-        print(f"{s:>5}" + "".join(f"  {results[label][s][0]:16.2f} +- {results[label][s][1]:6.2f}" for label in results))
+        print(f"{s:>5}" + "".join(f"  {results[label][s][0]:16.2f} +- {results[label][s][1]:6.2f}"
+                                  for label in results))
     print(f"({extra['env_steps']:,} training env steps; {seconds:.0f} s)")
     result = {}
     result["return"], result["return_ci95"] = means_and_cis(results[name])
     result["random_init_return"], result["random_init_return_ci95"] = means_and_cis(results["random init"])
     adaptation = "in-context" if rl2 else {"hill": "zero-order (hill climbing)", "pg": "policy-gradient step"}[
         config.es_adaptation]
-    result.update(adaptation=adaptation, env_steps=extra["env_steps"], seconds=seconds, config=dataclasses.asdict(config))
+    result.update(adaptation=adaptation, env_steps=extra["env_steps"], seconds=seconds,
+                  config=dataclasses.asdict(config))
     if json_path:
         write_json(json_path, result)
     return result
@@ -2633,7 +2638,8 @@ def run_qlearn(config, json_path=None, save=None, load=None):
                              config.epsilon_min, config.decay, config.gamma,
                              xp.repeat(xp.asarray([first for _, _, first in members]), n))
         blocks = {name: slice(ends[l] - f, ends[l]) for l, (name, (_, f)) in enumerate(learners.items())}
-        return [(W[i * n:(i + 1) * n, blocks[name]], returns[i * n:(i + 1) * n]) for i, (name, _, _) in enumerate(members)]
+        return [(W[i * n:(i + 1) * n, blocks[name]], returns[i * n:(i + 1) * n])
+                for i, (name, _, _) in enumerate(members)]
 
     print(f"qlearn: Q-learning with a table (bins {bins}), {kernel_names['poly']} and {kernel_names['rbf']} "
           f"features, tasks {config.family!r}; Reptile starts over {config.iterations} x {config.meta_tasks} tasks, "
@@ -2673,7 +2679,8 @@ def run_qlearn(config, json_path=None, save=None, load=None):
     def summary(curve):  # a learner's returns (runs, episodes) -> its figures
         solve, curve = to_host(episodes_to_solve(curve)), to_host(curve)
         return {"episodes_to_solve": float(np.median(solve)), "solved_fraction": float(np.isfinite(solve).mean()),
-                "mean_return_last_100": float(curve[:, -100:].mean()), "mean_return_first_20": float(curve[:, :20].mean())}
+                "mean_return_last_100": float(curve[:, -100:].mean()),
+                "mean_return_first_20": float(curve[:, :20].mean())}
     stats = {key: summary(curve) for key, curve in curves.items()}
     print(f"\nqlearn: {config.eval_tasks} held-out tasks x {config.seeds} seeds, {config.episodes} episodes each; "
           f"solved = mean return of the last 100 episodes >= 475")
@@ -2691,8 +2698,8 @@ def run_qlearn(config, json_path=None, save=None, load=None):
     result = {"episodes_to_solve": {k: finite(st["episodes_to_solve"]) for k, st in table.items()},
               "solved_fraction": {k: st["solved_fraction"] for k, st in table.items()},
               "mean_return_first_20": {k: st["mean_return_first_20"] for k, st in table.items()},
-              "kernel": {kernel_names[name]: {**kernel_entry(stats[name, False]), "meta": kernel_entry(stats[name, True])}
-                         for name in kernel_names},
+              "kernel": {kernel_names[name]: {**kernel_entry(stats[name, False]),
+                                              "meta": kernel_entry(stats[name, True])} for name in kernel_names},
               "seconds": seconds, "config": dataclasses.asdict(config)}
     if json_path:
         write_json(json_path, result)
@@ -2837,8 +2844,9 @@ def bench_meta_grad(config, rng, device="cpu"):
         amplitude, phase = sample_sine_tasks(rng, T)
         support, query = sample_sine_points(rng, amplitude, phase, 10), sample_sine_points(rng, amplitude, phase, 10)
         tag = f" T={T}" + ("" if device == "cpu" else f" ({device})")
-        for name, first_order, factored in (("second-order, batched", False, None), ("second-order, factored", False, True),
-                                            ("second-order, dense", False, False), ("first-order, batched", True, None)):
+        rows = (("second-order, batched", False, None), ("second-order, factored", False, True),
+                ("second-order, dense", False, False), ("first-order, batched", True, None))
+        for name, first_order, factored in rows:
             fns[f"maml_grad {name}{tag}"] = lambda s=support, q=query, f=first_order, k=factored: maml_grad(
                 params, s, q, "mse", 0.01, 1, f, "relu", k)
         if device == "cpu" and T <= 25:
@@ -2851,7 +2859,8 @@ def bench_meta_grad(config, rng, device="cpu"):
     for name in fns:
         sync[name] = (lambda: torch.cuda.synchronize()) if "torch" in name and device == "gpu" else (
             lambda: _synchronize(xp))
-    memory = {name: _peak_memory(fn, torch if "torch" in name else None) for name, fn in fns.items()} if device == "gpu" else {}
+    memory = ({name: _peak_memory(fn, torch if "torch" in name else None) for name, fn in fns.items()}
+              if device == "gpu" else {})
     def calls(name):  # per round: enough to outlast the clock's resolution, few where one call is long
         T = int(name.split(" T=")[1].split()[0])
         if config.quick:
@@ -3096,7 +3105,8 @@ def main(argv=None):
 #    products and sums, and glibc's allocator for the command line.
 # ============================================================================
 DEVICES = ("cpu", "gpu")
-CUPY_INSTALL = "pip install cupy-cuda12x (or cupy-cuda11x for CUDA 11; see https://docs.cupy.dev/en/stable/install.html)"
+CUPY_INSTALL = ("pip install cupy-cuda12x (or cupy-cuda11x for CUDA 11; "
+                "see https://docs.cupy.dev/en/stable/install.html)")
 
 
 def use_device(device):

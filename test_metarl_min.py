@@ -1304,7 +1304,8 @@ class TestTRPO(unittest.TestCase):
 
                     def meta_kl(d):  # first-order: the same shift of every task's adapted params (J = I)
                         moved = ([t + di for t, di in zip(thetas[-1], d)] if first_order else
-                                 mm.adapt([p + di for p, di in zip(params, d)], support, loss, 0.1, steps, "tanh").params)
+                                 mm.adapt([p + di for p, di in zip(params, d)], support, loss, 0.1, steps,
+                                          "tanh").params)
                         return (kl_weights * kl(old_out, mm.mlp_forward(moved, x_q, "tanh")[0])).sum() / 3
 
                     quad = lambda w: (meta_kl([eps * wi for wi in w]) + meta_kl([-eps * wi for wi in w])) / eps ** 2
@@ -1672,7 +1673,8 @@ class TestQLearning(unittest.TestCase):
             mm.rbf_features(np.zeros((1, 4)), 3, 0.0)
         with self.assertRaisesRegex(ValueError, "per_dim must be an integer >= 1"):
             mm.rbf_features(np.zeros((1, 4)), 0)
-        for flag, value, message in (("--degree", "0", "--degree must be >= 1"), ("--rbf-width", "0", "--rbf-width must be"),
+        for flag, value, message in (("--degree", "0", "--degree must be >= 1"),
+                                     ("--rbf-width", "0", "--rbf-width must be"),
                                      ("--rbf-per-dim", "0", "--rbf-per-dim must be >= 1")):
             status, _, err = _run_main(["qlearn", flag, value])
             self.assertEqual(status, 2)
@@ -1769,7 +1771,8 @@ class TestMemoryAndEvolution(unittest.TestCase):
         # The forward pass by hand, one step, against gru_step's gates.
         Wx, Wh, b, Wo, bo = params
         sig = lambda v: 1 / (1 + np.exp(-v))
-        z, r = sig(x[:, 0] @ Wx[:, :H] + h0 @ Wh[:, :H] + b[:H]), sig(x[:, 0] @ Wx[:, H:2 * H] + h0 @ Wh[:, H:2 * H] + b[H:2 * H])
+        gate = lambda i: sig(x[:, 0] @ Wx[:, i * H:(i + 1) * H] + h0 @ Wh[:, i * H:(i + 1) * H] + b[i * H:(i + 1) * H])
+        z, r = gate(0), gate(1)
         n = np.tanh(x[:, 0] @ Wx[:, 2 * H:] + r * (h0 @ Wh[:, 2 * H:]) + b[2 * H:])
         np.testing.assert_allclose(cache[0][:, 1], (1 - z) * n + z * h0, rtol=1e-12)
         np.testing.assert_allclose(out[:, 0], ((1 - z) * n + z * h0) @ Wo + bo, rtol=1e-12)
@@ -1800,7 +1803,8 @@ class TestMemoryAndEvolution(unittest.TestCase):
         """The antithetic estimate of grad E f(theta + sigma eps), f = -|theta - c|^2, against the true -2 (theta - c),
         within four standard errors of its sampling (per coordinate: |grad| / sqrt(n) for a quadratic)."""
         rng = np.random.default_rng(0)
-        theta, c, sigma, n = [rng.normal(size=(3, 2)), rng.normal(size=4)], [rng.normal(size=(3, 2)), rng.normal(size=4)], 0.1, 4000
+        theta, c = ([rng.normal(size=(3, 2)), rng.normal(size=4)] for _ in range(2))
+        sigma, n = 0.1, 4000
         noise = [rng.standard_normal((n,) + p.shape) for p in theta]
         f = lambda ps: -sum(((p - ci) ** 2).reshape(p.shape[0], -1).sum(axis=1) for p, ci in zip(ps, c))
         fitness = f(mm.perturbed(theta, noise, sigma)).reshape(2, n)
@@ -2116,10 +2120,10 @@ class TestBackend(unittest.TestCase):
             # RL^2 and ES-MAML, training and evaluation, every array on the device.
             for algorithm in ("rl2", "es"):
                 with unittest.mock.patch.object(mm, "use_device", lambda device: None):
-                    status, _, err = _run_main(["cartpole", "--algorithm", algorithm, "--iterations", "1", "--meta-batch",
-                                                "2", "--rl2-trials", "2", "--hidden", "8", "--es-population", "2",
-                                                "--es-tasks", "2", "--es-perturbations", "2", "--eval-tasks", "2",
-                                                "--eval-batch", "2", "--json", path])
+                    status, _, err = _run_main(["cartpole", "--algorithm", algorithm, "--iterations", "1",
+                                                "--meta-batch", "2", "--rl2-trials", "2", "--hidden", "8",
+                                                "--es-population", "2", "--es-tasks", "2", "--es-perturbations", "2",
+                                                "--eval-tasks", "2", "--eval-batch", "2", "--json", path])
                 self.assertEqual(status, 0, err)
                 self.assertEqual(set(_read_json(path)["return"]), {"0", "1", "2", "3"})
             # The qlearn command, evaluation included, on episodes cut at 10 steps.
