@@ -1477,11 +1477,12 @@ def rl2_step(params, state, trials, lr, rng, gamma=0.99, lam=0.95, clip=0.2, epo
     the clipped surrogate for each, a forward pass and BPTT over the group's trials.
     Returns the new params and Adam state."""
     x, mask, rewards = trials["x"], trials["mask"], trials["rewards"]
-    obs = x[..., :4][None]  # (1, N, K, 4): one pooled fit, trials as its episodes
+    obs = x[..., :x.shape[-1] - params[-1].shape[-1] - 2][None]  # (1, N, K, obs): one pooled fit, trials its episodes
     returns = discounted_returns(rewards[None], gamma)
     adv = advantages(rewards[None], fit_baseline(obs, returns, mask[None]), mask[None], gamma, lam)[0]
     n = mask.sum()
-    adv = (adv - (adv * mask).sum() / n) / (xp.sqrt((((adv - (adv * mask).sum() / n) * mask) ** 2).sum() / n) + 1e-8)
+    mean = (adv * mask).sum() / n
+    adv = (adv - mean) / (xp.sqrt((((adv - mean) * mask) ** 2).sum() / n) + 1e-8)
     adv, N = adv.astype(x.dtype), x.shape[0]
     h0 = xp.zeros((N, params[1].shape[0]), x.dtype)
     old_logp = categorical_logp(gru_forward(params, x, h0)[0], trials["actions"])
@@ -2414,10 +2415,11 @@ TRIAL_STEPS = 500  # CartPole's episodes end by 500 steps: a trial of E episodes
 
 
 def _check_finite_policy(params, iteration, flag):
-    """Stop cleanly, in one line, where training has diverged."""
-    if not all(bool(xp.isfinite(p).all()) for p in params):
-        raise ValueError(f"training diverged at iteration {iteration}: the policy's weights hold NaN or inf; a smaller "
-                         f"{flag} may help")
+    """Stop cleanly, in one line, where training has diverged (_check_finite: one pass, one wait on a GPU)."""
+    try:
+        _check_finite([(p, "a weight of the policy") for p in params])
+    except ValueError as e:
+        raise ValueError(f"training diverged at iteration {iteration}: {e}; a smaller {flag} may help") from None
 
 
 def rl2_train(config, save=None, load=None):
