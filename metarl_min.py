@@ -1423,15 +1423,17 @@ def rl2_inputs(obs, prev_action, prev_reward, done, n_actions):
     return xp.concatenate([obs, one_hot, prev_reward[:, None], done[:, None]], axis=1)
 
 
-def rollout_trials(params, env, rng, episodes, max_steps, obs_scale=1.0):
+def rollout_trials(params, env, rng, episodes, max_steps, obs_scale=1.0, n_actions=None):
     """One trial of `episodes` episodes in each of env's N environments (the batched API of
     cartpole.VecCartPole), by the GRU policy params. Returns {"x" (N, K, in), "actions" (N, K),
     "rewards" (N, K), "episode" (N, K): the episode of the trial each step belongs to, "mask" (N, K):
     the steps inside the trial}, K the longest trial's steps; ValueError past max_steps steps.
-    The observations enter divided by obs_scale (a number, or one per variable)."""
+    The observations enter divided by obs_scale (a number, or one per variable). The first n_actions
+    outputs are the action logits (None: all of them; rl2_step's task logit comes after them)."""
     _check_rng(rng)
     _check_int_at_least("episodes", episodes, 1)
-    N, H, n_actions = env.num_envs, params[1].shape[0], params[-1].shape[-1]
+    N, H = env.num_envs, params[1].shape[0]
+    n_actions = n_actions or params[-1].shape[-1]
     dtype = params[0].dtype
     obs, _ = env.reset(seed=int(rng.integers(2 ** 63)))
     draws = device_rng(rng)
@@ -1443,7 +1445,7 @@ def rollout_trials(params, env, rng, episodes, max_steps, obs_scale=1.0):
             raise ValueError(f"a trial of {episodes} episodes ran past max_steps ({max_steps})")
         x = rl2_inputs(obs / scale, action, reward, done, n_actions).astype(dtype)
         h, _ = gru_step(params, x @ params[0] + params[2], h)
-        action = sample_actions(h @ params[3] + params[4], draws)  # (N,)
+        action = sample_actions((h @ params[3] + params[4])[:, :n_actions], draws)  # (N,)
         obs, reward, terminated, truncated, _ = env.step(action)
         reward, done = reward.astype(dtype), terminated | truncated
         steps.append((x, action, reward, finished))
@@ -1469,15 +1471,40 @@ def ppo_surrogate(out, actions, advantages, old_logp, weights, clip=0.2):
     return float(-(weights * xp.minimum(unclipped, clipped)).sum()), d_logp[..., None] * categorical_score(out, actions)
 
 
+def rl2_loss(out, actions, advantages, old_logp, weights, clip=0.2, entropy=0.0, task_labels=None, task_loss=0.0):
+    """RL^2's loss on the GRU's outputs out (N, K, n_out), and its gradient in out: PPO's surrogate of the
+    action logits, minus entropy times the policy's entropy, and, with task_labels (N,) (1 where the trial's
+    task is of the second kind: here, the actuator reversed), task_loss times the binary cross-entropy of the
+    last output, a logit of the label, at every step (Humplik et al. 2019, "Meta reinforcement learning as
+    task inference"): it teaches the memory to find out the task. The labels are used in training only."""
+    n_actions = out.shape[-1] - (task_labels is not None)
+    logits = out[..., :n_actions]
+    loss, d_logits = ppo_surrogate(logits, actions, advantages, old_logp, weights, clip)
+    if entropy:  # - entropy sum_k w_k H_k, H = -sum_a p log p:  d/d logits = entropy w p (log p + H)
+        logp = log_softmax(logits)
+        p = xp.exp(logp)
+        plogp = (p * logp).sum(-1, keepdims=True)  # -H
+        loss += entropy * float((weights * plogp[..., 0]).sum())
+        d_logits = d_logits + entropy * weights[..., None] * p * (logp - plogp)
+    if task_labels is None:
+        return loss, d_logits
+    # + task_loss sum_k w_k BCE(sigmoid(u_k), y),  BCE = softplus(u) - y u:  d/du = task_loss w (sigmoid(u) - y)
+    u, y = out[..., n_actions], task_labels[:, None]
+    loss += task_loss * float((weights * (xp.logaddexp(0.0, u) - y * u)).sum())
+    d_task = task_loss * weights * (sigmoid(u) - y)
+    return loss, xp.concatenate([d_logits, d_task[..., None]], axis=-1)
+
+
 def rl2_step(params, state, trials, lr, rng, gamma=0.99, lam=0.95, clip=0.2, epochs=4, minibatches=4, entropy=0.0,
-             max_norm=None):
+             max_norm=None, task_labels=None, task_loss=0.0):
     """PPO on a batch of trials: advantages by GAE(lam) over each whole trial (episodes inside it are
     steps of one meta-episode, as in RL^2), from the linear feature baseline fit to all trials, then
     normalised; then `epochs` passes over the trials in `minibatches` random groups, an Adam step on
-    the clipped surrogate for each, a forward pass and BPTT over the group's trials.
-    Returns the new params and Adam state."""
+    rl2_loss for each, a forward pass and BPTT over the group's trials. With task_labels (N,), the
+    GRU's last output is their logit (rl2_loss). Returns the new params and Adam state."""
     x, mask, rewards = trials["x"], trials["mask"], trials["rewards"]
-    obs = x[..., :x.shape[-1] - params[-1].shape[-1] - 2][None]  # (1, N, K, obs): one pooled fit, trials its episodes
+    n_actions = params[-1].shape[-1] - (task_labels is not None)
+    obs = x[..., :x.shape[-1] - n_actions - 2][None]  # (1, N, K, obs): one pooled fit, trials its episodes
     returns = discounted_returns(rewards[None], gamma)
     adv = advantages(rewards[None], fit_baseline(obs, returns, mask[None]), mask[None], gamma, lam)[0]
     n = mask.sum()
@@ -1485,17 +1512,14 @@ def rl2_step(params, state, trials, lr, rng, gamma=0.99, lam=0.95, clip=0.2, epo
     adv = (adv - mean) / (xp.sqrt((((adv - mean) * mask) ** 2).sum() / n) + 1e-8)
     adv, N = adv.astype(x.dtype), x.shape[0]
     h0 = xp.zeros((N, params[1].shape[0]), x.dtype)
-    old_logp = categorical_logp(gru_forward(params, x, h0)[0], trials["actions"])
+    old_logp = categorical_logp(gru_forward(params, x, h0)[0][..., :n_actions], trials["actions"])
     for _ in range(epochs):
         for group in np.array_split(rng.permutation(N), minibatches):
             g = xp.asarray(group)
             weights = (mask[g] / mask[g].sum()).astype(x.dtype)  # the mean over the group's steps
             out, cache = gru_forward(params, x[g], h0[g])
-            _, d_out = ppo_surrogate(out, trials["actions"][g], adv[g], old_logp[g], weights, clip)
-            if entropy:  # - entropy * H(pi), H = -sum_a p log p:  d/d out = entropy * p (log p + H)
-                logp = log_softmax(out)
-                p = xp.exp(logp)
-                d_out = d_out + entropy * weights[..., None] * p * (logp - (p * logp).sum(-1, keepdims=True))
+            _, d_out = rl2_loss(out, trials["actions"][g], adv[g], old_logp[g], weights, clip, entropy,
+                                None if task_labels is None else task_labels[g], task_loss)
             grads = gru_backward(params, x[g], cache, d_out.astype(x.dtype))[0]
             if max_norm:  # the gradient's norm clipped, as PPO implementations do
                 norm = math.sqrt(_dot(grads, grads))
@@ -1544,14 +1568,15 @@ def policy_returns(params, tasks, episodes, rng, horizon, make_env):
     return mean_returns(batch), int(batch["mask"].sum())
 
 
-def hill_climb(params, tasks, rng, perturbations, sigma, episodes, horizon, make_env):
-    """The zero-order adaptation of ES-MAML's hill climbing: per policy (leading axis P) and its task,
-    the best by return of the policy itself and `perturbations` Gaussian perturbations of it
-    (sigma each). Returns the chosen params (P, ...) and the env steps taken."""
-    P = params[0].shape[0]
-    noise = [xp.asarray(rng.standard_normal((perturbations,) + p.shape).astype(p.dtype)) for p in params]
-    candidates = [xp.concatenate([p[None], p[None] + sigma * eps]).reshape((-1,) + p.shape[1:])
-                  for p, eps in zip(params, noise)]  # (1 + perturbations) P policies, policy after policy
+def hill_climb(params, tasks, rng, perturbations, sigma, episodes, horizon, make_env, only_last=None):
+    """One round of ES-MAML's hill-climbing adaptation: per policy (leading axis P) and its task, the best
+    by return of the policy itself and `perturbations` Gaussian perturbations of it (sigma each), of its
+    last `only_last` param arrays (None: all of them). Returns the chosen params (P, ...) and the env steps."""
+    P, first = params[0].shape[0], len(params) - (only_last or len(params))
+    noise = [xp.asarray(rng.standard_normal((perturbations,) + p.shape).astype(p.dtype)) for p in params[first:]]
+    candidates = [xp.broadcast_to(p, (perturbations + 1,) + p.shape) for p in params[:first]] + [
+        xp.concatenate([p[None], p[None] + sigma * eps]) for p, eps in zip(params[first:], noise)]
+    candidates = [c.reshape((-1,) + c.shape[2:]) for c in candidates]  # (1 + perturbations) P policies, in turn
     each = {k: np.tile(v, perturbations + 1) for k, v in tasks.items()}  # physics stay on the host
     returns, steps = policy_returns(candidates, each, episodes, rng, horizon, make_env)
     best = returns.reshape(perturbations + 1, P).argmax(axis=0)  # (P,)
@@ -2097,13 +2122,16 @@ class CartPoleConfig(MetaRLConfig):
                                  "them (evaluation: trials of max(4, this))", 1, 10)
     rl2_trials: int = hparam(5, "RL^2 only: trials per task in each iteration", 1)
     rl2_lr: float = hparam(2e-3, "RL^2 only: Adam step size of PPO", 0.0)
+    rl2_task_loss: float = hparam(1.0, "RL^2 only: weight of the task-inference loss, a GRU output trained to tell "
+                                  "whether the actuator is reversed (the label is used in training only; 0: plain "
+                                  "RL^2, which finds one polarity only)", 0.0)
     ppo_epochs: int = hparam(4, "RL^2 only: PPO's passes over each batch of trials", 1)
     ppo_minibatches: int = hparam(4, "RL^2 only: groups of trials per pass, an Adam step each", 1)
     ppo_clip: float = hparam(0.2, "RL^2 only: PPO's clip of the probability ratio", 0.0, 1.0)
     ppo_lambda: float = hparam(0.95, "RL^2 only: GAE lambda over each whole trial", 0.0, 1.0)
     ppo_entropy: float = hparam(0.01, "RL^2 only: weight of the policy's entropy in PPO's loss", 0.0)
     ppo_max_norm: float = hparam(0.5, "RL^2 only: the gradient's norm is clipped to this (0: no clip)", 0.0)
-    es_population: int = hparam(16, "ES only: antithetic pairs of candidates per generation (an iteration)", 1)
+    es_population: int = hparam(8, "ES only: antithetic pairs of candidates per generation (an iteration)", 1)
     es_sigma: float = hparam(0.1, "ES only: the standard deviation of the candidates' Gaussian perturbations", 0.0)
     es_lr: float = hparam(0.1, "ES only: Adam step size on the ES gradient", 0.0)
     es_tasks: int = hparam(4, "ES only: tasks each candidate is evaluated on, the same for all candidates", 1)
@@ -2112,7 +2140,13 @@ class CartPoleConfig(MetaRLConfig):
                                 "es_perturbations Gaussian perturbations by their returns (zero-order, as in ES-MAML), "
                                 "or pg, MAML's policy-gradient step (inner_lr, on es_episodes episodes)",
                                 choices=("hill", "pg"))
-    es_perturbations: int = hparam(8, "ES only: hill climbing's perturbations per adaptation step", 1)
+    es_adapt_params: str = hparam("head", "ES only: what adaptation changes: head, the last layer alone, which every "
+                                  "task starts at zero, so that the layers below it are what is meta-learned (as "
+                                  "ANIL); or all, every weight, from the meta-learned ones (as the ES-MAML paper; "
+                                  "it finds one polarity only)", choices=("head", "all"))
+    es_perturbations: int = hparam(16, "ES only: hill climbing's perturbations per round", 1)
+    es_adapt_rounds: int = hparam(2, "ES only: hill climbing's rounds per adaptation step, each from the last "
+                                  "round's best", 1)
     es_adapt_sigma: float = hparam(0.5, "ES only: the standard deviation of hill climbing's perturbations", 0.0)
 
 
@@ -2422,6 +2456,11 @@ def _check_finite_policy(params, iteration, flag):
         raise ValueError(f"training diverged at iteration {iteration}: {e}; a smaller {flag} may help") from None
 
 
+def rl2_outputs(config):
+    """The GRU's outputs: two action logits, and the task logit where the task-inference loss is on."""
+    return 2 + (config.rl2_task_loss > 0)
+
+
 def rl2_train(config, save=None, load=None):
     """RL^2 on the reversed CartPole tasks: each iteration, rl2_trials trials of trial_episodes episodes on each of
     meta_batch new tasks, then PPO (rl2_step). Returns (params, extra: env_steps and the curve)."""
@@ -2430,18 +2469,21 @@ def rl2_train(config, save=None, load=None):
         start, rng, models, opts, extra = load_checkpoint(load, config)
     else:
         start, rng = 0, np.random.default_rng(config.seed)
-        models = {"meta": init_gru(RL2_INPUTS, config.hidden, 2, rng)}
+        models = {"meta": init_gru(RL2_INPUTS, config.hidden, rl2_outputs(config), rng)}
         models["meta"][3] = models["meta"][3] * config.init_out_scale
         opts, extra = {"meta": adam_init(models["meta"])}, {"env_steps": 0, "curve": []}
     progress, window = Progress(config.iterations, start), []
     for it in range(start, config.iterations):
         tasks = cartpole.sample_tasks(rng, config.meta_batch, "reversed")
         trials = rollout_trials(models["meta"], cartpole_envs(tasks, config.rl2_trials), rng, config.trial_episodes,
-                                TRIAL_STEPS * config.trial_episodes, Q_STATE_HIGH)
+                                TRIAL_STEPS * config.trial_episodes, Q_STATE_HIGH, n_actions=2)
+        labels = np.repeat(tasks["force_mag"] < 0, config.rl2_trials)  # each trial's task, as cartpole_envs lays them
+        labels = xp.asarray(labels.astype(models["meta"][0].dtype)) if config.rl2_task_loss else None
         with np.errstate(over="ignore", invalid="ignore"):  # a diverging step is caught just below, in one line
             models["meta"], opts["meta"] = rl2_step(
                 models["meta"], opts["meta"], trials, config.rl2_lr, rng, config.gamma, config.ppo_lambda,
-                config.ppo_clip, config.ppo_epochs, config.ppo_minibatches, config.ppo_entropy, config.ppo_max_norm)
+                config.ppo_clip, config.ppo_epochs, config.ppo_minibatches, config.ppo_entropy, config.ppo_max_norm,
+                labels, config.rl2_task_loss)
         _check_finite_policy(models["meta"], it + 1, "--rl2-lr")
         extra["env_steps"] += int(trials["mask"].sum())
         window.append(to_host(trial_returns(trials, config.trial_episodes).mean(axis=0))[:2])
@@ -2460,21 +2502,42 @@ def rl2_evaluate(params, config, tasks, rng):
     episodes): {"0": (n_tasks,), ..., "3": ...}, "k" the (k + 1)-th episode, whose hidden state has seen k."""
     episodes = max(4, config.trial_episodes)
     env = cartpole_envs(tasks, config.eval_batch)
-    trials = rollout_trials(params, env, rng, episodes, TRIAL_STEPS * episodes, Q_STATE_HIGH)
+    trials = rollout_trials(params, env, rng, episodes, TRIAL_STEPS * episodes, Q_STATE_HIGH, n_actions=2)
     returns = trial_returns(trials, episodes).reshape(-1, config.eval_batch, episodes).mean(axis=1)
     return {str(k): returns[:, k] for k in RL_EVAL_STEPS}
 
 
+def es_policies(meta, config):
+    """The policies ES-MAML adapts, per policy (leading axis P): the meta-learned params, and, where adaptation
+    changes the head alone, a last layer of zeros, so that every task starts from the uniform policy."""
+    if config.es_adapt_params == "all":
+        return meta
+    P, dtype = meta[0].shape[0], meta[0].dtype
+    return meta + [xp.zeros((P, config.hidden, 2), dtype), xp.zeros((P, 2), dtype)]
+
+
 def es_adapt(params, config, tasks, rng):
-    """ES-MAML's adaptation operator, on per-policy params (leading axis P) and their tasks: hill climbing
-    (zero-order), or MAML's policy-gradient step. Returns the adapted params and the env steps taken."""
+    """ES-MAML's adaptation operator, on per-policy params (leading axis P) and their tasks: es_adapt_rounds
+    rounds of hill climbing (zero-order), or MAML's policy-gradient step; of the last layer alone where
+    es_adapt_params is "head". Returns the adapted params and the env steps taken."""
+    head = config.es_adapt_params == "head"
     if config.es_adaptation == "hill":
-        return hill_climb(params, tasks, rng, config.es_perturbations, config.es_adapt_sigma, config.es_episodes,
-                          TRIAL_STEPS, cartpole_envs)
+        steps = 0
+        for _ in range(config.es_adapt_rounds):
+            params, taken = hill_climb(params, tasks, rng, config.es_perturbations, config.es_adapt_sigma,
+                                       config.es_episodes, TRIAL_STEPS, cartpole_envs, 2 if head else None)
+            steps += taken
+        return params, steps
     P = params[0].shape[0]
     episodes = rollout(params, cartpole_envs(tasks, config.es_episodes), P, rng, TRIAL_STEPS)
-    batch = pg_batch(episodes, config.gamma, config.gae_lambda)
-    return adapt(params, batch, "pg", config.inner_lr, 1, "tanh").params, int(episodes["mask"].sum())
+    adapted = adapt(params, pg_batch(episodes, config.gamma, config.gae_lambda), "pg", config.inner_lr, 1).params
+    return (params[:-2] + adapted[-2:] if head else adapted), int(episodes["mask"].sum())
+
+
+def es_init(config, rng):
+    """The params ES-MAML meta-learns: the policy's, less its last layer where adaptation changes that alone."""
+    params = init_policy("cartpole", config, rng)
+    return params[:-2] if config.es_adapt_params == "head" else params
 
 
 def es_train(config, save=None, load=None):
@@ -2486,14 +2549,15 @@ def es_train(config, save=None, load=None):
         start, rng, models, opts, extra = load_checkpoint(load, config)
     else:
         start, rng = 0, np.random.default_rng(config.seed)
-        models = {"meta": init_policy("cartpole", config, rng)}
+        models = {"meta": es_init(config, rng)}
         opts, extra = {"meta": adam_init(models["meta"])}, {"env_steps": 0, "curve": []}
     progress, window = Progress(config.iterations, start), []
     n, m = config.es_population, config.es_tasks
     for it in range(start, config.iterations):
         tasks = cartpole.sample_tasks(rng, m, "reversed")
         noise = [xp.asarray(rng.standard_normal((n,) + p.shape).astype(p.dtype)) for p in models["meta"]]
-        policies = [xp.repeat(c, m, axis=0) for c in perturbed(models["meta"], noise, config.es_sigma)]  # (2 n m, ...)
+        policies = es_policies([xp.repeat(c, m, axis=0) for c in perturbed(models["meta"], noise, config.es_sigma)],
+                               config)  # (2 n m, ...)
         each = {k: np.tile(v, 2 * n) for k, v in tasks.items()}  # candidate after candidate, its m tasks
         before, steps_before = policy_returns(policies, each, config.es_episodes, rng, TRIAL_STEPS, cartpole_envs)
         adapted, steps_adapt = es_adapt(policies, config, each, rng)
@@ -2519,7 +2583,7 @@ def es_evaluate(params, config, tasks, rng):
     """Each task's mean return (eval_batch episodes) before adaptation and after 1, 2, 3 applications of
     es_adapt, each on fresh episodes: {"0": (n_tasks,), ..., "3": ...}."""
     n_tasks = len(tasks["force_mag"])
-    policies = [xp.broadcast_to(p, (n_tasks,) + p.shape).copy() for p in params]
+    policies = es_policies([xp.broadcast_to(p, (n_tasks,) + p.shape).copy() for p in params], config)
     result = {}
     for s in RL_EVAL_STEPS:
         if s:
@@ -2541,7 +2605,7 @@ def run_memory_or_evolution(config, json_path=None, save=None, load=None):
     evaluate = rl2_evaluate if rl2 else es_evaluate
     tasks = cartpole.sample_tasks(stream(config.seed, HELD_OUT_TASKS), config.eval_tasks, "reversed")
     init = stream(config.seed, RANDOM_INIT)
-    random_init = init_gru(RL2_INPUTS, config.hidden, 2, init) if rl2 else init_policy("cartpole", config, init)
+    random_init = init_gru(RL2_INPUTS, config.hidden, rl2_outputs(config), init) if rl2 else es_init(config, init)
     draws = lambda: stream(config.seed, HELD_OUT_DRAWS)  # both models on the same draws
     results = {label: {s: mean_ci95(r) for s, r in evaluate(p, config, tasks, draws()).items()}
                for label, p in ((name, params), ("random init", random_init))}

@@ -1799,6 +1799,47 @@ class TestMemoryAndEvolution(unittest.TestCase):
         again = mm.rollout_trials(params, _CueEnv(-cues), np.random.default_rng(2), 2, 10)
         np.testing.assert_array_equal(mm.trial_returns(again, 2), [[0.0, 1.0]] * 4)
 
+    def test_rl2_loss_gradient_against_finite_differences(self):
+        """PPO's clipped surrogate, the entropy bonus and the task-inference cross-entropy, in the GRU's outputs."""
+        rng = np.random.default_rng(0)
+        N, K = 3, 5
+        out = rng.normal(size=(N, K, 3))
+        actions, advantages = rng.integers(0, 2, size=(N, K)), rng.normal(size=(N, K))
+        old_logp = mm.categorical_logp(out[..., :2] + 0.3 * rng.normal(size=(N, K, 2)), actions)
+        weights, labels = rng.uniform(size=(N, K)), np.array([0.0, 1.0, 1.0])
+        for clip, entropy, task in ((0.2, 0.0, None), (0.2, 0.05, labels), (10.0, 0.05, labels)):
+            with self.subTest(clip=clip, entropy=entropy, task=task is not None):
+                o = out if task is not None else out[..., :2].copy()
+                loss = lambda: mm.rl2_loss(o, actions, advantages, old_logp, weights, clip, entropy, task, 0.7)[0]
+                _, grad = mm.rl2_loss(o, actions, advantages, old_logp, weights, clip, entropy, task, 0.7)
+                self.assertEqual(grad.shape, o.shape)
+                self.assertLess(_rel_err([grad], _fd_grad(lambda _: loss(), [o])), 1e-7)
+        # The clip binds somewhere (so the first case checks the clipped branch), and the task term is there.
+        rho = np.exp(mm.categorical_logp(out[..., :2], actions) - old_logp)
+        self.assertTrue(((rho < 0.8) | (rho > 1.2)).any())
+        self.assertGreater(np.abs(mm.rl2_loss(out, actions, advantages, old_logp, weights, 0.2, 0.0, labels, 1.0)[1]
+                                  [..., 2]).min(), 0.0)
+
+    def test_hill_climb_changes_only_the_last_arrays(self):
+        """Hill climbing on the head alone keeps the body; each policy gets the best of its candidates, and the
+        zero head that es_policies appends starts every task at the uniform policy."""
+        config = mm.CartPoleConfig(hidden=4, es_perturbations=3)
+        rng = np.random.default_rng(0)
+        body = [np.repeat(p[None], 5, axis=0) for p in mm.es_init(config, rng)]
+        self.assertEqual(len(body), 4)
+        params = mm.es_policies(body, config)
+        self.assertEqual([p.shape for p in params[4:]], [(5, 4, 2), (5, 2)])
+        self.assertEqual(float(np.abs(params[4]).sum() + np.abs(params[5]).sum()), 0.0)
+        cartpole = mm._import_cartpole()
+        tasks = cartpole.sample_tasks(rng, 5, "reversed")
+        adapted, steps = mm.es_adapt(params, config, tasks, rng)
+        self.assertGreater(steps, 0)
+        for a, p in zip(adapted[:4], params[:4]):
+            np.testing.assert_array_equal(a, p)
+        self.assertGreater(float(np.abs(adapted[4]).sum()), 0.0)  # two rounds of 3: some perturbation won
+        every = mm.hill_climb(params, tasks, rng, 3, 0.5, 1, 500, mm.cartpole_envs)[0]
+        self.assertTrue(all((a != p).any() for a, p in zip(every, params)))  # None: every array is perturbed
+
     def test_es_gradient_on_a_quadratic(self):
         """The antithetic estimate of grad E f(theta + sigma eps), f = -|theta - c|^2, against the true -2 (theta - c),
         within four standard errors of its sampling (per coordinate: |grad| / sqrt(n) for a quadratic)."""
