@@ -2123,8 +2123,8 @@ class CartPoleConfig(MetaRLConfig):
     rl2_trials: int = hparam(5, "RL^2 only: trials per task in each iteration", 1)
     rl2_lr: float = hparam(2e-3, "RL^2 only: Adam step size of PPO", 0.0)
     rl2_task_loss: float = hparam(1.0, "RL^2 only: weight of the task-inference loss, a GRU output trained to tell "
-                                  "whether the actuator is reversed (the label is used in training only; 0: plain "
-                                  "RL^2, which finds one polarity only)", 0.0)
+                                  "whether the actuator is reversed, so that the memory finds it out in the first "
+                                  "episode (the label is used in training only; 0: plain RL^2)", 0.0)
     ppo_epochs: int = hparam(4, "RL^2 only: PPO's passes over each batch of trials", 1)
     ppo_minibatches: int = hparam(4, "RL^2 only: groups of trials per pass, an Adam step each", 1)
     ppo_clip: float = hparam(0.2, "RL^2 only: PPO's clip of the probability ratio", 0.0, 1.0)
@@ -2445,6 +2445,10 @@ def run_meta_rl(problem, config, json_path=None, save=None, load=None, plot=None
 # The other families on the same CartPole tasks: RL^2 (memory) and ES-MAML (evolution).
 # ----------------------------------------------------------------------------
 RL2_INPUTS = 4 + 2 + 2  # observation, previous action one-hot, previous reward, done
+# The GRU sees x, x_dot, theta, theta_dot in units of the small moves of a balanced pole: one push changes the
+# velocities by about 0.2, which must be a large input for the memory to tell which way the actuator pushes
+# (in units of the kernels' box, Q_STATE_HIGH, it is under 0.1, and RL^2 balances one polarity only).
+RL2_OBS_SCALE = np.array([0.25, 0.125, 0.01, 0.125])
 TRIAL_STEPS = 500  # CartPole's episodes end by 500 steps: a trial of E episodes by 500 E
 
 
@@ -2476,7 +2480,7 @@ def rl2_train(config, save=None, load=None):
     for it in range(start, config.iterations):
         tasks = cartpole.sample_tasks(rng, config.meta_batch, "reversed")
         trials = rollout_trials(models["meta"], cartpole_envs(tasks, config.rl2_trials), rng, config.trial_episodes,
-                                TRIAL_STEPS * config.trial_episodes, Q_STATE_HIGH, n_actions=2)
+                                TRIAL_STEPS * config.trial_episodes, RL2_OBS_SCALE, n_actions=2)
         labels = np.repeat(tasks["force_mag"] < 0, config.rl2_trials)  # each trial's task, as cartpole_envs lays them
         labels = xp.asarray(labels.astype(models["meta"][0].dtype)) if config.rl2_task_loss else None
         with np.errstate(over="ignore", invalid="ignore"):  # a diverging step is caught just below, in one line
@@ -2502,7 +2506,7 @@ def rl2_evaluate(params, config, tasks, rng):
     episodes): {"0": (n_tasks,), ..., "3": ...}, "k" the (k + 1)-th episode, whose hidden state has seen k."""
     episodes = max(4, config.trial_episodes)
     env = cartpole_envs(tasks, config.eval_batch)
-    trials = rollout_trials(params, env, rng, episodes, TRIAL_STEPS * episodes, Q_STATE_HIGH, n_actions=2)
+    trials = rollout_trials(params, env, rng, episodes, TRIAL_STEPS * episodes, RL2_OBS_SCALE, n_actions=2)
     returns = trial_returns(trials, episodes).reshape(-1, config.eval_batch, episodes).mean(axis=1)
     return {str(k): returns[:, k] for k in RL_EVAL_STEPS}
 
@@ -2867,22 +2871,25 @@ def bench_env(config, rng, device="cpu"):
 
 
 def bench_es(config, rng, device="cpu"):
-    """Env steps per second of an ES-MAML generation's rollouts: every candidate's policy on every task, one
-    batched env and one batched forward pass of per-policy weights (4-32-32-2), as es_train runs them. On
-    the CPU a generation of the defaults' size and one 16 times larger; on the GPU 16 and 256 times."""
-    cartpole = _import_cartpole()
-    params = init_policy("cartpole", CartPoleConfig(), rng)
+    """Env steps per second of a round of ES-MAML's hill climbing, the largest batch of a generation: every
+    candidate's perturbations of its head on every task, one batched env and one batched forward pass of
+    per-policy weights (4-32-32-2), as es_train runs them. On the CPU a generation of the defaults' size
+    and one 16 times larger; on the GPU 16 and 256 times."""
+    cartpole, defaults = _import_cartpole(), CartPoleConfig()
+    body = es_init(defaults, rng)
     scales = (1,) if config.quick else ((16, 256) if device == "gpu" else (1, 16))
     fns, steps = {}, {}
     for scale in scales:
-        n, m = 16 * scale, 4  # pairs of candidates, tasks
-        noise = [xp.asarray(rng.standard_normal((n,) + p.shape).astype(p.dtype)) for p in params]
-        policies = [xp.repeat(c, m, axis=0) for c in perturbed(params, noise, 0.1)]
+        n, m, K = defaults.es_population * scale, defaults.es_tasks, defaults.es_perturbations
+        noise = [xp.asarray(rng.standard_normal((n,) + p.shape).astype(p.dtype)) for p in body]
+        policies = es_policies([xp.repeat(c, m, axis=0) for c in perturbed(body, noise, 0.1)], defaults)
         tasks = {k: np.tile(v, 2 * n) for k, v in cartpole.sample_tasks(rng, m, "reversed").items()}
-        name = f"ES-MAML rollouts, {2 * n * m} policies x 2 episodes" + ("" if device == "cpu" else f" ({device})")
+        name = f"ES-MAML hill climbing, {2 * n * m * (K + 1)} policies x 2 episodes" + (
+            "" if device == "cpu" else f" ({device})")
         seed = int(rng.integers(2 ** 63))
-        run = lambda policies=policies, tasks=tasks, seed=seed: policy_returns(
-            policies, tasks, 2, np.random.default_rng(seed), TRIAL_STEPS, cartpole_envs)[1]
+        run = lambda policies=policies, tasks=tasks, seed=seed: hill_climb(
+            policies, tasks, np.random.default_rng(seed), K, defaults.es_adapt_sigma, defaults.es_episodes,
+            TRIAL_STEPS, cartpole_envs, 2)[1]
         fns[name], steps[name] = run, run()  # the same draws each call: the same steps
     seconds = _time_alternatives(fns, {name: 1 for name in fns}, config.rounds, {name: lambda: _synchronize(xp)
                                                                                   for name in fns})

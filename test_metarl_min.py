@@ -1874,6 +1874,9 @@ class TestMemoryAndEvolution(unittest.TestCase):
                 self.assertEqual(ra["env_steps"], rb["env_steps"])
                 self.assertEqual(set(ra["return"]), {"0", "1", "2", "3"})
                 self.assertEqual(ra["adaptation"], "in-context" if algorithm == "rl2" else "zero-order (hill climbing)")
+                # The variants without the defaults' additions: plain RL^2, ES-MAML adapting every weight.
+                plain = ["--rl2-task-loss", "0"] if algorithm == "rl2" else ["--es-adapt-params", "all"]
+                self.assertEqual(_run_main(short + ["--iterations", "1"] + plain)[0], 0)
                 # A learning rate that diverges stops in one line.
                 flag = "--rl2-lr" if algorithm == "rl2" else "--es-lr"
                 status, _, err = _run_main(short + ["--iterations", "1", flag, "1e39"])
