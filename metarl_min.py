@@ -2511,6 +2511,12 @@ def rl2_evaluate(params, config, tasks, rng):
     return {str(k): returns[:, k] for k in RL_EVAL_STEPS}
 
 
+def es_init(config, rng):
+    """The params ES-MAML meta-learns: the policy's, less its last layer where adaptation changes that alone."""
+    params = init_policy("cartpole", config, rng)
+    return params[:-2] if config.es_adapt_params == "head" else params
+
+
 def es_policies(meta, config):
     """The policies ES-MAML adapts, per policy (leading axis P): the meta-learned params, and, where adaptation
     changes the head alone, a last layer of zeros, so that every task starts from the uniform policy."""
@@ -2536,12 +2542,6 @@ def es_adapt(params, config, tasks, rng):
     episodes = rollout(params, cartpole_envs(tasks, config.es_episodes), P, rng, TRIAL_STEPS)
     adapted = adapt(params, pg_batch(episodes, config.gamma, config.gae_lambda), "pg", config.inner_lr, 1).params
     return (params[:-2] + adapted[-2:] if head else adapted), int(episodes["mask"].sum())
-
-
-def es_init(config, rng):
-    """The params ES-MAML meta-learns: the policy's, less its last layer where adaptation changes that alone."""
-    params = init_policy("cartpole", config, rng)
-    return params[:-2] if config.es_adapt_params == "head" else params
 
 
 def es_train(config, save=None, load=None):
