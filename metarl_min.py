@@ -2447,7 +2447,7 @@ def run_meta_rl(problem, config, json_path=None, save=None, load=None, plot=None
 RL2_INPUTS = 4 + 2 + 2  # observation, previous action one-hot, previous reward, done
 # The GRU sees x, x_dot, theta, theta_dot in units of the small moves of a balanced pole: one push changes the
 # velocities by about 0.2, which must be a large input for the memory to tell which way the actuator pushes
-# (in units of the kernels' box, Q_STATE_HIGH, it is under 0.1, and RL^2 balances one polarity only).
+# (in units of the kernels' box, Q_STATE_HIGH, it is under 0.1, and plain RL^2 learned one polarity only).
 RL2_OBS_SCALE = np.array([0.25, 0.125, 0.01, 0.125])
 TRIAL_STEPS = 500  # CartPole's episodes end by 500 steps: a trial of E episodes by 500 E
 
