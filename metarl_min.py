@@ -1729,17 +1729,20 @@ class _OneEnv:
 
 
 def q_learn(env, weights, featurize, rng, episodes, alpha_min=0.1, epsilon_min=0.01, decay=25.0, gamma=0.99,
-            start_episode=0):
+            start_episode=0, action_gap=0.0):
     """Q-learning with Q(s, a) = phi(s) . w_a, in each env of a batched env (or one env).
 
     weights (B, F, A), copied, not modified; featurize: obs (B, n) -> (B,)
     table rows (ints) or (B, F) features. Each env learns until it has
     finished `episodes` episodes, with the semi-gradient update
-      w_a <- w_a + alpha (r + gamma max_a' Q(s', a') - Q(s, a)) phi(s)
-    (the tabular rule when phi is one-hot; no bootstrap past termination, but
+      w_a <- w_a + alpha (r + gamma max_a' Q(s', a') - Q(s, a) - action_gap (max_b Q(s, b) - Q(s, a))) phi(s)
+    (the tabular rule when phi is one-hot and action_gap 0; no bootstrap past termination, but
     through truncation; for features other than one-hot, alpha is divided
-    by |phi(s)|^2, which keeps the step stable). alpha and epsilon follow log_decay of the env's
-    episode count, from start_episode (an int, or one per env). Returns (weights, returns (B, episodes))."""
+    by |phi(s)|^2, which keeps the step stable). action_gap in [0, 1) (a number, or one per env) is
+    advantage learning (Baird 1999; Bellemare et al. 2016, "Increasing the action gap"): its fixed point
+    keeps the best action's value and lowers the others', so that their gap grows by 1 / (1 - action_gap).
+    alpha and epsilon follow log_decay of the env's episode count, from start_episode (an int, or one
+    per env). Returns (weights, returns (B, episodes))."""
     if not 0.0 < alpha_min <= 1.0:
         raise ValueError(f"alpha_min must be in (0, 1], got {alpha_min!r}")
     _check_interval("gamma", gamma, 0.0, 1.0)
@@ -1748,6 +1751,10 @@ def q_learn(env, weights, featurize, rng, episodes, alpha_min=0.1, epsilon_min=0
     if not decay > 0:
         raise ValueError(f"decay must be > 0, got {decay!r}")
     _check_int_at_least("episodes", episodes, 1)
+    gap = xp.asarray(action_gap, dtype=np.float64)
+    gap_range = to_host(xp.stack([gap.min(), gap.max()]))
+    if not (gap_range[0] >= 0.0 and gap_range[1] < 1.0):
+        raise ValueError(f"action_gap must be in [0, 1) (a number, or one per env), got {action_gap!r}")
     env = env if hasattr(env, "num_envs") else _OneEnv(env)
     if weights.ndim != 3 or weights.shape[0] != env.num_envs:
         raise ValueError(f"weights must have shape (num_envs, F, A) = ({env.num_envs}, F, A), got {weights.shape}")
@@ -1779,6 +1786,8 @@ def q_learn(env, weights, featurize, rng, episodes, alpha_min=0.1, epsilon_min=0
         both = featurize(xp.concatenate([xp.where(done[:, None], info["final_obs"], obs), obs]))
         phi_next, phi_after = both[:B], both[B:]
         td = reward + gamma * ~terminated * q_values(phi_next).max(axis=1) - q[rows, a]
+        if gap_range[1] > 0:  # advantage learning: less action_gap times a's gap to the best action
+            td = td - gap * (q.max(axis=1) - q[rows, a])
         if tabular:
             W[rows, phi, a] += alpha * td
         else:  # the step scaled by 1 / |phi|^2, which is 1 for one-hot features (Sutton & Barto, sec. 9.5)
@@ -2655,6 +2664,9 @@ class QLearnConfig:
     decay: float = hparam(15.0, "episodes scale of the log decay: rates fall from 1 after `decay` episodes, "
                           "and reach their floors after about 10 ** 0.9 decay", 1.0)
     gamma: float = hparam(0.99, "discount, in [0, 1]", 0.0, 1.0)
+    action_gap: float = hparam(0.8, "the kernel learners' advantage learning: the TD target less this times the "
+                               "gap of the action taken to the best, which keeps apart the actions' values that a "
+                               "global feature map blurs (0: plain Q-learning; the table learns without it)", 0.0, 0.99)
     episodes: int = hparam(400, "episodes per learning run on a held-out task", 100)
     family: str = hparam("sunblaze", "the tasks' physics (cartpole.py)", choices=("sunblaze", "carl", "reversed"))
     eval_tasks: int = hparam(20, "held-out tasks", 1)
@@ -2704,9 +2716,10 @@ def run_qlearn(config, json_path=None, save=None, load=None):
             l = list(learners).index(name)
             W0[i * n:(i + 1) * n, ends[l] - init.shape[0]:ends[l]] = init
         env = cartpole_envs({k: np.tile(v, len(members)) for k, v in tasks.items()}, config.seeds)
+        firsts = xp.repeat(xp.asarray([first for _, _, first in members]), n)
+        gaps = xp.repeat(xp.asarray([0.0 if name == "table" else config.action_gap for name, _, _ in members]), n)
         W, returns = q_learn(env, W0, block_features(list(learners.values()), which), rng, episodes, config.alpha_min,
-                             config.epsilon_min, config.decay, config.gamma,
-                             xp.repeat(xp.asarray([first for _, _, first in members]), n))
+                             config.epsilon_min, config.decay, config.gamma, firsts, gaps)  # the table's rows: no blur
         blocks = {name: slice(ends[l] - f, ends[l]) for l, (name, (_, f)) in enumerate(learners.items())}
         return [(W[i * n:(i + 1) * n, blocks[name]], returns[i * n:(i + 1) * n])
                 for i, (name, _, _) in enumerate(members)]

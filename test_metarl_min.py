@@ -1564,6 +1564,11 @@ class TestQLearning(unittest.TestCase):
         W, _ = mm.q_learn(_TwoStateEnv(1), W0, self.rows, np.random.default_rng(0), 200, alpha_min=0.5,
                           epsilon_min=0.3, decay=1e-3, gamma=0.5)
         np.testing.assert_allclose(W[0], [[0.0, 0.5], [1.0, 1.0]], atol=1e-3)
+        # Advantage learning keeps the best action's value and widens the gap to the others by 1 / (1 - gap):
+        # Q(0, 0) = V*(0) - (V*(0) - Q*(0, 0)) / (1 - 0.5) = 0.5 - 1 = -0.5; in state 1 both actions are best.
+        W, _ = mm.q_learn(_TwoStateEnv(1), W0, self.rows, np.random.default_rng(0), 200, alpha_min=0.5,
+                          epsilon_min=0.3, decay=1e-3, gamma=0.5, action_gap=0.5)
+        np.testing.assert_allclose(W[0], [[-0.5, 0.5], [1.0, 1.0]], atol=1e-3)
 
     def test_batched_equals_one_task_at_a_time(self):
         rng = np.random.default_rng(0)
@@ -1663,6 +1668,8 @@ class TestQLearning(unittest.TestCase):
         for kwargs, message in (({"alpha_min": 0.0}, "alpha_min must be in \\(0, 1\\]"),
                                 ({"alpha_min": 1.5}, "alpha_min"), ({"gamma": -0.1}, "gamma must be in \\[0.0, 1.0\\]"),
                                 ({"gamma": 1.01}, "gamma"), ({"decay": 0.0}, "decay must be > 0"),
+                                ({"action_gap": 1.0}, r"action_gap must be in \[0, 1\)"),
+                                ({"action_gap": np.array([-0.1])}, "action_gap"),
                                 ({"weights": np.zeros((2, 2, 2))}, r"weights must have shape \(num_envs, F, A\)")):
             with self.subTest(**kwargs), self.assertRaisesRegex(ValueError, message):
                 mm.q_learn(**{"env": env, "weights": W, "featurize": self.rows, "rng": np.random.default_rng(0),
