@@ -2531,8 +2531,8 @@ def es_policies(meta, config):
     changes the head alone, a last layer of zeros, so that every task starts from the uniform policy."""
     if config.es_adapt_params == "all":
         return meta
-    P, dtype = meta[0].shape[0], meta[0].dtype
-    return meta + [xp.zeros((P, config.hidden, 2), dtype), xp.zeros((P, 2), dtype)]
+    P, H, dtype = meta[0].shape[0], meta[-2].shape[-1], meta[0].dtype  # H: the width of the last hidden layer
+    return meta + [xp.zeros((P, H, 2), dtype), xp.zeros((P, 2), dtype)]
 
 
 def es_adapt(params, config, tasks, rng):
