@@ -1,37 +1,43 @@
 """metarl-min: meta-learning with the exact second-order MAML gradient, in NumPy.
 
-To vendor MAML, copy this file; everything above line 839 is the core, and the
-core needs nothing but NumPy.
+The file reads as a book in three parts, top to bottom.
 
-The file reads top to bottom:
-  1. The core.
-     - An MLP with hand-written backprop, and exact Hessian-vector products by
-       Pearlmutter's R-operator (Pearlmutter 1994, "Fast exact multiplication by
-       the Hessian", eqs. 4-5): never a Hessian matrix, never finite differences.
-     - Losses, each with its value, gradient and Hessian product: "mse"; "pg" and
-       "gauss", the REINFORCE surrogates of a categorical and a Gaussian policy;
-       "pg_lvc" and "gauss_lvc", ProMP's low-variance curvature surrogate
-       (Rothfuss et al. 2019, sec. 5).
-     - MAML (Finn, Abbeel & Levine 2017, Algorithm 1 and eq. 1) with the exact
-       meta-gradient: the product of (I - inner_lr H_j) backwards through every
-       inner step, batched over a leading task axis T; first-order MAML (sec.
-       5.2); Meta-SGD (Li et al. 2017, eq. 2); Reptile (Nichol, Achiam &
-       Schulman 2018, Algorithm 2); Adam (Kingma & Ba 2015, Algorithm 1).
-     - The input checks of these entry points, in a section of their own.
-  2. Meta-RL: the tasks of the MAML paper (the sinusoid and 2D navigation, secs.
-     5.1 and 5.3; CartPole's are in cartpole.py), policy gradients (one rollout
-     function, a linear baseline, GAE), and TRPO (Schulman et al. 2015, appendix
-     C) as MAML's outer step, its metric the meta-Fisher J^T F J built from exact
-     products.
-  3. The other families of meta-learning: memory, RL^2 (Duan et al. 2016) with a
-     GRU and backprop through time; evolution, ES-MAML (Song et al. 2020).
-  4. Q-learning with tables and kernel features, batched over environments.
-  5. The experiments, each with its hyperparameters in one dataclass: sine,
-     cartpole (with --algorithm maml, reptile, rl2 or es), nav2d, qlearn.
-  6. bench: speed, measured side by side.
-  7. The command line: ``python metarl_min.py --help``.
-  8. The backend switch (``use_device("gpu")`` computes with CuPy, here and in
-     cartpole.py) and the fast paths for one backend, which plug themselves in.
+Part I, the core, copyable alone (it needs nothing but NumPy, and ends at the
+banner "The end of the core"):
+  - an MLP with hand-written backprop, and exact Hessian-vector products by
+    Pearlmutter's R-operator (Pearlmutter 1994, "Fast exact multiplication by
+    the Hessian", eqs. 4-5): never a Hessian matrix, never finite differences;
+  - losses, each with its value, gradient and Hessian product: "mse"; "pg" and
+    "gauss", the REINFORCE surrogates of a categorical and a Gaussian policy;
+    "pg_lvc" and "gauss_lvc", ProMP's low-variance curvature surrogate
+    (Rothfuss et al. 2019, sec. 5);
+  - MAML (Finn, Abbeel & Levine 2017, Algorithm 1 and eq. 1) with the exact
+    meta-gradient, the product of (I - inner_lr H_j) backwards through every
+    inner step, batched over a leading task axis T; first-order MAML (sec.
+    5.2); Meta-SGD (Li et al. 2017, eq. 2); Reptile (Nichol, Achiam & Schulman
+    2018, Algorithm 2); Adam (Kingma & Ba 2015, Algorithm 1);
+  - all of it written on the plain dense path first; then the core's fast
+    paths (the rank-K inner update), which plug themselves in; then the input
+    checks of its entry points.
+
+Part II, one chapter per family, each contiguous: the idea and the paper's
+equations, the functions, the training loop, the evaluation, the settings.
+  II.0 what the chapters share: the run's machinery (settings, progress, random
+       streams, checkpoints, JSON), the TaskFamily every meta-RL trainer takes,
+       the RL pieces (rollouts, returns, a baseline, GAE, KL, conjugate
+       gradient), and two task families, CartPole and the MAML paper's 2D
+       navigation;
+  II.1 gradient-based meta-RL: MAML with TRPO as its outer step (Schulman et
+       al. 2015, appendix C), first-order MAML and Reptile;
+  II.2 memory: RL^2 (Duan et al. 2016) with a GRU and backprop through time;
+  II.3 evolution: ES-MAML (Song et al. 2020);
+  II.4 value-based learning from a meta-learned start: Q-learning with tables
+       and kernel features;
+  II.5 few-shot regression: the sinusoid of the MAML paper.
+
+Part III, the harness: the commands' settings, the backend switch
+(``use_device("gpu")`` computes with CuPy, here and in cartpole.py) with
+CuPy's fast paths, bench, and the command line (``python metarl_min.py --help``).
 
 Shapes: a batch of tasks is ``x`` of shape (T, K, in): T tasks, K samples.
 Params are a plain list ``[W1, b1, W2, b2, ...]`` with ``W`` of shape
@@ -55,19 +61,20 @@ import os
 import sys
 import tempfile
 import time
-from typing import ClassVar, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple, Optional
 
 import numpy as np
 
-xp = np  # the array module every function computes with: NumPy, or CuPy after use_device("gpu") (section 8)
+xp = np  # the array module every function computes with: NumPy, or CuPy after use_device("gpu") (Part III)
 
 
 # ============================================================================
-# 1. The core: an MLP with backprop and R-operator, the losses, MAML, Meta-SGD,
-#    Reptile and Adam. It uses nothing below it.
+# PART I. THE CORE: an MLP with backprop and the R-operator, the losses, MAML,
+# first-order MAML, Meta-SGD, Reptile and Adam. It uses nothing below it, and
+# copied alone it needs nothing but NumPy.
 # ============================================================================
 # ----------------------------------------------------------------------------
-# 1.1 The model: an MLP, its backward pass, and its R-operator.
+# I.1 The model: an MLP, its backward pass, and its R-operator.
 # ----------------------------------------------------------------------------
 # Each activation comes with its first and second derivative, written as
 # functions of the activation's *output* h = f(z), which the forward pass keeps.
@@ -127,32 +134,19 @@ def _T(W):  # transpose of the last two axes: (in, out) -> (out, in), (T, in, ou
 
 def _matmul(a, b):
     """a @ b for per-task stacks, (T, m, k) @ (T, k, n), where either side may be 2-D (shared
-    by all tasks). On CuPy, set_array_module (section 8) puts one cuBLAS call in its place."""
+    by all tasks). On CuPy, set_array_module (Part III) puts one cuBLAS call in its place."""
     return a @ b
 
 
 def _mm(h, W):
-    """h (T, K, in) @ W, with W shared (in, out), per task (T, in, out), or a LowRank.
-
-    A shared W is one (T*K, in) @ (in, out) product: a single BLAS call
-    instead of T small ones."""
-    if isinstance(W, LowRank):  # h (W + L^T R) = h W + (h L^T) R: a (T, K, r) product, no (T, in, out) array
-        shared = None if W.W is None else _mm(h, W.W)
-        if W.L is None:  # rank 0: W alone
-            return shared
-        low = _matmul(_matmul(h, _T(W.L)), W.R)  # (T, K, r) @ (T, r, out)
-        return low if shared is None else shared + low
-    if h.shape[-1] == 1:  # a product over a length-1 axis is a broadcast multiply: no BLAS call per task
-        return h * W[..., None, 0, :] if W.ndim == 3 else h * W[0]
-    if W.ndim == 2 and h.ndim == 3:
-        return (h.reshape(-1, h.shape[-1]) @ W).reshape(h.shape[:-1] + W.shape[-1:])
+    """h (T, K, in) @ W, with W shared by all tasks (in, out) or per task (T, in, out)."""
     return _matmul(h, W)
 
 
 def _outer(h, delta, W):
-    """sum_k h_k^T delta_k per task, (T, K, in) x (T, K, out) -> (T, in, out): the gradient of a
-    weight W, kept as its factors (a LowRank of rank K) where W is a LowRank."""
-    return LowRank(None, h, delta) if isinstance(W, LowRank) else _matmul(_T(h), delta)
+    """sum_k h_k^T delta_k per task, (T, K, in) x (T, K, out) -> (T, in, out): the gradient of the
+    weight W, whose layer has the inputs h and the errors delta (the fast paths, I.5, look at W)."""
+    return _matmul(_T(h), delta)
 
 
 def _sum_k(delta):
@@ -197,12 +191,18 @@ def mlp_slopes(hs, activation="tanh"):
     return [None] + [d1(h) for h in hs[1:]]
 
 
+class Backward(NamedTuple):
+    """What mlp_backward leaves for the R-operator, per layer l."""
+    deltas: list  # dL/dz_l
+    ghs: list  # dL/dh_l (None at the input)
+    slopes: list  # f'(z_{l-1}) at h_l, mlp_slopes(hs)
+
+
 def mlp_backward(params, hs, d_out, activation="tanh", slopes=None):
     """Per-task gradient of the loss, given d_out = dL/d out (T, K, n_out).
 
-    Returns grads [(T, in, out), (T, out), ...] and the backward cache
-    (deltas, ghs, slopes) that the R-operator needs: deltas[l] = dL/dz_l,
-    ghs[l] = dL/dh_l and slopes = mlp_slopes(hs), computed here unless given."""
+    Returns grads [(T, in, out), (T, out), ...] and the Backward cache that the
+    R-operator needs, computing slopes = mlp_slopes(hs) unless given."""
     n_layers = len(params) // 2
     slopes = mlp_slopes(hs, activation) if slopes is None else slopes
     grads, deltas, ghs = [None] * len(params), [None] * n_layers, [None] * n_layers
@@ -215,7 +215,7 @@ def mlp_backward(params, hs, d_out, activation="tanh", slopes=None):
         if l > 0:
             ghs[l] = _mm(delta_w, _T(params[2 * l]))  # dL/dh_l = delta_l W_l^T
             delta = ghs[l] * slopes[l]  # through h_l = f(z_{l-1}):  dL/dz_{l-1}
-    return grads, (deltas, ghs, slopes)
+    return grads, Backward(deltas, ghs, slopes)
 
 
 def mlp_jvp(params, hs, slopes, v):
@@ -241,12 +241,12 @@ def mlp_rop(params, hs, back, v, r_d_out_fn, activation="tanh"):
     R{.} is the directional derivative d/dr (.)(theta + r v) at r = 0. A
     forward pass carries R{z_l}; the loss turns R{out} into R{dL/d out}; a
     backward pass carries R{delta_l} and yields R{grad} = H v.
-      hs, back: the forward and backward caches at theta (mlp_forward/backward)
+      hs, back: the forward cache and the Backward cache at theta (mlp_forward, mlp_backward)
       v: a direction, a list shaped as the per-task grads
       r_d_out_fn: R{out} -> R{dL/d out}, the loss's Hessian times R{out}."""
     d2 = ACTIVATIONS[activation][2]
     n_layers = len(params) // 2
-    deltas, ghs, slopes = back
+    deltas, ghs, slopes = back.deltas, back.ghs, back.slopes
     r_hs, r_zs = mlp_jvp(params, hs, slopes, v)
     # Backward:  R{delta_L} = (d^2 L / d out^2) R{out}
     r_delta = r_d_out_fn(r_zs[-1])
@@ -283,7 +283,7 @@ def mlp_gnvp(params, hs, slopes, v, m_fn):
 
 
 # ----------------------------------------------------------------------------
-# 1.2 Losses: value per task (T,), gradient dL/d out, and Hessian product.
+# I.2 Losses: value per task (T,), gradient dL/d out, and Hessian product.
 # ----------------------------------------------------------------------------
 # "mse": L_t = mean over samples and outputs of (out - y)^2.
 
@@ -416,15 +416,22 @@ LOSSES = {"mse": (mse_loss, mse_grad, mse_hvp),
              for name, policy in LOSS_POLICY.items()}}
 
 
+class Cache(NamedTuple):
+    """What loss_and_grad leaves for the R-operator: the network's output, its forward and its backward caches."""
+    out: object  # (T, K, n_out)
+    hs: list  # mlp_forward's: the input of each layer
+    back: Backward  # mlp_backward's
+
+
 def loss_and_grad(params, batch, loss="mse", activation="tanh", scale=1.0):
-    """Per-task loss (T,) and per-task gradients of scale * loss at params, plus
-    the caches the R-operator needs."""
+    """Per-task loss (T,) and per-task gradients of scale * loss at params, and the Cache the
+    R-operator needs."""
     x, target = batch
     value_fn, grad_fn, _ = LOSSES[loss]
     out, hs = mlp_forward(params, x, activation)
     d_out = grad_fn(out, target)
     grads, back = mlp_backward(params, hs, d_out if scale == 1.0 else scale * d_out, activation)
-    return value_fn(out, target), grads, (out, hs, back)
+    return value_fn(out, target), grads, Cache(out, hs, back)
 
 
 def hvp(params, batch, v, loss="mse", activation="tanh", cache=None):
@@ -432,13 +439,12 @@ def hvp(params, batch, v, loss="mse", activation="tanh", cache=None):
     target = batch[1]
     if cache is None:
         _, _, cache = loss_and_grad(params, batch, loss, activation)
-    out, hs, back = cache
     hess_fn = LOSSES[loss][2]
-    return mlp_rop(params, hs, back, v, lambda r_out: hess_fn(out, target, r_out), activation)
+    return mlp_rop(params, cache.hs, cache.back, v, lambda r_out: hess_fn(cache.out, target, r_out), activation)
 
 
 # ----------------------------------------------------------------------------
-# 1.3 MAML (second- and first-order), Meta-SGD and Reptile.
+# I.3 MAML (second- and first-order), Meta-SGD and Reptile.
 # ----------------------------------------------------------------------------
 def concat_batches(a, b):
     """One batch of the samples of a, then b, for each task: join along the K axis (targets may be pairs)."""
@@ -462,7 +468,178 @@ def _per_param(inner_lr, params):
     return inner_lr if isinstance(inner_lr, list) else [inner_lr] * len(params)
 
 
-# ---------------- One inner step is a rank-K update ----------------
+class Adaptation(NamedTuple):
+    """What the inner loop leaves: ``params``, the adapted per-task params (leading axis T),
+    and for the meta-backward the params, caches and gradients of every step."""
+    thetas: list  # thetas[j]: the params before step j; thetas[-1] the adapted ones
+    caches: list  # caches[j]: loss_and_grad's cache at thetas[j] on step j's batch
+    grads: list  # grads[j]: the per-task support gradient at thetas[j]
+
+    @property
+    def params(self):
+        return self.thetas[-1]
+
+
+def adapt(params, support, loss="mse", inner_lr=0.01, inner_steps=1, activation="tanh"):
+    """The inner loop: theta_t <- theta_t - inner_lr * grad L_support,t(theta_t), inner_steps times.
+
+    support is one batch for every step, or a list of inner_steps batches, the
+    j-th for step j (meta-RL: fresh episodes of the policy theta_j). inner_lr is
+    a float, or a list shaped as params (Meta-SGD's per-parameter rates).
+    Returns an Adaptation: ``adapt(...).params`` are the adapted params."""
+    lrs = _per_param(inner_lr, params)
+    thetas, caches, inner_grads = [list(params)], [], []
+    for batch in _step_batches(support, inner_steps):
+        _, grads, cache = loss_and_grad(thetas[-1], batch, loss, activation)
+        thetas.append([p - lr * g for p, g, lr in zip(thetas[-1], grads, lrs)])  # (T, ...) from here on
+        caches.append(cache)
+        inner_grads.append(grads)
+    return Adaptation(thetas, caches, inner_grads)
+
+
+# ===================== Differentiating through the inner update =====================
+# theta_{j+1} = theta_j - alpha * g_j(theta_j)   (alpha a scalar, or a vector for Meta-SGD)
+#   => J_j = d theta_{j+1} / d theta_j = I - diag(alpha) H_j,    H_j = Hessian of L_support at theta_j
+# Backwards, the meta-gradient:  dL/d theta_j = J_j^T dL/d theta_{j+1} = (I - H_j diag(alpha)) dL/d theta_{j+1}
+#   (H_j symmetric):  v <- v - H_j (alpha * v),  one exact Hessian-vector product per step;
+#   and for Meta-SGD:  dL/d alpha += -g_j * dL/d theta_{j+1}, summed over tasks.
+# Forwards, for TRPO's metric:  J v = J_{n-1} ... J_0 v:  v <- v - alpha * (H_j v), step after step.
+# First-order MAML drops H_j: v passes through unchanged.
+def _backprop_inner(v, adaptation, supports, inner_lr, loss, first_order, activation):
+    """v = dL/d theta' (per task) -> dL/d theta (per task), and dL/d inner_lr when it is a list (Meta-SGD).
+    adaptation: adapt's Adaptation; supports: the batch of each inner step (_step_batches)."""
+    thetas, caches = adaptation.thetas, adaptation.caches
+    meta_lr = isinstance(inner_lr, list)
+    lrs = _per_param(inner_lr, thetas[0])
+    lr_grads = [xp.zeros_like(p) for p in thetas[0]] if meta_lr else None
+    for j in reversed(range(len(caches))):
+        if meta_lr:
+            for i, (g, vi) in enumerate(zip(adaptation.grads[j], v)):
+                lr_grads[i] = lr_grads[i] - _sum_leading(g * vi)
+        if not first_order:
+            hv = hvp(thetas[j], supports[j], [lr * vi for lr, vi in zip(lrs, v)], loss, activation, cache=caches[j])
+            v = [vi - h for vi, h in zip(v, hv)]
+    return v, lr_grads
+
+
+def _forward_inner(v, adaptation, supports, inner_lr, loss, activation):
+    """J v: a direction v of theta (shared) -> the direction it moves each task's theta' (per task).
+    adaptation: adapt's Adaptation (its grads unused); supports: the batch of each inner step."""
+    thetas, caches = adaptation.thetas, adaptation.caches
+    lrs = _per_param(inner_lr, thetas[0])
+    for j in range(len(caches)):
+        hv = hvp(thetas[j], supports[j], v, loss, activation, cache=caches[j])
+        v = [vi - lr * h for vi, h, lr in zip(v, hv, lrs)]
+    return v
+# ====================================================================================
+
+
+def _sum_tasks(v, params):
+    """Per-task directions (T, ...) -> their sum over tasks, shaped and typed as the shared params."""
+    total = [_sum_leading(vi) if vi.ndim > p.ndim else vi for vi, p in zip(v, params)]
+    return [t.astype(p.dtype, copy=False) for t, p in zip(total, params)]
+
+
+def _sum_leading(a):
+    """The sum over the first axis (tasks). On CuPy, set_array_module (Part III) puts a product in its place."""
+    return a.sum(axis=0)
+
+
+def _factored(params, supports, factored):
+    """The params the inner loop starts from: params as they are. The fast paths (I.5) put in its
+    place the rank-K form of the weights where it is the smaller (factored: maml_grad's)."""
+    return list(params)
+
+
+def _maml(params, supports, query, loss, inner_lr, first_order, activation, factored=None):
+    """Meta-loss and its gradient w.r.t. params (and w.r.t. inner_lr when it is a list), in three
+    steps: the inner loop forwards, the query gradient at the adapted params, the inner loop backwards.
+    supports: the batch of each inner step (_step_batches); factored: as maml_grad's."""
+    adaptation = adapt(_factored(params, supports, factored), supports, loss, inner_lr, len(supports), activation)
+    # v = d meta_loss / d theta'_t, per task; meta_loss = mean_t L_query,t(theta'_t)
+    losses, v, _ = loss_and_grad(adaptation.params, query, loss, activation, scale=1.0 / query[0].shape[0])
+    v, lr_grads = _backprop_inner(v, adaptation, supports, inner_lr, loss, first_order, activation)
+    return float(losses.sum()) / losses.shape[0], _sum_tasks(v, params), lr_grads
+
+
+def maml_grad(params, support, query, loss="mse", inner_lr=0.01, inner_steps=1, first_order=False,
+              activation="tanh", factored=None):
+    """MAML's meta-loss and its exact gradient w.r.t. params (never modified).
+
+    support, query: (x (T, K, in), target) for T tasks; target is y
+    (T, K, out) for "mse", (actions, weights) for "pg" and "gauss",
+    (actions, weights, old_logp) for "pg_lvc" and "gauss_lvc". support may
+    also be a list of inner_steps such batches, the j-th for inner step j
+    (meta-RL samples fresh episodes with each adapted policy). Per task,
+    theta'_t = theta - inner_lr grad L_support,t, inner_steps times; then
+      meta_loss = mean_t L_query,t(theta'_t)
+      grads     = d meta_loss / d theta  (through every inner step, Hessians included)
+    first_order=True drops the Hessian terms (first-order MAML).
+    factored: how the fast paths (I.5) hold the adapted weights. None (the default) keeps a
+    weight as its rank-K factors where the inner steps' samples, S K in all, are fewer than both
+    its widths (few-shot regression), dense otherwise (meta-RL's thousands of steps). True or
+    False forces one way for every weight; the two agree to rounding.
+    Returns (meta_loss, grads), grads shaped and typed as params (Finn et al. 2017, eq. 1 and
+    Algorithm 1; the maths: "Differentiating through the inner update", above)."""
+    support, query = _check_meta_args(params, support, query, loss, inner_steps, activation, inner_lr)
+    meta_loss, grads, _ = _maml(params, _step_batches(support, inner_steps), query, loss, float(inner_lr),
+                                first_order, activation, factored)
+    return meta_loss, grads
+
+
+def meta_sgd_grad(params, inner_lrs, support, query, loss="mse", inner_steps=1, first_order=False,
+                  activation="tanh"):
+    """Meta-SGD: MAML with a learned learning rate per parameter (inner_lrs, shaped as params).
+
+    Returns (meta_loss, grads w.r.t. params, grads w.r.t. inner_lrs), both
+    from the one backward pass of ``maml_grad`` (Li et al. 2017, eq. 2). The weights stay
+    dense: per-element rates have no low-rank form."""
+    support, query = _check_meta_args(params, support, query, loss, inner_steps, activation)
+    lrs = _check_inner_lrs(inner_lrs, params)
+    meta_loss, grads, lr_grads = _maml(params, _step_batches(support, inner_steps), query, loss, lrs, first_order,
+                                       activation, factored=False)
+    return meta_loss, grads, [g.astype(p.dtype) for g, p in zip(lr_grads, params)]
+
+
+def reptile_grad(params, support, query, loss="mse", inner_lr=0.01, inner_steps=5, activation="tanh"):
+    """Reptile's direction as a gradient: theta - mean_t theta'_t, with theta'_t
+    after inner_steps SGD steps on the task's support data, then its query
+    data (Nichol et al. 2018, Algorithm 2, batched). Returns the mean query
+    loss before adaptation (for monitoring) and the direction."""
+    support, query = _check_meta_args(params, support, query, loss, inner_steps, activation, inner_lr, step_list=False)
+    _check_int_at_least("inner_steps", inner_steps, 1)  # no steps, no direction
+    losses, _, _ = loss_and_grad(params, query, loss, activation)
+    adapted = adapt(params, concat_batches(support, query), loss, inner_lr, inner_steps, activation).params
+    return float(losses.mean()), [(p - t.mean(axis=0) if t.ndim > p.ndim else p - t).astype(p.dtype, copy=False)
+                                  for p, t in zip(params, adapted)]
+
+
+# ----------------------------------------------------------------------------
+# I.4 Adam, the one optimiser.
+# ----------------------------------------------------------------------------
+def adam_init(params):
+    """Adam's state: first and second moments, and the step count."""
+    return {"m": [xp.zeros_like(p) for p in params], "v": [xp.zeros_like(p) for p in params], "t": 0}
+
+
+def adam_step(params, grads, state, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
+    """One Adam step (Kingma & Ba 2015, Algorithm 1). Returns new params and state; the inputs stay as they are."""
+    _check_adam_args(params, grads, state, lr, beta1, beta2, eps)
+    t = state["t"] + 1
+    m = [beta1 * m + (1 - beta1) * g for m, g in zip(state["m"], grads)]
+    v = [beta2 * v + (1 - beta2) * g * g for v, g in zip(state["v"], grads)]
+    # theta <- theta - lr m_hat / (sqrt(v_hat) + eps),  m_hat = m / (1 - beta1^t),  v_hat = v / (1 - beta2^t)
+    new = [(p - lr * (mi / (1 - beta1 ** t)) / (xp.sqrt(vi / (1 - beta2 ** t)) + eps)).astype(p.dtype)
+           for p, mi, vi in zip(params, m, v)]
+    return new, {"m": m, "v": v, "t": t}
+
+
+# ----------------------------------------------------------------------------
+# I.5 The core's fast paths. The maths above is complete without them; they
+#     compute the same numbers in fewer or cheaper operations, and plug
+#     themselves in (the end of this section), as CuPy's do in Part III.
+# ----------------------------------------------------------------------------
+# The rank-K inner update.
 # A weight's gradient on K samples is  sum_k h_k^T delta_k,  of rank K at most. So after S inner steps
 #   W'_t = W - alpha sum_j H_j^T Delta_j = W + L_t^T R_t,
 #   L_t = [H_0; H_1; ...] (S K, in),   R_t = -alpha [Delta_0; Delta_1; ...] (S K, out)
@@ -472,7 +649,7 @@ def _per_param(inner_lr, params):
 # rank too: the query gradient has rank K_query, and each H v adds 2 K rows (the R-operator's
 # [h, R{h}]^T [R{delta}; delta]). Their sum over tasks,  sum_t L_t^T R_t,  is one 2-D product over
 # the (T r) stacked rows. A LowRank is that factored matrix; the inner loop keeps a weight so when it
-# starts as one (_maml), since each gradient of a LowRank weight is a LowRank (_outer).
+# starts as one (_fast_factored), since each gradient of a LowRank weight is a LowRank (_fast_outer).
 class LowRank:
     """The per-task matrix W + L_t^T R_t, kept as its factors: W (in, out) shared by all tasks, or
     None for 0; L (T, r, in) and R (T, r, out), or both None for rank 0. NumPy's operators defer to
@@ -516,8 +693,8 @@ class LowRank:
         return total if self.W is None else total + T * self.W
 
 
-def _factored(params, supports, factored):
-    """The params with the weights the inner loop keeps as LowRanks: every one (factored=True),
+def _fast_factored(params, supports, factored):
+    """_factored: the params with the weights the inner loop keeps as LowRanks: every one (factored=True),
     none (False), or (None) those whose update rank, the samples of all inner steps, is below both
     their widths, where the factors are the smaller arrays."""
     rank = sum(batch[0].shape[1] for batch in supports)
@@ -525,164 +702,44 @@ def _factored(params, supports, factored):
     return [LowRank(p, None, None) if i % 2 == 0 and keep(p) else p for i, p in enumerate(params)]
 
 
-class Adaptation(NamedTuple):
-    """What the inner loop leaves: ``params``, the adapted per-task params (leading axis T),
-    and for the meta-backward the params, caches and gradients of every step."""
-    thetas: list  # thetas[j]: the params before step j; thetas[-1] the adapted ones
-    caches: list  # caches[j]: loss_and_grad's cache at thetas[j] on step j's batch
-    grads: list  # grads[j]: the per-task support gradient at thetas[j]
-
-    @property
-    def params(self):
-        return self.thetas[-1]
-
-
-def adapt(params, support, loss="mse", inner_lr=0.01, inner_steps=1, activation="tanh"):
-    """The inner loop: theta_t <- theta_t - inner_lr * grad L_support,t(theta_t), inner_steps times.
-
-    support is one batch for every step, or a list of inner_steps batches, the
-    j-th for step j (meta-RL: fresh episodes of the policy theta_j). inner_lr is
-    a float, or a list shaped as params (Meta-SGD's per-parameter rates).
-    Returns an Adaptation: ``adapt(...).params`` are the adapted params."""
-    lrs = _per_param(inner_lr, params)
-    thetas, caches, inner_grads = [list(params)], [], []
-    for batch in _step_batches(support, inner_steps):
-        _, grads, cache = loss_and_grad(thetas[-1], batch, loss, activation)
-        thetas.append([p - lr * g for p, g, lr in zip(thetas[-1], grads, lrs)])  # (T, ...) from here on
-        caches.append(cache)
-        inner_grads.append(grads)
-    return Adaptation(thetas, caches, inner_grads)
+def _fast_mm(h, W):
+    """_mm with three shortcuts: a LowRank W through its factors; a length-1 input axis (the sinusoid's
+    x) as a broadcast multiply, no BLAS call per task; a shared W as one (T*K, in) @ (in, out)
+    product, a single BLAS call instead of T small ones."""
+    if isinstance(W, LowRank):  # h (W + L^T R) = h W + (h L^T) R: a (T, K, r) product, no (T, in, out) array
+        shared = None if W.W is None else _mm(h, W.W)
+        if W.L is None:  # rank 0: W alone
+            return shared
+        low = _matmul(_matmul(h, _T(W.L)), W.R)  # (T, K, r) @ (T, r, out)
+        return low if shared is None else shared + low
+    if h.shape[-1] == 1:
+        return h * W[..., None, 0, :] if W.ndim == 3 else h * W[0]
+    if W.ndim == 2 and h.ndim == 3:
+        return (h.reshape(-1, h.shape[-1]) @ W).reshape(h.shape[:-1] + W.shape[-1:])
+    return _matmul(h, W)
 
 
-# ===================== Differentiating through the inner update =====================
-# theta_{j+1} = theta_j - alpha * g_j(theta_j)   (alpha a scalar, or a vector for Meta-SGD)
-#   => J_j = d theta_{j+1} / d theta_j = I - diag(alpha) H_j,    H_j = Hessian of L_support at theta_j
-# Backwards, the meta-gradient:  dL/d theta_j = J_j^T dL/d theta_{j+1} = (I - H_j diag(alpha)) dL/d theta_{j+1}
-#   (H_j symmetric):  v <- v - H_j (alpha * v),  one exact Hessian-vector product per step;
-#   and for Meta-SGD:  dL/d alpha += -g_j * dL/d theta_{j+1}, summed over tasks.
-# Forwards, for TRPO's metric:  J v = J_{n-1} ... J_0 v:  v <- v - alpha * (H_j v), step after step.
-# First-order MAML drops H_j: v passes through unchanged.
-def _backprop_inner(v, thetas, caches, supports, inner_lr, loss, first_order, activation, inner_grads=None):
-    """v = dL/d theta' (per task) -> dL/d theta (per task), and dL/d inner_lr when it is a list (Meta-SGD).
-    supports: the batch of each inner step (_step_batches)."""
-    meta_lr = isinstance(inner_lr, list)
-    lrs = _per_param(inner_lr, thetas[0])
-    lr_grads = [xp.zeros_like(p) for p in thetas[0]] if meta_lr else None
-    for j in reversed(range(len(caches))):
-        if meta_lr:
-            for i, (g, vi) in enumerate(zip(inner_grads[j], v)):
-                lr_grads[i] = lr_grads[i] - _sum_leading(g * vi)
-        if not first_order:
-            hv = hvp(thetas[j], supports[j], [lr * vi for lr, vi in zip(lrs, v)], loss, activation, cache=caches[j])
-            v = [vi - h for vi, h in zip(v, hv)]
-    return v, lr_grads
+def _fast_outer(h, delta, W):
+    """_outer, the gradient of a LowRank weight kept as its factors: a LowRank of rank K."""
+    return LowRank(None, h, delta) if isinstance(W, LowRank) else _matmul(_T(h), delta)
 
 
-def _forward_inner(v, thetas, caches, supports, inner_lr, loss, activation):
-    """J v: a direction v of theta (shared) -> the direction it moves each task's theta' (per task).
-    supports: the batch of each inner step (_step_batches)."""
-    lrs = _per_param(inner_lr, thetas[0])
-    for j in range(len(caches)):
-        hv = hvp(thetas[j], supports[j], v, loss, activation, cache=caches[j])
-        v = [vi - lr * h for vi, h, lr in zip(v, hv, lrs)]
-    return v
-# ====================================================================================
-
-
-def _sum_tasks(v, params):
-    """Per-task directions (T, ...) or LowRanks -> their sum over tasks, shaped and typed as the shared params."""
+def _fast_sum_tasks(v, params):
+    """_sum_tasks, a LowRank's sum over tasks by its factors (LowRank.sum_tasks)."""
     total = [vi.sum_tasks() if isinstance(vi, LowRank) else _sum_leading(vi) if vi.ndim > p.ndim else vi
              for vi, p in zip(v, params)]
     return [t.astype(p.dtype, copy=False) for t, p in zip(total, params)]
 
 
-def _sum_leading(a):
-    """The sum over the first axis (tasks). On CuPy, set_array_module (section 8) puts a product in its place."""
-    return a.sum(axis=0)
-
-
-def _maml(params, support, query, loss, inner_lr, inner_steps, first_order, activation, factored=False):
-    """Meta-loss and its gradient w.r.t. params (and w.r.t. inner_lr when it is a list).
-    factored: as maml_grad's (False for Meta-SGD, whose per-element rates have no low-rank form)."""
-    supports = _step_batches(support, inner_steps)
-    start = _factored(params, supports, factored)
-    thetas, caches, inner_grads = adapt(start, supports, loss, inner_lr, inner_steps, activation)
-    # v = d meta_loss / d theta'_t, per task; meta_loss = mean_t L_query,t(theta'_t)
-    losses, v, _ = loss_and_grad(thetas[-1], query, loss, activation, scale=1.0 / query[0].shape[0])
-    v, lr_grads = _backprop_inner(v, thetas, caches, supports, inner_lr, loss, first_order, activation, inner_grads)
-    return float(losses.sum()) / losses.shape[0], _sum_tasks(v, params), lr_grads
-
-
-def maml_grad(params, support, query, loss="mse", inner_lr=0.01, inner_steps=1, first_order=False,
-              activation="tanh", factored=None):
-    """MAML's meta-loss and its exact gradient w.r.t. params (never modified).
-
-    support, query: (x (T, K, in), target) for T tasks; target is y
-    (T, K, out) for "mse", (actions, weights) for "pg" and "gauss",
-    (actions, weights, old_logp) for "pg_lvc" and "gauss_lvc". support may
-    also be a list of inner_steps such batches, the j-th for inner step j
-    (meta-RL samples fresh episodes with each adapted policy). Per task,
-    theta'_t = theta - inner_lr grad L_support,t, inner_steps times; then
-      meta_loss = mean_t L_query,t(theta'_t)
-      grads     = d meta_loss / d theta  (through every inner step, Hessians included)
-    first_order=True drops the Hessian terms (first-order MAML).
-    factored: how the adapted weights are held (the block above). None (the default) keeps a
-    weight factored where the inner steps' samples, S K in all, are fewer than both its widths:
-    few-shot regression; it is dense otherwise (meta-RL's thousands of steps). True or False
-    forces one way for every weight; the two agree to rounding."""
-    support, query = _check_meta_args(params, support, query, loss, inner_steps, activation, inner_lr)
-    meta_loss, grads, _ = _maml(params, support, query, loss, float(inner_lr), inner_steps, first_order, activation,
-                                factored)
-    return meta_loss, grads
-
-
-def meta_sgd_grad(params, inner_lrs, support, query, loss="mse", inner_steps=1, first_order=False,
-                  activation="tanh"):
-    """Meta-SGD: MAML with a learned learning rate per parameter (inner_lrs, shaped as params).
-
-    Returns (meta_loss, grads w.r.t. params, grads w.r.t. inner_lrs), both
-    from the one backward pass of ``maml_grad``."""
-    support, query = _check_meta_args(params, support, query, loss, inner_steps, activation)
-    lrs = _check_inner_lrs(inner_lrs, params)
-    meta_loss, grads, lr_grads = _maml(params, support, query, loss, lrs, inner_steps, first_order, activation)
-    return meta_loss, grads, [g.astype(p.dtype) for g, p in zip(lr_grads, params)]
-
-
-def reptile_grad(params, support, query, loss="mse", inner_lr=0.01, inner_steps=5, activation="tanh"):
-    """Reptile's direction as a gradient: theta - mean_t theta'_t, with theta'_t
-    after inner_steps SGD steps on the task's support data, then its query
-    data (Nichol et al. 2018, Algorithm 2, batched). Returns the mean query
-    loss before adaptation (for monitoring) and the direction."""
-    support, query = _check_meta_args(params, support, query, loss, inner_steps, activation, inner_lr, step_list=False)
-    _check_int_at_least("inner_steps", inner_steps, 1)  # no steps, no direction
-    losses, _, _ = loss_and_grad(params, query, loss, activation)
-    adapted = adapt(params, concat_batches(support, query), loss, inner_lr, inner_steps, activation).params
-    return float(losses.mean()), [(p - t.mean(axis=0) if t.ndim > p.ndim else p - t).astype(p.dtype, copy=False)
-                                  for p, t in zip(params, adapted)]
+# Plugged in: the core's functions above call these by their plain names. _DENSE_PATHS puts the
+# plain ones back (a test compares the two).
+_DENSE_PATHS = {"_mm": _mm, "_outer": _outer, "_sum_tasks": _sum_tasks, "_factored": _factored}
+_FAST_PATHS = {"_mm": _fast_mm, "_outer": _fast_outer, "_sum_tasks": _fast_sum_tasks, "_factored": _fast_factored}
+globals().update(_FAST_PATHS)
 
 
 # ----------------------------------------------------------------------------
-# 1.4 Adam, the one optimiser.
-# ----------------------------------------------------------------------------
-def adam_init(params):
-    """Adam's state: first and second moments, and the step count."""
-    return {"m": [xp.zeros_like(p) for p in params], "v": [xp.zeros_like(p) for p in params], "t": 0}
-
-
-def adam_step(params, grads, state, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
-    """One Adam step (Kingma & Ba 2015, Algorithm 1). Returns new params and state; the inputs stay as they are."""
-    _check_adam_args(params, grads, state, lr, beta1, beta2, eps)
-    t = state["t"] + 1
-    m = [beta1 * m + (1 - beta1) * g for m, g in zip(state["m"], grads)]
-    v = [beta2 * v + (1 - beta2) * g * g for v, g in zip(state["v"], grads)]
-    # theta <- theta - lr m_hat / (sqrt(v_hat) + eps),  m_hat = m / (1 - beta1^t),  v_hat = v / (1 - beta2^t)
-    new = [(p - lr * (mi / (1 - beta1 ** t)) / (xp.sqrt(vi / (1 - beta2 ** t)) + eps)).astype(p.dtype)
-           for p, mi, vi in zip(params, m, v)]
-    return new, {"m": m, "v": v, "t": t}
-
-
-# ----------------------------------------------------------------------------
-# 1.5 The input checks of the entry points above.
+# I.6 The input checks of the entry points above.
 # ----------------------------------------------------------------------------
 def _check_mlp_args(sizes, rng, activation, bias_outputs):
     _check_activation(activation)
@@ -837,16 +894,25 @@ def _check_meta_args(params, support, query, loss, inner_steps, activation, inne
 
 
 # ============================================================================
-# The end of the core. Below it: meta-RL, Q-learning, the experiments, bench,
-# the command line, and the backend switch with its GPU fast paths.
+# The end of the core. Below it: Part II, one chapter per family of
+# meta-learning; Part III, the harness (the command line, bench, the backend).
 # ============================================================================
 
 
 # ============================================================================
-# 2. Meta-RL: the tasks, policy gradients, and TRPO as MAML's outer step.
+# PART II. ONE CHAPTER PER FAMILY. First what every chapter shares (II.0): the
+# run's machinery that each training loop uses (settings, progress, random
+# streams, checkpoints, JSON), the TaskFamily every meta-RL trainer takes, the
+# RL pieces (rollouts, returns, a baseline, GAE, KL, conjugate gradient), and two
+# task families. Then gradient-based meta-RL (II.1, MAML-TRPO and Reptile),
+# memory (II.2, RL^2), evolution (II.3, ES-MAML), value-based learning with a
+# meta-learned start (II.4, Q-learning), and few-shot regression (II.5, the
+# sinusoid).
 # ============================================================================
-
-
+# ----------------------------------------------------------------------------
+# II.0.1 The run's machinery: the backend's arrays, settings, progress, random
+#        streams, checkpoints and JSON.
+# ----------------------------------------------------------------------------
 def to_host(a):
     """A NumPy array of a backend array: an explicit copy off the GPU, a no-op on the CPU."""
     return xp.asnumpy(a) if hasattr(xp, "asnumpy") else np.asarray(a)
@@ -859,97 +925,267 @@ def device_rng(rng):
     return rng if xp is np else xp.random.default_rng(int(rng.integers(2 ** 63)))
 
 
+def hparam(default, help, low=None, high=None, choices=None):
+    """A hyperparameter: its default, meaning and allowed range, for the dataclass and its flag."""
+    return dataclasses.field(default=default, metadata=dict(help=help, low=low, high=high, choices=choices))
+
+
+def check_config(config):
+    """Raise ValueError naming the flag and its allowed values for any field out of range."""
+    for f in dataclasses.fields(config):
+        value, meta = getattr(config, f.name), f.metadata
+        flag = "--" + f.name.replace("_", "-")
+        if meta.get("choices") is not None and value not in meta["choices"]:
+            raise ValueError(f"{flag} must be one of {', '.join(map(str, meta['choices']))}; got {value!r}")
+        low, high = meta.get("low"), meta.get("high")
+        if (low is not None and not value >= low) or (high is not None and not value <= high):
+            bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise ValueError(f"{flag} must be {bounds}; got {value!r}")
+
+
+class Progress:
+    """Progress lines: iteration, metrics, elapsed time and ETA."""
+
+    def __init__(self, total, start=0, stream=None):
+        self.total, self.start, self.t0, self.stream = total, start, time.perf_counter(), stream
+
+    def __call__(self, iteration, **metrics):
+        elapsed = time.perf_counter() - self.t0
+        done = iteration - self.start
+        eta = elapsed / done * (self.total - iteration) if done > 0 else float("nan")
+        shown = "  ".join(f"{k} {float(v):.3f}" for k, v in metrics.items())
+        print(f"iter {iteration:>6}/{self.total}  {shown}  elapsed {elapsed:6.1f}s  ETA {eta:6.1f}s",
+              file=self.stream or sys.stdout, flush=True)
+
+
+# The random streams of a run. Training draws from default_rng(seed), which its checkpoints save.
+# The evaluation draws from streams of its own, default_rng([seed, k]), so that resuming cannot
+# change them; each k means the same in every command.
+HELD_OUT_TASKS = 1  # the held-out tasks, with their data (the sinusoid's points)
+VALIDATION_TASKS = 2  # the tasks on which test-time step sizes are chosen, with their data
+RANDOM_INIT = 3  # the weights of the random-init baseline
+VALIDATION_DRAWS = 4  # the rollouts on the validation tasks
+HELD_OUT_DRAWS = 5  # what the learners draw on the held-out tasks: rollouts, exploration
+
+
+def stream(seed, k):
+    """The evaluation stream k (one of the constants above) of the run with this seed."""
+    return np.random.default_rng([seed, k])
+
+
+def mean_ci95(values):
+    """Mean and half-width of its 95% confidence interval (normal approximation)."""
+    values = to_host(values).astype(np.float64)
+    if values.ndim != 1 or values.size < 2:
+        raise ValueError(f"values must be a 1-D array of at least 2 numbers, got shape {values.shape}")
+    return float(values.mean()), float(1.96 * values.std(ddof=1) / math.sqrt(values.size))
+
+
+def _atomic_write(path, write):
+    """Write through write(file) into a temporary file beside path, then rename it into place."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private (0600); give it a new file's permissions
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def means_and_cis(stats):
+    """{key: (mean, ci95)} -> ({key: mean}, {key: ci95}), the JSON's two dicts."""
+    return {k: m for k, (m, _) in stats.items()}, {k: c for k, (_, c) in stats.items()}
+
+
+def write_json(path, obj):
+    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def save_checkpoint(path, config, iteration, rng, models, optimisers, extra=None):
+    """Save params, Adam states, RNG state, iteration and config to an .npz, atomically.
+
+    models / optimisers: dicts name -> params list / name -> adam state;
+    extra: a JSON-able dict of whatever else the run needs to resume (counters, curves)."""
+    arrays = {}
+    for name, params in models.items():
+        arrays.update({f"params/{name}/{i}": to_host(p) for i, p in enumerate(params)})
+    for name, state in optimisers.items():
+        for key in ("m", "v"):
+            arrays.update({f"adam/{name}/{key}/{i}": to_host(a) for i, a in enumerate(state[key])})
+    meta = dict(format="metarl-min checkpoint 1", command=config.command, config=dataclasses.asdict(config),
+                iteration=iteration, rng=rng.bit_generator.state, adam_t={k: s["t"] for k, s in optimisers.items()},
+                models={k: len(p) for k, p in models.items()}, extra=extra or {})
+    arrays["meta"] = np.array(json.dumps(meta))
+    _atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def load_checkpoint(path, config):
+    """Load a checkpoint written by save_checkpoint for the same config (iterations may differ).
+
+    Returns (iteration, rng, models, optimisers, extra); ValueError if the file is
+    not such a checkpoint, is another command's, or was made with other hyperparameters."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            if meta.get("format") != "metarl-min checkpoint 1":
+                raise ValueError("unknown format")
+            models = {k: [xp.asarray(data[f"params/{k}/{i}"]) for i in range(n)] for k, n in meta["models"].items()}
+            optimisers = {k: {"m": [xp.asarray(data[f"adam/{k}/m/{i}"]) for i in range(n)],
+                              "v": [xp.asarray(data[f"adam/{k}/v/{i}"]) for i in range(n)], "t": meta["adam_t"][k]}
+                          for k, n in meta["models"].items() if k in meta["adam_t"]}
+            rng = np.random.Generator(getattr(np.random, meta["rng"]["bit_generator"])())
+            rng.bit_generator.state = meta["rng"]
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # a zip, npz or JSON error: say which file, and why
+        raise ValueError(f"{path} is not a readable metarl-min checkpoint ({type(e).__name__}: {e})") from e
+    if meta.get("command", config.command) != config.command:  # older checkpoints lack it: the settings tell
+        raise ValueError(f"{path} is a checkpoint of the {meta['command']} command, not of {config.command}")
+    foreign = [k for k in meta["config"] if k not in {f.name for f in dataclasses.fields(config)}]
+    if foreign:
+        flags = ", ".join("--" + k.replace("_", "-") for k in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ValueError(f"{path} was made with settings that {config.command} does not have: {flags}")
+    # The settings that leave training as it was.
+    free = ("iterations", "log_every", "eval_tasks", "val_tasks", "eval_batch", "eval_min_steps")
+    # A setting newer than the checkpoint had its default value when the checkpoint was made.
+    saved = {**{f.name: f.default for f in dataclasses.fields(config)}, **meta["config"]}
+    saved = {k: v for k, v in saved.items() if k not in free}
+    wanted = {k: v for k, v in dataclasses.asdict(config).items() if k not in free}
+    if saved != wanted:
+        diff = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {wanted.get(k)!r})"
+                         for k in wanted if saved.get(k) != wanted.get(k))
+        raise ValueError(f"{path} was made with other hyperparameters: {diff}")
+    if meta["iteration"] > config.iterations:
+        raise ValueError(f"{path} is at iteration {meta['iteration']}, past --iterations {config.iterations}")
+    return meta["iteration"], rng, models, optimisers, meta["extra"]
+
+
+def best_step_size(score, step_sizes, rng):
+    """The step size with the lowest score(step_size, rng): each is scored on the
+    same validation draws (the generator restarts from its state for each). A
+    step size that diverges (overflow, a NaN score) counts as the worst."""
+    state = rng.bit_generator.state
+    scores = {}
+    for lr in step_sizes:
+        rng.bit_generator.state = state
+        with np.errstate(over="ignore", invalid="ignore"):
+            scores[lr] = score(lr, rng)
+        if not np.isfinite(scores[lr]):
+            scores[lr] = np.inf
+    return min(scores, key=scores.get)
+
+
+def _check_finite_policy(params, iteration, flag):
+    """Stop cleanly, in one line, where training has diverged (_check_finite: one pass, one wait on a GPU)."""
+    try:
+        _check_finite([(p, "a weight of the policy") for p in params])
+    except ValueError as e:
+        raise ValueError(f"training diverged at iteration {iteration}: {e}; a smaller {flag} may help") from None
+
+
+def _check_plot(plot):
+    """matplotlib for --plot, imported only now; a clear error (before any training) when it is absent."""
+    if plot is None:
+        return None
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
+    return plt
+
+
 # ----------------------------------------------------------------------------
-# 2.1 Tasks: the sinusoid regression and the 2D navigation of the MAML paper
-#     (secs. 5.1 and 5.3); CartPole's tasks are in cartpole.py.
+# II.0.2 A task family: what every meta-RL trainer takes.
 # ----------------------------------------------------------------------------
-SINE_AMPLITUDE = (0.1, 5.0)  # A ~ U[0.1, 5]
-SINE_PHASE = (0.0, math.pi)  # phase ~ U[0, pi]
-SINE_X = (-5.0, 5.0)  # x ~ U[-5, 5]
+@dataclasses.dataclass(frozen=True)
+class TaskFamily:
+    """A distribution of RL tasks, and how to run them: what meta_rl_train, rl2_train and es_train take.
+
+      sample_tasks(rng, n): n tasks, a dict of per-task arrays, each with a leading axis n
+      make_env(tasks, episodes): a batched env of n * episodes envs with Gymnasium's vector API and
+        same-step autoreset (as cartpole.VecCartPole and VecNav2D), env i of task i // episodes
+      obs_dim: the observation's width; horizon: the most steps of an episode
+      n_actions (a categorical policy) or action_dim (a Gaussian one, [mean, log_std] outputs, the
+        log-std state-independent): exactly one of the two
+      task_label(tasks) -> (n,) 0/1, optional: a label of each task that RL^2's task-inference loss
+        learns to tell (None: that loss is off)
+      obs_scale: a typical size of each observation variable (a number, or one per variable), by
+        which the recurrent learners divide it"""
+    name: str
+    sample_tasks: Callable
+    make_env: Callable
+    obs_dim: int
+    horizon: int
+    n_actions: Optional[int] = None
+    action_dim: Optional[int] = None
+    task_label: Optional[Callable] = None
+    obs_scale: Any = 1.0
+
+    def __post_init__(self):
+        if (self.n_actions is None) == (self.action_dim is None):
+            raise ValueError(f"TaskFamily {self.name!r}: give exactly one of n_actions= (a categorical policy) "
+                             f"and action_dim= (a Gaussian one), got n_actions={self.n_actions!r}, "
+                             f"action_dim={self.action_dim!r}")
+        for field in ("obs_dim", "horizon") + (("n_actions",) if self.n_actions is not None else ("action_dim",)):
+            _check_int_at_least(field, getattr(self, field), 1)
+        for field in ("sample_tasks", "make_env") + (("task_label",) if self.task_label is not None else ()):
+            if not callable(getattr(self, field)):
+                raise TypeError(f"TaskFamily {self.name!r}: {field} must be callable")
+
+    @property
+    def policy(self):  # the key of POLICIES and POLICY_KL
+        return "categorical" if self.n_actions is not None else "gaussian"
+
+    @property
+    def loss(self):  # the policy-gradient loss of LOSSES
+        return "pg" if self.n_actions is not None else "gauss"
+
+    @property
+    def n_out(self):  # the policy network's outputs: logits, or [mean, log_std]
+        return self.n_actions if self.n_actions is not None else 2 * self.action_dim
+
+    @property
+    def bias_outputs(self):  # init_mlp's: the log-std, the same in every state
+        return 0 if self.n_actions is not None else self.action_dim
 
 
-def sample_sine_tasks(rng, n):
-    """Amplitudes and phases of n tasks y = A sin(x - phase), each (n,)."""
-    _check_rng(rng)
-    _check_int_at_least("n", n, 1)
-    return rng.uniform(*SINE_AMPLITUDE, size=n), rng.uniform(*SINE_PHASE, size=n)
+def task_count(tasks):
+    """The number of tasks in a dict of per-task arrays."""
+    return len(next(iter(tasks.values())))
 
 
-def sample_sine_points(rng, amplitude, phase, k, dtype=np.float32):
-    """k points of each task: x (T, k, 1), y (T, k, 1), drawn on the host (the same
-    numbers on every device) and then made arrays of the backend."""
-    x = rng.uniform(*SINE_X, size=(amplitude.shape[0], k, 1))
-    y = amplitude[:, None, None] * np.sin(x - phase[:, None, None])
-    return xp.asarray(x, dtype=dtype), xp.asarray(y, dtype=dtype)
+def repeat_tasks(tasks, episodes):
+    """Each task `episodes` times in a row, task after task: the layout of make_env's envs."""
+    return {k: np.repeat(v, episodes, axis=0) for k, v in tasks.items()}
 
 
-# 2D navigation (MAML paper sec. 5.3), as in the authors' code (maml_rl,
-# rllab's PointEnvRandGoal): a point starts at the origin and moves towards a
-# goal it does not observe; the reward is minus its distance to the goal.
-NAV_GOAL_RANGE = (-0.5, 0.5)  # goal ~ U[-0.5, 0.5]^2
-NAV_MAX_SPEED = 0.1  # each velocity component is clipped to [-0.1, 0.1]
-NAV_TOLERANCE = 0.01  # the episode ends when |dx| and |dy| are both below this
-NAV_MAX_EPISODE_STEPS = 100
+def tile_tasks(tasks, copies):
+    """All the tasks, then all of them again, `copies` times: one block per candidate policy."""
+    return {k: np.tile(v, (copies,) + (1,) * (np.ndim(v) - 1)) for k, v in tasks.items()}
 
 
-def sample_nav_tasks(rng, n):
-    """Goals of n tasks: (n, 2)."""
-    _check_rng(rng)
-    _check_int_at_least("n", n, 1)
-    return rng.uniform(*NAV_GOAL_RANGE, size=(n, 2))
-
-
-class VecNav2D:
-    """num_envs point robots, each with its own goal (goals: (num_envs, 2)),
-    with the batched API of cartpole.VecCartPole (same-step autoreset, the
-    ended episode's last observation in info["final_obs"]).
-
-    The observation is the position (2,). An action a (2,) is in the policy's
-    units: the velocity is clip(action_scale * a, -NAV_MAX_SPEED, NAV_MAX_SPEED),
-    as rllab's normalize wrapper maps [-1, 1] onto the action bounds in the
-    authors' code."""
-
-    def __init__(self, goals, max_episode_steps=NAV_MAX_EPISODE_STEPS, action_scale=NAV_MAX_SPEED):
-        goals = xp.asarray(goals, dtype=np.float64)
-        if goals.ndim != 2 or goals.shape[0] < 1 or goals.shape[1] != 2 or not xp.isfinite(goals).all():
-            raise ValueError(f"goals must be a finite array of shape (num_envs, 2), num_envs >= 1, got shape "
-                             f"{goals.shape}")
-        _check_int_at_least("max_episode_steps", max_episode_steps, 1)
-        self.num_envs, self.goals = goals.shape[0], goals.copy()
-        self.max_episode_steps, self.action_scale = int(max_episode_steps), float(action_scale)
-        self.pos = None  # (N, 2)
-        self.steps = xp.zeros(self.num_envs, dtype=np.int64)
-
-    def reset(self, *, seed=None, options=None):
-        """Every point back at the origin (the start is not random: seed is accepted and unused)."""
-        self.pos = xp.zeros((self.num_envs, 2))
-        self.steps[:] = 0
-        return self.pos.astype(np.float32), {}
-
-    def step(self, actions):
-        """actions (N, 2) -> obs (N, 2) float32, reward (N,) float32, terminated, truncated, info."""
-        actions = xp.asarray(actions, dtype=np.float64)
-        if actions.shape != (self.num_envs, 2):
-            raise ValueError(f"actions must have shape ({self.num_envs}, 2), got {actions.shape}")
-        if self.pos is None:
-            raise RuntimeError("Call reset() before step().")
-        self.pos = self.pos + xp.clip(self.action_scale * actions, -NAV_MAX_SPEED, NAV_MAX_SPEED)
-        d = self.pos - self.goals
-        reward = -xp.sqrt((d * d).sum(axis=1))  # -||pos - goal||
-        terminated = (xp.abs(d) < NAV_TOLERANCE).all(axis=1)
-        self.steps += 1
-        truncated = self.steps >= self.max_episode_steps
-        obs = self.pos.astype(np.float32)
-        done = terminated | truncated
-        final_obs = obs.copy()
-        self.pos[done] = 0.0
-        obs[done] = 0.0
-        self.steps[done] = 0
-        return obs, reward.astype(np.float32), terminated, truncated, {"final_obs": final_obs, "_final_obs": done}
+def init_policy(family, config, rng):
+    """The policy network of a family: (obs_dim, hidden, hidden, n_out) with config.activation, its
+    last-layer weights scaled by config.init_out_scale, a Gaussian policy's log-std starting at
+    config.init_log_std."""
+    params = init_mlp((family.obs_dim, config.hidden, config.hidden, family.n_out), rng, config.activation,
+                      bias_outputs=family.bias_outputs)
+    params[-2] = params[-2] * config.init_out_scale
+    if family.bias_outputs:
+        params[-1][-family.bias_outputs:] = config.init_log_std
+    return params
 
 
 # ----------------------------------------------------------------------------
-# 2.2 Policy gradients: one rollout function, returns, a baseline, advantages.
+# II.0.3 What the RL families share: rollouts, returns, a baseline, GAE, the
+#        policies' KL and Fisher, conjugate gradient.
 # ----------------------------------------------------------------------------
 # A batch of episodes is a dict of arrays with a task axis T, E episodes per
 # task and H time steps (the longest episode; mask marks the real steps):
@@ -966,9 +1202,16 @@ def sample_actions(out, rng, policy="categorical"):
     return out[..., :d] + xp.exp(out[..., d:]) * rng.standard_normal(out.shape[:-1] + (d,), dtype=out.dtype)
 
 
+class Step(NamedTuple):
+    """One step of every env of a batched env, task by task, or (_stack_steps) many along an axis after E."""
+    x: object  # (T, E, in) the observations the policy saw
+    actions: object  # (T, E) ints, or (T, E, d)
+    rewards: object  # (T, E)
+    done: object  # (T, E) bool: the env's episode ended with this step
+
+
 def _run_envs(params, env, n_tasks, rng, policy, activation):
-    """The policy's steps in every env of a batched env, one step per iteration, without end:
-    yields x (T, E, in), actions, rewards (T, E) and done (T, E) (the env's episode ended with it)."""
+    """The policy's steps in every env of a batched env, one Step per iteration, without end."""
     E = env.num_envs // n_tasks
     ob, _ = env.reset(seed=int(rng.integers(2 ** 63)))
     draws = device_rng(rng)
@@ -976,12 +1219,12 @@ def _run_envs(params, env, n_tasks, rng, policy, activation):
         x = ob.astype(params[0].dtype).reshape(n_tasks, E, -1)  # (T, E, in)
         a = sample_actions(mlp_forward(params, x, activation)[0], draws, policy)  # (T, E) or (T, E, d)
         ob, reward, terminated, truncated, _ = env.step(a.reshape((env.num_envs,) + a.shape[2:]))
-        yield x, a, reward.reshape(n_tasks, E), (terminated | truncated).reshape(n_tasks, E)
+        yield Step(x, a, reward.reshape(n_tasks, E), (terminated | truncated).reshape(n_tasks, E))
 
 
 def _stack_steps(steps):
-    """The steps _run_envs yielded, stacked along a new time axis: obs, actions, rewards, done (T, E, K, ...)."""
-    return [xp.stack(arrays, axis=2) for arrays in zip(*steps)]
+    """The Steps _run_envs yielded, stacked along a new time axis: a Step of (T, E, K, ...) arrays."""
+    return Step(*[xp.stack(arrays, axis=2) for arrays in zip(*steps)])
 
 
 def rollout(params, env, n_tasks, rng, horizon, policy="categorical", activation="tanh"):
@@ -997,12 +1240,12 @@ def rollout(params, env, n_tasks, rng, horizon, policy="categorical", activation
     steps, ended = [], xp.zeros((n_tasks, env.num_envs // n_tasks), dtype=bool)
     for step in _run_envs(params, env, n_tasks, rng, policy, activation):
         steps.append(step)
-        ended = ended | step[3]
+        ended = ended | step.done
         if ended.all() or len(steps) == horizon:
             break
-    obs, actions, rewards, done = _stack_steps(steps)
-    mask = xp.cumsum(done, axis=2) - done == 0  # no end before the step: the env's first episode
-    return {"obs": obs, "actions": actions, "rewards": xp.where(mask, rewards, 0.0), "mask": mask}
+    steps = _stack_steps(steps)
+    mask = xp.cumsum(steps.done, axis=2) - steps.done == 0  # no end before the step: the env's first episode
+    return {"obs": steps.x, "actions": steps.actions, "rewards": xp.where(mask, steps.rewards, 0.0), "mask": mask}
 
 
 def rollout_min_steps(params, env, n_tasks, rng, min_steps, horizon, policy="categorical", activation="tanh"):
@@ -1020,13 +1263,13 @@ def rollout_min_steps(params, env, n_tasks, rng, min_steps, horizon, policy="cat
     for k, step in enumerate(_run_envs(params, env, n_tasks, rng, policy, activation)):
         steps.append(step)
         starts.append(start)
-        start = xp.where(step[3], k + 1, start)  # = the steps of the env's finished episodes
+        start = xp.where(step.done, k + 1, start)  # = the steps of the env's finished episodes
         stop = xp.where((stop < 0) & (start.sum(axis=1) >= min_steps), k, stop)
         if (stop >= 0).all():
             break
         if (k + 1 - start >= horizon).any():
             raise ValueError(f"with min_steps, the env must end each episode within horizon ({horizon}) steps")
-    obs, actions, rewards, done = _stack_steps(steps)
+    obs, actions, rewards, done = _stack_steps(steps)  # (T, E, K, ...) each
     # Each kept step's place (task, row, h): row = the episodes of the task's earlier envs + the env's
     # episodes before it; h = the steps since its episode began. Kept: the episodes ended by the stop.
     before = xp.cumsum(done, axis=2) - done  # (T, E, K) episodes the env ended before step k
@@ -1146,20 +1389,6 @@ def step_weights(episodes):
     return (xp.arange(int(n.max())) < n) / n
 
 
-# ----------------------------------------------------------------------------
-# TRPO, the MAML paper's outer step for meta-RL (sec. 5.3; Schulman et al. 2015,
-# "Trust Region Policy Optimization", sec. 6 and appendix C), on the meta-objective:
-#   minimise  L(theta)  = mean_t -sum_k w_k pi'_t(a_k|s_k) / pi_old,t(a_k|s_k)
-#   s.t.      KL(theta) = mean_t  sum_k m_k KL(pi_old,t(.|s_k) || pi'_t(.|s_k)) <= max_kl
-# over the query batch, with pi'_t the policy of theta'_t = adapt(theta) and
-# pi_old,t the adapted policy of the current theta, which sampled the query. There
-# grad L is MAML's meta-gradient g, and KL's Hessian is the meta-Fisher matrix
-#   F = mean_t J_t^T F_t J_t,   J_t = d theta'_t / d theta,   F_t = the Fisher of pi'_t,
-# a product of three exact ones: J v forwards through the inner update, F_t v by
-# the Gauss-Newton product, J^T backwards as in the meta-gradient. The step is
-# d = F^-1 g by conjugate gradient, scaled so that the quadratic model of the KL,
-# 1/2 d^T F d, equals max_kl, then shortened until L improves within the exact KL.
-# ----------------------------------------------------------------------------
 # KL(pi_old || pi) between the policies of two outputs, per sample (T, K), and the
 # Fisher information F of the policy as a product in out (F = the KL's Hessian at
 # out = out_old), TRPO's metric:
@@ -1216,23 +1445,162 @@ def conjugate_gradient(matvec, b, iters=10, tol=1e-10):
     return x
 
 
-def _meta_fisher(params, thetas, supports, x_q, old_out, kl_weights, loss, inner_lr, first_order, activation,
-                 damping=0.0):
+RL_EVAL_STEPS = (0, 1, 2, 3)  # every RL family is evaluated after 0-3 adaptation steps (RL^2: in episodes 1-4)
+
+
+# ----------------------------------------------------------------------------
+# II.0.4 Two task families: CartPole with the actuator reversed on half the tasks
+#        (cartpole.py), and the 2D navigation of the MAML paper (sec. 5.3).
+# ----------------------------------------------------------------------------
+def _import_cartpole():
+    """cartpole.py, imported only by what runs CartPole; ImportError, in one line, when it is not at hand."""
+    try:
+        import cartpole
+    except ModuleNotFoundError as e:
+        if e.name != "cartpole":
+            raise
+        raise ImportError("this needs cartpole.py, which is not beside metarl_min.py: copy it from the "
+                          "metarl-min repository") from None
+    return cartpole
+
+
+def cartpole_envs(tasks, episodes):
+    """A VecCartPole holding `episodes` copies of each task's physics, task after task."""
+    return _import_cartpole().VecCartPole(task_count(tasks) * episodes, **repeat_tasks(tasks, episodes))
+
+
+# The recurrent learners see x, x_dot, theta, theta_dot in units of the small moves of a balanced pole: one push
+# changes the velocities by about 0.2, which must be a large input for a memory to tell which way the actuator
+# pushes (in units of the kernels' box, Q_STATE_HIGH, it is under 0.1, and plain RL^2 learned one polarity only).
+CARTPOLE_OBS_SCALE = np.array([0.25, 0.125, 0.01, 0.125])
+
+
+def cartpole_family(kind="reversed"):
+    """CartPole tasks of cartpole.sample_tasks's `kind`: push left or right, episodes of at most 500 steps.
+    Its task label is the actuator's polarity (1 where it is reversed)."""
+    cartpole = _import_cartpole()
+    return TaskFamily("cartpole" if kind == "reversed" else f"cartpole-{kind}", lambda rng, n: cartpole.sample_tasks(rng, n, kind), cartpole_envs,
+                      obs_dim=4, horizon=cartpole.MAX_EPISODE_STEPS, n_actions=2,
+                      task_label=lambda tasks: tasks["force_mag"] < 0, obs_scale=CARTPOLE_OBS_SCALE)
+
+
+# 2D navigation (MAML paper sec. 5.3), as in the authors' code (maml_rl,
+# rllab's PointEnvRandGoal): a point starts at the origin and moves towards a
+# goal it does not observe; the reward is minus its distance to the goal.
+NAV_GOAL_RANGE = (-0.5, 0.5)  # goal ~ U[-0.5, 0.5]^2
+NAV_MAX_SPEED = 0.1  # each velocity component is clipped to [-0.1, 0.1]
+NAV_TOLERANCE = 0.01  # the episode ends when |dx| and |dy| are both below this
+NAV_MAX_EPISODE_STEPS = 100
+
+
+def sample_nav_tasks(rng, n):
+    """Goals of n tasks: {"goal": (n, 2)}."""
+    _check_rng(rng)
+    _check_int_at_least("n", n, 1)
+    return {"goal": rng.uniform(*NAV_GOAL_RANGE, size=(n, 2))}
+
+
+class VecNav2D:
+    """num_envs point robots, each with its own goal (goals: (num_envs, 2)),
+    with the batched API of cartpole.VecCartPole (same-step autoreset, the
+    ended episode's last observation in info["final_obs"]).
+
+    The observation is the position (2,). An action a (2,) is in the policy's
+    units: the velocity is clip(action_scale * a, -NAV_MAX_SPEED, NAV_MAX_SPEED),
+    as rllab's normalize wrapper maps [-1, 1] onto the action bounds in the
+    authors' code."""
+
+    def __init__(self, goals, max_episode_steps=NAV_MAX_EPISODE_STEPS, action_scale=NAV_MAX_SPEED):
+        goals = xp.asarray(goals, dtype=np.float64)
+        if goals.ndim != 2 or goals.shape[0] < 1 or goals.shape[1] != 2 or not xp.isfinite(goals).all():
+            raise ValueError(f"goals must be a finite array of shape (num_envs, 2), num_envs >= 1, got shape "
+                             f"{goals.shape}")
+        _check_int_at_least("max_episode_steps", max_episode_steps, 1)
+        self.num_envs, self.goals = goals.shape[0], goals.copy()
+        self.max_episode_steps, self.action_scale = int(max_episode_steps), float(action_scale)
+        self.pos = None  # (N, 2)
+        self.steps = xp.zeros(self.num_envs, dtype=np.int64)
+
+    def reset(self, *, seed=None, options=None):
+        """Every point back at the origin (the start is not random: seed is accepted and unused)."""
+        self.pos = xp.zeros((self.num_envs, 2))
+        self.steps[:] = 0
+        return self.pos.astype(np.float32), {}
+
+    def step(self, actions):
+        """actions (N, 2) -> obs (N, 2) float32, reward (N,) float32, terminated, truncated, info."""
+        actions = xp.asarray(actions, dtype=np.float64)
+        if actions.shape != (self.num_envs, 2):
+            raise ValueError(f"actions must have shape ({self.num_envs}, 2), got {actions.shape}")
+        if self.pos is None:
+            raise RuntimeError("Call reset() before step().")
+        self.pos = self.pos + xp.clip(self.action_scale * actions, -NAV_MAX_SPEED, NAV_MAX_SPEED)
+        d = self.pos - self.goals
+        reward = -xp.sqrt((d * d).sum(axis=1))  # -||pos - goal||
+        terminated = (xp.abs(d) < NAV_TOLERANCE).all(axis=1)
+        self.steps += 1
+        truncated = self.steps >= self.max_episode_steps
+        obs = self.pos.astype(np.float32)
+        done = terminated | truncated
+        final_obs = obs.copy()
+        self.pos[done] = 0.0
+        obs[done] = 0.0
+        self.steps[done] = 0
+        return obs, reward.astype(np.float32), terminated, truncated, {"final_obs": final_obs, "_final_obs": done}
+
+
+def nav_envs(tasks, episodes):
+    """A VecNav2D holding `episodes` copies of each task's goal, task after task."""
+    return VecNav2D(repeat_tasks(tasks, episodes)["goal"])
+
+
+def nav2d_family():
+    """The MAML paper's 2D navigation: a Gaussian policy of 2D velocities, episodes of 100 steps."""
+    return TaskFamily("nav2d", sample_nav_tasks, nav_envs, obs_dim=2, horizon=NAV_MAX_EPISODE_STEPS, action_dim=2)
+
+
+# ============================================================================
+# II.1 Gradient-based meta-RL: MAML with policy-gradient inner steps (the MAML
+#      paper, sec. 5.3 and Algorithm 3), its outer step Adam on the exact
+#      meta-gradient (Part I's maml_grad) or TRPO; first-order MAML and Reptile
+#      on the same rollouts; beside them a policy pretrained on all tasks.
+# ============================================================================
+# TRPO, the MAML paper's outer step for meta-RL (sec. 5.3; Schulman et al. 2015,
+# "Trust Region Policy Optimization", sec. 6 and appendix C), on the meta-objective:
+#   minimise  L(theta)  = mean_t -sum_k w_k pi'_t(a_k|s_k) / pi_old,t(a_k|s_k)
+#   s.t.      KL(theta) = mean_t  sum_k m_k KL(pi_old,t(.|s_k) || pi'_t(.|s_k)) <= max_kl
+# over the query batch, with pi'_t the policy of theta'_t = adapt(theta) and
+# pi_old,t the adapted policy of the current theta, which sampled the query. There
+# grad L is MAML's meta-gradient g, and KL's Hessian is the meta-Fisher matrix
+#   F = mean_t J_t^T F_t J_t,   J_t = d theta'_t / d theta,   F_t = the Fisher of pi'_t,
+# a product of three exact ones: J v forwards through the inner update, F_t v by
+# the Gauss-Newton product, J^T backwards as in the meta-gradient. The step is
+# d = F^-1 g by conjugate gradient, scaled so that the quadratic model of the KL,
+# 1/2 d^T F d, equals max_kl, then shortened until L improves within the exact KL.
+class KLBatch(NamedTuple):
+    """Where TRPO measures the KL: the query's states, the sampling policies' outputs there, and the
+    weights of the mean over them (step_weights)."""
+    x: object  # (T, K, in)
+    old_out: object  # (T, K, n_out)
+    weights: object  # (T, K)
+
+
+def _meta_fisher(params, thetas, supports, at, loss, inner_lr, first_order, activation, damping=0.0):
     """v -> (F + damping I) v with F = mean_t J_t^T F_t J_t, the Hessian of the meta-KL at params
     (thetas: adapt's params of every inner step from params; supports: the batch of each inner step
-    (_step_batches); old_out: the adapted policies' outputs at the query states x_q). Per task:
-    J v forwards, the Gauss-Newton product, J^T backwards."""
+    (_step_batches); at: a KLBatch). Per task: J v forwards, the Gauss-Newton product, J^T backwards."""
     fisher = POLICY_KL[LOSS_POLICY[loss]][1]
     caches = [loss_and_grad(theta, batch, loss, activation)[2] for theta, batch in zip(thetas[:-1], supports)]
-    hs_q = mlp_forward(thetas[-1], x_q, activation)[1]
+    adaptation = Adaptation(thetas, caches, None)
+    hs_q = mlp_forward(thetas[-1], at.x, activation)[1]
     slopes_q = mlp_slopes(hs_q, activation)
-    m = kl_weights[..., None] / x_q.shape[0]  # the mean over tasks of the weighted sum over states
+    m = at.weights[..., None] / at.x.shape[0]  # the mean over tasks of the weighted sum over states
 
     def product(v):
-        u = v if first_order else _forward_inner(v, thetas, caches, supports, inner_lr, loss, activation)
-        u = mlp_gnvp(thetas[-1], hs_q, slopes_q, u, lambda r: m * fisher(old_out, r))  # F_t J_t v
+        u = v if first_order else _forward_inner(v, adaptation, supports, inner_lr, loss, activation)
+        u = mlp_gnvp(thetas[-1], hs_q, slopes_q, u, lambda r: m * fisher(at.old_out, r))  # F_t J_t v
         if not first_order:
-            u = _backprop_inner(u, thetas, caches, supports, inner_lr, loss, False, activation)[0]
+            u = _backprop_inner(u, adaptation, supports, inner_lr, loss, False, activation)[0]
         return [ui + damping * vi for ui, vi in zip(_sum_tasks(u, params), v)]
     return product
 
@@ -1248,22 +1616,23 @@ class TrustRegion:
     fisher_stride: int = 10  # the meta-Fisher on every fisher_stride-th sample (rllab's subsample_factor)
 
 
-def maml_trpo_step(params, support, query, kl_weights, loss="pg", inner_lr=0.1, inner_steps=1, first_order=False,
-                   activation="tanh", trust_region=TrustRegion(), **settings):
+def maml_trpo_step(params, support, query, kl_weights, loss="pg", inner_lr=0.1, first_order=False,
+                   activation="tanh", trust_region=TrustRegion()):
     """One TRPO step on MAML's meta-objective (the block above). Returns (new params, info).
 
-    support, query: batches as for maml_grad with a policy loss ("pg", "gauss", or their
-    "_lvc" forms for the inner step); the query was sampled by the adapted policies.
-    kl_weights (T, K_query): m_k, the weights of the KL's mean over the query's states
-    (step_weights). inner_steps=0 is plain TRPO. first_order drops J (J = I).
-    trust_region: a TrustRegion; settings, its fields by name, override it (max_kl=0.02).
-    The meta-Fisher is estimated on every fisher_stride-th sample, its weights scaled to
-    match; the line search uses every sample. info: {"kl", "improvement" (of L),
-    "step_fraction"}; where no step passes, params come back as they are with step_fraction 0."""
-    region = _check_trust_region(trust_region, settings)
-    support, query, kl_weights = _check_trpo_args(params, support, query, kl_weights, loss, inner_steps,
-                                                  activation, inner_lr)
-    inner_lr = float(inner_lr)
+    support: the batch of the one inner step, or a list of batches, one per inner step (the
+    j-th sampled by the policy after j steps; [] is plain TRPO); query: the batch the adapted
+    policies sampled. Batches as for maml_grad, with a policy loss ("pg", "gauss", or their
+    "_lvc" forms for the inner step). kl_weights (T, K_query): m_k, the weights of the KL's
+    mean over the query's states (step_weights). first_order drops J (J = I).
+    trust_region: a TrustRegion. The meta-Fisher is estimated on every fisher_stride-th sample,
+    its weights scaled to match; the line search uses every sample. info: {"kl", "improvement"
+    (of L), "step_fraction"}; where no step passes, params come back as they are with
+    step_fraction 0 (Schulman et al. 2015, appendix C; the MAML paper, sec. 5.3)."""
+    region = _check_trust_region(trust_region)
+    supports = support if _is_step_list(support) else [support]
+    supports, query, kl_weights = _check_trpo_args(params, supports, query, kl_weights, loss, activation, inner_lr)
+    inner_lr, inner_steps = float(inner_lr), len(supports)
     x_q, (actions, weights) = query[0], query[1][:2]
     T = x_q.shape[0]
     policy = LOSS_POLICY[loss]
@@ -1271,10 +1640,10 @@ def maml_trpo_step(params, support, query, kl_weights, loss="pg", inner_lr=0.1, 
     kl = POLICY_KL[policy][0]
 
     # g = MAML's meta-gradient, in _maml's three steps; the query's forward pass gives pi_old's outputs.
-    supports = _step_batches(support, inner_steps)
-    thetas, caches, _ = adapt(params, supports, loss, inner_lr, inner_steps, activation)
-    _, v, (old_out, _, _) = loss_and_grad(thetas[-1], query, loss, activation, scale=1.0 / T)  # old_out (T, K, n_out)
-    g = _sum_tasks(_backprop_inner(v, thetas, caches, supports, inner_lr, loss, first_order, activation)[0], params)
+    adaptation = adapt(params, supports, loss, inner_lr, inner_steps, activation)
+    _, v, cache = loss_and_grad(adaptation.params, query, loss, activation, scale=1.0 / T)
+    old_out = cache.out  # (T, K, n_out)
+    g = _sum_tasks(_backprop_inner(v, adaptation, supports, inner_lr, loss, first_order, activation)[0], params)
     target = (actions, weights, logp(old_out, actions))
     objective = lambda out: float(surrogate(out, target).sum()) / T  # L at the adapted policies of out
     mean_kl = lambda out: float((kl_weights * kl(old_out, out)).sum()) / T
@@ -1283,7 +1652,8 @@ def maml_trpo_step(params, support, query, kl_weights, loss="pg", inner_lr=0.1, 
     s = region.fisher_stride
     thin = lambda x, target: (x[:, ::s], (target[0][:, ::s], target[1][:, ::s] * s, *(r[:, ::s] for r in target[2:])))
     thin_support = [thin(*batch) for batch in supports]
-    fisher_vector = _meta_fisher(params, thetas, thin_support, x_q[:, ::s], old_out[:, ::s], kl_weights[:, ::s] * s,
+    fisher_vector = _meta_fisher(params, adaptation.thetas, thin_support,
+                                 KLBatch(x_q[:, ::s], old_out[:, ::s], kl_weights[:, ::s] * s),
                                  loss, inner_lr, first_order, activation, region.damping)
     direction = conjugate_gradient(fisher_vector, g, region.cg_iters)  # F^-1 g
     quadratic = _dot(direction, fisher_vector(direction))  # d^T F d
@@ -1300,14 +1670,10 @@ def maml_trpo_step(params, support, query, kl_weights, loss="pg", inner_lr=0.1, 
     return list(params), {"kl": 0.0, "improvement": 0.0, "step_fraction": 0.0}
 
 
-def _check_trust_region(trust_region, settings):
-    """The TrustRegion of maml_trpo_step, its fields overridden by settings, checked."""
-    fields = tuple(f.name for f in dataclasses.fields(TrustRegion))
-    unknown = set(settings) - set(fields)
-    if not isinstance(trust_region, TrustRegion) or unknown:
-        raise TypeError(f"trust_region must be a TrustRegion, and the other settings its fields {fields}; "
-                        f"got {sorted(unknown) or trust_region}")
-    region = dataclasses.replace(trust_region, **settings)
+def _check_trust_region(region):
+    """The TrustRegion of maml_trpo_step, checked."""
+    if not isinstance(region, TrustRegion):
+        raise TypeError(f"trust_region must be a TrustRegion, got {type(region).__name__}")
     for name in ("cg_iters", "max_backtracks", "fisher_stride"):
         _check_int_at_least(name, getattr(region, name), 1)
     for name in ("max_kl", "damping", "backtrack"):
@@ -1321,25 +1687,273 @@ def _check_trust_region(trust_region, settings):
     return region
 
 
-def _check_trpo_args(params, support, query, kl_weights, loss, inner_steps, activation, inner_lr):
-    """support, query and kl_weights of maml_trpo_step, checked and cast to the params' dtype."""
+def _check_trpo_args(params, supports, query, kl_weights, loss, activation, inner_lr):
+    """supports (a list of batches), query and kl_weights of maml_trpo_step, checked and cast to the params' dtype."""
     if loss not in LOSS_POLICY:
         raise ValueError(f"loss must be a policy loss, one of {tuple(LOSS_POLICY)}, got {loss!r}")
-    support, query = _check_meta_args(params, support, query, loss, inner_steps, activation, inner_lr)
+    support, query = _check_meta_args(params, supports, query, loss, len(supports), activation, inner_lr)
     kl_weights, weights = xp.asarray(kl_weights, dtype=params[0].dtype), query[1][1]
     if kl_weights.shape != weights.shape or not xp.isfinite(kl_weights).all() or (kl_weights < 0).any():
         raise ValueError(f"kl_weights must be finite and >= 0, of shape {weights.shape}, got {kl_weights.shape}")
     return support, query, kl_weights
 
 
+def _check_meta_rl_config(config):
+    """The settings of meta_rl_train, checked: each range, and the combinations that mean nothing."""
+    check_config(config)
+    if config.lvc and (config.algorithm != "maml" or config.first_order):
+        raise ValueError("--lvc changes only the second-order term: it needs --algorithm maml without --first-order")
+    if config.inner_steps > 1 and config.algorithm != "maml":
+        raise ValueError("--inner-steps above 1 is MAML's: it needs --algorithm maml")
+    if config.outer == "trpo" and config.algorithm != "maml":
+        raise ValueError("--outer trpo steps on MAML's meta-objective: it needs --algorithm maml")
+    if config.outer == "trpo" and not config.max_kl > 0:
+        raise ValueError(f"--max-kl must be > 0 with --outer trpo; got {config.max_kl!r}")
+
+
+def meta_rl_train(family, config, save=None, load=None):
+    """Meta-train (MAML or Reptile) and, on the same tasks with as many env
+    steps, the pretrained baseline (one policy trained on all tasks jointly).
+
+    Each iteration: sample meta_batch tasks; run fast_batch episodes of the
+    policy in each (support); take an inner policy-gradient step per task, and
+    again inner_steps - 1 times, each on fast_batch fresh episodes of the policy
+    it adapts; run fast_batch episodes of each adapted policy (query); step Adam
+    on the meta-gradient, or take a TRPO step (config.outer). family: a TaskFamily;
+    config: a MetaRLConfig; save, load: checkpoint paths. Returns (meta params, pretrained
+    params, extra), extra holding env_steps and the curve, rows [iteration, pre, post, pretrained]
+    of mean returns (Finn et al. 2017, Algorithm 3)."""
+    _check_meta_rl_config(config)
+    if config.algorithm not in ("maml", "reptile"):
+        raise ValueError(f"meta_rl_train trains --algorithm maml or reptile, not {config.algorithm}")
+    loss, act = family.loss, config.activation
+    if load:
+        start, rng, models, opts, extra = load_checkpoint(load, config)
+    else:
+        start, rng = 0, np.random.default_rng(config.seed)
+        init = init_policy(family, config, rng)
+        models = {"meta": init, "pretrained": [p.copy() for p in init]}
+        opts = {k: adam_init(p) for k, p in models.items()} if config.outer == "adam" else {}
+        extra = {"env_steps": 0, "curve": []}  # curve: [iteration, pre, post, pretrained] per progress line
+    T = config.meta_batch
+    roll = lambda params, env: rollout(params, env, T, rng, family.horizon, family.policy, act)
+    batch = lambda episodes: pg_batch(episodes, config.gamma, config.gae_lambda)
+    mean_return = lambda episodes: float(episode_returns(episodes).mean())
+    progress = Progress(config.iterations, start)
+
+    def adam(name, grads):
+        models[name], opts[name] = adam_step(models[name], grads, opts[name], config.meta_lr)
+
+    window = []
+    for it in range(start, config.iterations):
+        tasks = family.sample_tasks(rng, T)
+        env = family.make_env(tasks, config.fast_batch)
+        # The inner steps, each on fresh episodes of the policy it adapts: policies[j] sampled supports[j].
+        policies, supports, rollouts = [models["meta"]], [], []
+        for _ in range(config.inner_steps):
+            rollouts.append(roll(policies[-1], env))
+            supports.append(batch(rollouts[-1]))
+            policies.append(adapt(policies[-1], supports[-1], loss, config.inner_lr, 1, act).params)
+        pre, post = rollouts[0], roll(policies[-1], env)
+        query = batch(post)
+        meta_loss, meta_support, meta_query = loss, supports, query
+        if config.lvc:  # each batch with its actions' log-probabilities under the policy that sampled it
+            meta_loss = loss + "_lvc"
+            meta_support = [with_old_logp(p, b, family.policy, act) for p, b in zip(policies, supports)]
+            meta_query = with_old_logp(policies[-1], query, family.policy, act)
+        if config.algorithm == "reptile":
+            adam("meta", reptile_grad(models["meta"], supports[0], query, loss, config.inner_lr, config.reptile_steps,
+                                      act)[1])
+        elif config.outer == "trpo":
+            models["meta"] = maml_trpo_step(models["meta"], meta_support, meta_query, step_weights(post), meta_loss,
+                                            config.inner_lr, config.first_order, act, TrustRegion(config.max_kl))[0]
+        else:
+            adam("meta", maml_grad(models["meta"], meta_support, meta_query, meta_loss, config.inner_lr,
+                                   config.inner_steps, config.first_order, act)[1])
+        # The baseline: as many episodes per task, (inner_steps + 1) * fast_batch, and a plain
+        # policy-gradient (or TRPO) step on all of them.
+        joint = roll(models["pretrained"], family.make_env(tasks, (config.inner_steps + 1) * config.fast_batch))
+        both = batch(joint)
+        if config.outer == "trpo":  # plain TRPO: no inner step
+            models["pretrained"] = maml_trpo_step(models["pretrained"], [], both, step_weights(joint), loss,
+                                                  activation=act, trust_region=TrustRegion(config.max_kl))[0]
+        else:
+            adam("pretrained", maml_grad(models["pretrained"], both, both, loss, inner_steps=0, activation=act)[1])
+        extra["env_steps"] += int(sum(e["mask"].sum() for e in rollouts + [post, joint]))
+        window.append((mean_return(pre), mean_return(post), mean_return(joint)))
+        if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
+            pre_r, post_r, joint_r = np.mean(window, axis=0)
+            progress(it + 1, pre_return=pre_r, post_return=post_r, pretrained_return=joint_r)
+            extra["curve"].append([it + 1, pre_r, post_r, joint_r])
+            window = []
+            if save:
+                save_checkpoint(save, config, it + 1, rng, models, opts, extra)
+    return models["meta"], models["pretrained"], extra
+
+
+def meta_rl_evaluate(params, family, config, tasks, rng, inner_lr, later_lr=None):
+    """Each task's mean return after 0, 1, 2, 3 inner policy-gradient steps,
+    the first of inner_lr and the others of later_lr (default: inner_lr), each
+    step on fresh episodes of the current policy (which also give the return
+    at that step): eval_batch of them, or as many as eval_batch envs finish in
+    eval_min_steps steps (rollout_min_steps). tasks: the family's, a dict of
+    per-task arrays. Returns {steps: (n_tasks,) returns}."""
+    later_lr = inner_lr if later_lr is None else later_lr
+    act = config.activation
+    env = family.make_env(tasks, config.eval_batch)
+    n_tasks = env.num_envs // config.eval_batch
+    result = {}
+    for s in RL_EVAL_STEPS:
+        episodes = (rollout_min_steps(params, env, n_tasks, rng, config.eval_min_steps, family.horizon,
+                                      family.policy, act) if config.eval_min_steps else
+                    rollout(params, env, n_tasks, rng, family.horizon, family.policy, act))
+        result[str(s)] = mean_returns(episodes)
+        if s < max(RL_EVAL_STEPS):
+            batch = pg_batch(episodes, config.gamma, config.gae_lambda)
+            params = adapt(params, batch, family.loss, later_lr if s else inner_lr, 1, act).params
+    return result
+
+
+@dataclasses.dataclass
+class MetaRLConfig:
+    """Gradient-based meta-RL's settings, for any TaskFamily; the defaults are CartPole's."""
+    command: ClassVar[str] = "meta-rl"
+    iterations: int = hparam(100, "meta-training iterations (the total, also when resuming)", 1)
+    meta_batch: int = hparam(20, "tasks per meta-iteration", 1)
+    fast_batch: int = hparam(20, "episodes per task for each inner step and for the outer step", 1)
+    inner_lr: float = hparam(0.5, "alpha: step size of the inner policy-gradient step", 0.0)
+    inner_steps: int = hparam(1, "inner policy-gradient steps in meta-training, each on fast_batch fresh episodes "
+                              "of the policy it adapts (the paper's 1; the authors' code: num_grad_updates)", 1, 5)
+    meta_lr: float = hparam(0.01, "beta: Adam step size of the outer loop", 0.0)
+    hidden: int = hparam(32, "units in each of the two hidden layers of the policy", 1)
+    activation: str = hparam("tanh", "the policy's hidden layers' activation", choices=tuple(ACTIVATIONS))
+    init_out_scale: float = hparam(1.0, "factor on the policy's last-layer weights at initialisation (init_mlp's "
+                                   "scale times this)", 0.0, 1.0)
+    init_log_std: float = hparam(0.0, "Gaussian policies only: the log-std at initialisation (rllab's 0)", -5.0, 2.0)
+    gamma: float = hparam(0.99, "discount of the returns-to-go", 0.0, 1.0)
+    gae_lambda: float = hparam(1.0, "GAE lambda; 1 is returns minus the baseline, as in the paper", 0.0, 1.0)
+    algorithm: str = hparam("maml", "the meta-learner, on the same rollouts", choices=("maml", "reptile"))
+    first_order: bool = hparam(False, "first-order MAML: drop the second-order term")
+    lvc: bool = hparam(False, "second-order MAML only: ProMP's LVC surrogate for the inner step, whose Hessian "
+                       "keeps the term of the pre-update sampling distribution")
+    reptile_steps: int = hparam(3, "Reptile only: SGD steps on each task's pre- and post-update episodes", 1, 20)
+    outer: str = hparam("adam", "MAML's outer step: Adam on the meta-gradient (meta_lr), or TRPO on the meta-objective "
+                        "(max_kl), as in the MAML paper; the pretrained baseline takes the same", choices=("adam", "trpo"))
+    max_kl: float = hparam(0.01, "TRPO only: the trust region, the mean KL of the adapted policies per step (the "
+                           "paper's 0.01)", 0.0)
+    eval_tasks: int = hparam(40, "held-out tasks for the final evaluation", 2)
+    val_tasks: int = hparam(20, "validation tasks, apart from the training and held-out ones, on which each model's "
+                            "test-time step sizes are chosen", 1)
+    eval_batch: int = hparam(20, "episodes per task for each test-time step (held-out and validation tasks)", 1)
+    eval_min_steps: int = hparam(0, "0: each test-time step samples eval_batch episodes per task; N > 0: as the "
+                                 "authors' test script (rllab's sampler), the eval_batch envs of a task restart "
+                                 "until its finished episodes hold N steps, and the return is their mean", 0)
+    seed: int = hparam(0, "seed of every random draw", 0)
+    log_every: int = hparam(5, "iterations between progress lines and checkpoints", 1)
+
+
+# Test-time step sizes, each chosen on validation tasks. The baselines adapt with the best of
+# RL_BASELINE_LRS at every step. MAML's first step is its trained inner_lr; its later steps use
+# the best of these fractions of it (the authors' test script halves it after the first step:
+# with advantages normalised, a step's size does not shrink as the policy nears the optimum).
+RL_BASELINE_LRS = (0.1, 0.3, 1.0, 3.0)
+RL_LATER_LR_FRACTIONS = (1.0, 0.5, 0.25)
+
+
+def plot_meta_rl(plt, path, title, curve, results):
+    """The meta-training curve and the adaptation bars (mean and 95% CI per step), as a PNG."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    curve = np.asarray(curve)
+    for col, label in ((1, "MAML, before adaptation"), (2, "MAML, after adaptation"), (3, "pretrained")):
+        left.plot(curve[:, 0], curve[:, col], label=label)
+    left.set(xlabel="meta-iteration", ylabel="mean return", title="meta-training")
+    left.legend()
+    width = 0.8 / len(results)
+    for i, (label, steps) in enumerate(results.items()):
+        means, cis = zip(*steps.values())
+        right.bar(np.arange(len(steps)) + i * width, means, width, yerr=cis, capsize=3, label=label)
+    right.set(xticks=np.arange(len(RL_EVAL_STEPS)) + width * (len(results) - 1) / 2, xticklabels=RL_EVAL_STEPS,
+              xlabel="inner policy-gradient steps on the held-out task", ylabel="mean return",
+              title="adaptation on held-out tasks")
+    right.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+def run_meta_rl(family, config, json_path=None, save=None, load=None, plot=None, paper=None):
+    """Meta-train on a TaskFamily, then the return on held-out tasks after 0-3 policy-gradient
+    steps of the meta-learned policy, of one pretrained on all tasks and of a random one, each
+    with test-time step sizes chosen on validation tasks; a table, the JSON and the plot.
+    paper: {steps: return} to print beside ours."""
+    _check_meta_rl_config(config)
+    plt = _check_plot(plot)
+    t0 = time.perf_counter()
+    problem = family.name
+    name = (f"{'first-order ' if config.first_order else ''}MAML{'+LVC' if config.lvc else ''}"
+            f"{'-TRPO' if config.outer == 'trpo' else ''}" if config.algorithm == "maml" else "Reptile")
+    print(f"{problem}: {name}, {config.iterations} iterations x {config.meta_batch} tasks x {config.fast_batch} "
+          f"episodes, seed {config.seed}")
+    meta, pretrained, extra = meta_rl_train(family, config, save, load)
+    # Held-out tasks, validation tasks and the random init: streams of their own, untouched by resuming.
+    tasks = family.sample_tasks(stream(config.seed, HELD_OUT_TASKS), config.eval_tasks)
+    validation = family.sample_tasks(stream(config.seed, VALIDATION_TASKS), config.val_tasks)
+    random_init = init_policy(family, config, stream(config.seed, RANDOM_INIT))
+
+    def tuned(params, step_sizes, first=None):
+        """The step size with the best mean validation return after steps 1-3; with `first`
+        given, the size of the later steps, after a first step of `first` (scored on steps 2-3)."""
+        scored = ("1", "2", "3") if first is None else ("2", "3")
+        score = lambda lr, rng: -np.mean([float(r.mean()) for s, r in meta_rl_evaluate(
+            params, family, config, validation, rng, lr if first is None else first, lr).items() if s in scored])
+        return best_step_size(score, step_sizes, stream(config.seed, VALIDATION_DRAWS))
+
+    models = {name: (meta, config.inner_lr, tuned(meta, [f * config.inner_lr for f in RL_LATER_LR_FRACTIONS],
+                                                  config.inner_lr))}
+    for label, params in (("pretrained", pretrained), ("random init", random_init)):
+        lr = tuned(params, RL_BASELINE_LRS)
+        models[label] = (params, lr, lr)
+    results = {label: {s: mean_ci95(r) for s, r in meta_rl_evaluate(
+        params, family, config, tasks, stream(config.seed, HELD_OUT_DRAWS), first, later).items()}
+        for label, (params, first, later) in models.items()}
+    seconds = time.perf_counter() - t0
+
+    per_step = (f"{config.eval_min_steps} env steps ({config.eval_batch} envs)" if config.eval_min_steps else
+                f"{config.eval_batch} episodes")
+    print(f"\n{problem}: mean return on {config.eval_tasks} held-out tasks (+- 95% CI) after k policy-gradient "
+          f"steps of {per_step} each; seed {config.seed}")
+    step_sizes = lambda first, later: f"lr {first}" + (f", then {later:g}" if later != first else "")
+    print(f"{'steps':>5}" + "".join(f"  {f'{label} ({step_sizes(*models[label][1:])})':>26}" for label in results)
+          + ("  MAML (paper)" if paper else ""))
+    for s in map(str, RL_EVAL_STEPS):
+        print(f"{s:>5}" + "".join(f"  {results[label][s][0]:16.2f} +- {results[label][s][1]:6.2f}" for label in results)
+              + (f"  {paper[s]:12.2f}" if paper else ""))
+    print(f"({extra['env_steps']:,} training env steps; {seconds:.0f} s)")
+    ours, base, rand = (results[k] for k in (name, "pretrained", "random init"))
+    result = {}
+    result["return"], result["return_ci95"] = means_and_cis(ours)
+    result["pretrained_return"], result["pretrained_return_ci95"] = means_and_cis(base)
+    result["random_init_return"], result["random_init_return_ci95"] = means_and_cis(rand)
+    result.update(adaptation="policy-gradient steps",
+                  baseline_lr={"pretrained": models["pretrained"][1], "random init": models["random init"][1]},
+                  later_lr=models[name][2],
+                  env_steps=extra["env_steps"], seconds=seconds, config=dataclasses.asdict(config))
+    if json_path:
+        write_json(json_path, result)
+    if plt is not None:
+        plot_meta_rl(plt, plot, f"{problem}: {name}, seed {config.seed}", extra["curve"], results)
+        print(f"plot written to {plot}")
+    return result
+
+
 # ============================================================================
-# 3. The other families of meta-learning: memory, a recurrent policy whose
-#    hidden state carries what it has learned of the task (RL^2), and
-#    evolution, a search that never backpropagates through adaptation (ES-MAML).
+# II.2 Memory-based meta-RL: RL^2 (Duan et al. 2016, "RL^2: Fast reinforcement
+#      learning via slow reinforcement learning"). A recurrent policy whose
+#      hidden state carries what it has learned of the task: the GRU's memory
+#      is the learner, and nothing is learned at test time.
 # ============================================================================
-# ----------------------------------------------------------------------------
-# 3.1 A GRU (Cho et al. 2014) with backprop through time, batched over sequences.
-# ----------------------------------------------------------------------------
+# The GRU (Cho et al. 2014), with backprop through time, batched over sequences.
 # Params [Wx (in, 3H), Wh (H, 3H), b (3H,), Wo (H, n_out), bo (n_out,)], the three gates side by side [z, r, n]:
 #   z_t = sigmoid(x_t Wx_z + h_{t-1} Wh_z + b_z)              update gate
 #   r_t = sigmoid(x_t Wx_r + h_{t-1} Wh_r + b_r)              reset gate
@@ -1363,7 +1977,8 @@ def sigmoid(z):
 def gru_step(params, a, h):
     """One step of every sequence: a = x_t Wx + b (N, 3H), h = h_{t-1} (N, H) -> h_t and the gates
     (z, r, n, h_{t-1} Wh_n) that the backward pass needs."""
-    Wh, H = params[1], h.shape[-1]
+    _, Wh, _, _, _ = params
+    H = h.shape[-1]
     g = h @ Wh  # (N, 3H)
     z = sigmoid(a[:, :H] + g[:, :H])
     r = sigmoid(a[:, H:2 * H] + g[:, H:2 * H])
@@ -1408,10 +2023,7 @@ def gru_backward(params, x, cache, d_out):
     return grads, dh, d_a @ _T(Wx)
 
 
-# ----------------------------------------------------------------------------
-# 3.2 RL^2 (Duan et al. 2016, "RL^2: Fast reinforcement learning via slow
-#     reinforcement learning"): the GRU's memory is the task's learner.
-# ----------------------------------------------------------------------------
+# RL^2's trials.
 # Each env runs one trial: `episodes` episodes of its task, the env restarting itself between
 # them and the hidden state carried across (reset only where the trial starts). The input at each
 # step is [observation, previous action one-hot, previous reward, done], the last three 0 where
@@ -1432,9 +2044,10 @@ def rollout_trials(params, env, rng, episodes, max_steps, obs_scale=1.0, n_actio
     outputs are the action logits (None: all of them; rl2_step's task logit comes after them)."""
     _check_rng(rng)
     _check_int_at_least("episodes", episodes, 1)
-    N, H = env.num_envs, params[1].shape[0]
-    n_actions = n_actions or params[-1].shape[-1]
-    dtype = params[0].dtype
+    Wx, Wh, b, Wo, bo = params
+    N, H = env.num_envs, Wh.shape[0]
+    n_actions = n_actions or bo.shape[-1]
+    dtype = Wx.dtype
     obs, _ = env.reset(seed=int(rng.integers(2 ** 63)))
     draws = device_rng(rng)
     h, action, reward = xp.zeros((N, H), dtype), xp.zeros(N, dtype=np.int64), xp.zeros(N, dtype)
@@ -1444,8 +2057,8 @@ def rollout_trials(params, env, rng, episodes, max_steps, obs_scale=1.0, n_actio
         if len(steps) == max_steps:
             raise ValueError(f"a trial of {episodes} episodes ran past max_steps ({max_steps})")
         x = rl2_inputs(obs / scale, action, reward, done, n_actions).astype(dtype)
-        h, _ = gru_step(params, x @ params[0] + params[2], h)
-        action = sample_actions((h @ params[3] + params[4])[:, :n_actions], draws)  # (N,)
+        h, _ = gru_step(params, x @ Wx + b, h)
+        action = sample_actions((h @ Wo + bo)[:, :n_actions], draws)  # (N,)
         obs, reward, terminated, truncated, _ = env.step(action)
         reward, done = reward.astype(dtype), terminated | truncated
         steps.append((x, action, reward, finished))
@@ -1495,43 +2108,150 @@ def rl2_loss(out, actions, advantages, old_logp, weights, clip=0.2, entropy=0.0,
     return loss, xp.concatenate([d_logits, d_task[..., None]], axis=-1)
 
 
-def rl2_step(params, state, trials, lr, rng, gamma=0.99, lam=0.95, clip=0.2, epochs=4, minibatches=4, entropy=0.0,
-             max_norm=None, task_labels=None, task_loss=0.0):
+@dataclasses.dataclass(frozen=True)
+class PPO:
+    """PPO's settings for RL^2 (Schulman et al. 2017; CleanRL's defaults where the paper gives none)."""
+    lr: float = 2e-3  # Adam's step size
+    gamma: float = 0.99  # discount
+    lam: float = 0.95  # GAE lambda over each whole trial
+    clip: float = 0.2  # the clip of the probability ratio
+    epochs: int = 4  # passes over each batch of trials
+    minibatches: int = 4  # groups of trials per pass, an Adam step each
+    entropy: float = 0.0  # the weight of the policy's entropy
+    max_norm: Optional[float] = None  # the gradient's norm clipped to this (None or 0: no clip)
+    task_loss: float = 0.0  # the weight of the task-inference loss (rl2_loss)
+
+
+def rl2_step(params, state, trials, ppo, rng, task_labels=None):
     """PPO on a batch of trials: advantages by GAE(lam) over each whole trial (episodes inside it are
     steps of one meta-episode, as in RL^2), from the linear feature baseline fit to all trials, then
     normalised; then `epochs` passes over the trials in `minibatches` random groups, an Adam step on
-    rl2_loss for each, a forward pass and BPTT over the group's trials. With task_labels (N,), the
-    GRU's last output is their logit (rl2_loss). Returns the new params and Adam state."""
+    rl2_loss for each, a forward pass and BPTT over the group's trials. ppo: a PPO of settings. With
+    task_labels (N,), the GRU's last output is their logit (rl2_loss). Returns the new params and
+    Adam state."""
     x, mask, rewards = trials["x"], trials["mask"], trials["rewards"]
-    n_actions = params[-1].shape[-1] - (task_labels is not None)
+    Wx, Wh, b, Wo, bo = params
+    n_actions = bo.shape[-1] - (task_labels is not None)
     obs = x[..., :x.shape[-1] - n_actions - 2][None]  # (1, N, K, obs): one pooled fit, trials its episodes
-    returns = discounted_returns(rewards[None], gamma)
-    adv = advantages(rewards[None], fit_baseline(obs, returns, mask[None]), mask[None], gamma, lam)[0]
+    returns = discounted_returns(rewards[None], ppo.gamma)
+    adv = advantages(rewards[None], fit_baseline(obs, returns, mask[None]), mask[None], ppo.gamma, ppo.lam)[0]
     n = mask.sum()
     mean = (adv * mask).sum() / n
     adv = (adv - mean) / (xp.sqrt((((adv - mean) * mask) ** 2).sum() / n) + 1e-8)
     adv, N = adv.astype(x.dtype), x.shape[0]
-    h0 = xp.zeros((N, params[1].shape[0]), x.dtype)
+    h0 = xp.zeros((N, Wh.shape[0]), x.dtype)
     old_logp = categorical_logp(gru_forward(params, x, h0)[0][..., :n_actions], trials["actions"])
-    for _ in range(epochs):
-        for group in np.array_split(rng.permutation(N), minibatches):
+    for _ in range(ppo.epochs):
+        for group in np.array_split(rng.permutation(N), ppo.minibatches):
             g = xp.asarray(group)
             weights = (mask[g] / mask[g].sum()).astype(x.dtype)  # the mean over the group's steps
             out, cache = gru_forward(params, x[g], h0[g])
-            _, d_out = rl2_loss(out, trials["actions"][g], adv[g], old_logp[g], weights, clip, entropy,
-                                None if task_labels is None else task_labels[g], task_loss)
+            _, d_out = rl2_loss(out, trials["actions"][g], adv[g], old_logp[g], weights, ppo.clip, ppo.entropy,
+                                None if task_labels is None else task_labels[g], ppo.task_loss)
             grads = gru_backward(params, x[g], cache, d_out.astype(x.dtype))[0]
-            if max_norm:  # the gradient's norm clipped, as PPO implementations do
+            if ppo.max_norm:  # the gradient's norm clipped, as PPO implementations do
                 norm = math.sqrt(_dot(grads, grads))
-                grads = [gi * min(1.0, max_norm / (norm + 1e-12)) for gi in grads]
-            params, state = adam_step(params, grads, state, lr)
+                grads = [gi * min(1.0, ppo.max_norm / (norm + 1e-12)) for gi in grads]
+            params, state = adam_step(params, grads, state, ppo.lr)
     return params, state
 
 
-# ----------------------------------------------------------------------------
-# 3.3 ES-MAML (Song et al. 2020, "ES-MAML: Simple Hessian-free meta learning"):
-#     evolution strategies on the meta-objective, with a zero-order adaptation.
-# ----------------------------------------------------------------------------
+def rl2_task_loss(family, config):
+    """The weight of the task-inference loss: config.rl2_task_loss, or 0 where the family has no task_label."""
+    return config.rl2_task_loss if family.task_label is not None else 0.0
+
+
+def rl2_init(family, config, rng):
+    """The GRU of RL^2 on a family: inputs [observation, previous action one-hot, previous reward, done],
+    outputs the action logits and, where the task-inference loss is on, the task logit."""
+    n_in = family.obs_dim + family.n_actions + 2
+    return init_gru(n_in, config.hidden, family.n_actions + (rl2_task_loss(family, config) > 0), rng)
+
+
+def _check_rl2_family(family):
+    if family.n_actions is None:
+        raise ValueError(f"RL^2 here has a categorical policy: the family {family.name!r} has continuous actions "
+                         f"(action_dim={family.action_dim}), and needs n_actions")
+
+
+def rl2_train(family, config, save=None, load=None):
+    """RL^2 on a TaskFamily with n_actions: each iteration, rl2_trials trials of trial_episodes episodes on each
+    of meta_batch new tasks, then PPO (rl2_step). config: an RL2Config; save, load: checkpoint paths.
+    Returns (params [Wx, Wh, b, Wo, bo], extra: env_steps and the curve, rows [iteration, mean return of
+    the trials' first episode, of their second])."""
+    check_config(config)
+    _check_rl2_family(family)
+    task_loss = rl2_task_loss(family, config)
+    if config.rl2_task_loss and not task_loss:
+        print(f"rl2: the family {family.name!r} has no task_label, so the task-inference loss is off")
+    if load:
+        start, rng, models, opts, extra = load_checkpoint(load, config)
+    else:
+        start, rng = 0, np.random.default_rng(config.seed)
+        Wx, Wh, b, Wo, bo = rl2_init(family, config, rng)
+        models = {"meta": [Wx, Wh, b, Wo * config.init_out_scale, bo]}
+        opts, extra = {"meta": adam_init(models["meta"])}, {"env_steps": 0, "curve": []}
+    ppo = PPO(config.rl2_lr, config.gamma, config.ppo_lambda, config.ppo_clip, config.ppo_epochs,
+              config.ppo_minibatches, config.ppo_entropy, config.ppo_max_norm, task_loss)
+    progress, window = Progress(config.iterations, start), []
+    for it in range(start, config.iterations):
+        tasks = family.sample_tasks(rng, config.meta_batch)
+        trials = rollout_trials(models["meta"], family.make_env(tasks, config.rl2_trials), rng, config.trial_episodes,
+                                family.horizon * config.trial_episodes, family.obs_scale, family.n_actions)
+        labels = None
+        if task_loss:  # each trial's task's label, as make_env lays the trials out
+            labels = np.repeat(np.asarray(family.task_label(tasks)), config.rl2_trials)
+            labels = xp.asarray(labels.astype(models["meta"][0].dtype))
+        with np.errstate(over="ignore", invalid="ignore"):  # a diverging step is caught just below, in one line
+            models["meta"], opts["meta"] = rl2_step(models["meta"], opts["meta"], trials, ppo, rng, labels)
+        _check_finite_policy(models["meta"], it + 1, "--rl2-lr")
+        extra["env_steps"] += int(trials["mask"].sum())
+        window.append(to_host(trial_returns(trials, config.trial_episodes).mean(axis=0))[:2])
+        if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
+            first, second = np.mean(window, axis=0) if config.trial_episodes > 1 else (np.mean(window), np.nan)
+            progress(it + 1, episode_1_return=first, episode_2_return=second)
+            extra["curve"].append([it + 1, float(first), float(second)])
+            window = []
+            if save:
+                save_checkpoint(save, config, it + 1, rng, models, opts, extra)
+    return models["meta"], extra
+
+
+def rl2_evaluate(params, family, config, tasks, rng):
+    """Each task's mean return in episodes 1-4 of its trials (eval_batch trials per task, of max(4, trial_episodes)
+    episodes): {"0": (n_tasks,), ..., "3": ...}, "k" the (k + 1)-th episode, whose hidden state has seen k."""
+    episodes = max(4, config.trial_episodes)
+    env = family.make_env(tasks, config.eval_batch)
+    trials = rollout_trials(params, env, rng, episodes, family.horizon * episodes, family.obs_scale, family.n_actions)
+    returns = trial_returns(trials, episodes).reshape(-1, config.eval_batch, episodes).mean(axis=1)
+    return {str(k): returns[:, k] for k in RL_EVAL_STEPS}
+
+
+@dataclasses.dataclass
+class RL2Config(MetaRLConfig):
+    """RL^2's settings, for any TaskFamily with n_actions: MetaRLConfig's shared ones (iterations,
+    meta_batch, hidden, gamma, the evaluation's), and PPO's."""
+    command: ClassVar[str] = "rl2"
+    trial_episodes: int = hparam(2, "RL^2 only: episodes per trial in training, the GRU's hidden state carried across "
+                                 "them (evaluation: trials of max(4, this))", 1, 10)
+    rl2_trials: int = hparam(5, "RL^2 only: trials per task in each iteration", 1)
+    rl2_lr: float = hparam(2e-3, "RL^2 only: Adam step size of PPO", 0.0)
+    rl2_task_loss: float = hparam(1.0, "RL^2 only: weight of the task-inference loss, a GRU output trained to tell "
+                                  "whether the actuator is reversed, so that the memory finds it out in the first "
+                                  "episode (the label is used in training only; 0: plain RL^2)", 0.0)
+    ppo_epochs: int = hparam(4, "RL^2 only: PPO's passes over each batch of trials", 1)
+    ppo_minibatches: int = hparam(4, "RL^2 only: groups of trials per pass, an Adam step each", 1)
+    ppo_clip: float = hparam(0.2, "RL^2 only: PPO's clip of the probability ratio", 0.0, 1.0)
+    ppo_lambda: float = hparam(0.95, "RL^2 only: GAE lambda over each whole trial", 0.0, 1.0)
+    ppo_entropy: float = hparam(0.01, "RL^2 only: weight of the policy's entropy in PPO's loss", 0.0)
+    ppo_max_norm: float = hparam(0.5, "RL^2 only: the gradient's norm is clipped to this (0: no clip)", 0.0)
+
+
+# ============================================================================
+# II.3 Evolutionary meta-RL: ES-MAML (Song et al. 2020, "ES-MAML: Simple
+#      Hessian-free meta learning"): evolution strategies on the
+#      meta-objective, with a zero-order adaptation.
+# ============================================================================
 # The meta-objective is J(theta) = E_task f(U(theta, task)): f the mean return of a policy, U an
 # adaptation operator that only evaluates policies. Its Gaussian smoothing is estimated by
 # antithetic pairs theta +- sigma eps_i (Salimans et al. 2017), each candidate's fitness its return
@@ -1560,15 +2280,15 @@ def perturbed(params, noise, sigma):
     return [xp.concatenate([p + sigma * eps, p - sigma * eps]) for p, eps in zip(params, noise)]
 
 
-def policy_returns(params, tasks, episodes, rng, horizon, make_env):
-    """The mean return of each policy (params with a leading axis P) on its task (tasks: physics of P
-    tasks), over `episodes` episodes each: (P,), and the env steps taken."""
+def policy_returns(params, family, tasks, episodes, rng, activation="tanh"):
+    """The mean return of each policy (params with a leading axis P) on its task (tasks: P tasks of the
+    family), over `episodes` episodes each: (P,), and the env steps taken."""
     P = params[0].shape[0]
-    batch = rollout(params, make_env(tasks, episodes), P, rng, horizon)
+    batch = rollout(params, family.make_env(tasks, episodes), P, rng, family.horizon, family.policy, activation)
     return mean_returns(batch), int(batch["mask"].sum())
 
 
-def hill_climb(params, tasks, rng, perturbations, sigma, episodes, horizon, make_env, only_last=None):
+def hill_climb(params, family, tasks, rng, perturbations, sigma, episodes, only_last=None, activation="tanh"):
     """One round of ES-MAML's hill-climbing adaptation: per policy (leading axis P) and its task, the best
     by return of the policy itself and `perturbations` Gaussian perturbations of it (sigma each), of its
     last `only_last` param arrays (None: all of them). Returns the chosen params (P, ...) and the env steps."""
@@ -1577,16 +2297,137 @@ def hill_climb(params, tasks, rng, perturbations, sigma, episodes, horizon, make
     candidates = [xp.broadcast_to(p, (perturbations + 1,) + p.shape) for p in params[:first]] + [
         xp.concatenate([p[None], p[None] + sigma * eps]) for p, eps in zip(params[first:], noise)]
     candidates = [c.reshape((-1,) + c.shape[2:]) for c in candidates]  # (1 + perturbations) P policies, in turn
-    each = {k: np.tile(v, perturbations + 1) for k, v in tasks.items()}  # physics stay on the host
-    returns, steps = policy_returns(candidates, each, episodes, rng, horizon, make_env)
+    each = tile_tasks(tasks, perturbations + 1)  # the tasks stay on the host
+    returns, steps = policy_returns(candidates, family, each, episodes, rng, activation)
     best = returns.reshape(perturbations + 1, P).argmax(axis=0)  # (P,)
     return [c.reshape((perturbations + 1, P) + c.shape[1:])[best, xp.arange(P)] for c in candidates], steps
 
 
+HEAD = 2  # the policy's head, its last layer: the last two arrays [W, b] of an MLP's params
+
+
+def es_init(family, config, rng):
+    """The params ES-MAML meta-learns: the policy's, less its head where adaptation changes that alone."""
+    params = init_policy(family, config, rng)
+    return params[:-HEAD] if config.es_adapt_params == "head" else params
+
+
+def es_policies(meta, family, config):
+    """The policies ES-MAML adapts, per policy (leading axis P): the meta-learned params, and, where adaptation
+    changes the head alone, a head of zeros, so that every task starts from the same policy (uniform, or a
+    Gaussian of mean 0 and log-std 0)."""
+    if config.es_adapt_params == "all":
+        return meta
+    P, H, dtype = meta[0].shape[0], meta[-2].shape[-1], meta[0].dtype  # H: the width of the last hidden layer
+    return meta + [xp.zeros((P, H, family.n_out - family.bias_outputs), dtype), xp.zeros((P, family.n_out), dtype)]
+
+
+def es_adapt(params, family, config, tasks, rng):
+    """ES-MAML's adaptation operator, on per-policy params (leading axis P) and their tasks: es_adapt_rounds
+    rounds of hill climbing (zero-order), or MAML's policy-gradient step; of the head alone where
+    es_adapt_params is "head". Returns the adapted params and the env steps taken."""
+    head = config.es_adapt_params == "head"
+    if config.es_adaptation == "hill":
+        steps = 0
+        for _ in range(config.es_adapt_rounds):
+            params, taken = hill_climb(params, family, tasks, rng, config.es_perturbations, config.es_adapt_sigma,
+                                       config.es_episodes, HEAD if head else None, config.activation)
+            steps += taken
+        return params, steps
+    P = params[0].shape[0]
+    episodes = rollout(params, family.make_env(tasks, config.es_episodes), P, rng, family.horizon, family.policy,
+                       config.activation)
+    adapted = adapt(params, pg_batch(episodes, config.gamma, config.gae_lambda), family.loss, config.inner_lr, 1,
+                    config.activation).params
+    return (params[:-HEAD] + adapted[-HEAD:] if head else adapted), int(episodes["mask"].sum())
+
+
+def es_train(family, config, save=None, load=None):
+    """ES-MAML on a TaskFamily: each generation, es_population antithetic pairs of candidates, each adapted
+    (es_adapt) and evaluated on the same es_tasks new tasks; fitness, the mean return after adaptation,
+    ranked; an Adam step up the ES gradient. config: an ESConfig; save, load: checkpoint paths. Returns
+    (params, less the head where es_adapt_params is "head"; extra: env_steps and the curve, rows
+    [iteration, mean return before adaptation, after it])."""
+    check_config(config)
+    if load:
+        start, rng, models, opts, extra = load_checkpoint(load, config)
+    else:
+        start, rng = 0, np.random.default_rng(config.seed)
+        models = {"meta": es_init(family, config, rng)}
+        opts, extra = {"meta": adam_init(models["meta"])}, {"env_steps": 0, "curve": []}
+    progress, window = Progress(config.iterations, start), []
+    n, m = config.es_population, config.es_tasks
+    returns = lambda policies, tasks: policy_returns(policies, family, tasks, config.es_episodes, rng,
+                                                     config.activation)
+    for it in range(start, config.iterations):
+        tasks = family.sample_tasks(rng, m)
+        noise = [xp.asarray(rng.standard_normal((n,) + p.shape).astype(p.dtype)) for p in models["meta"]]
+        policies = es_policies([xp.repeat(c, m, axis=0) for c in perturbed(models["meta"], noise, config.es_sigma)],
+                               family, config)  # (2 n m, ...)
+        each = tile_tasks(tasks, 2 * n)  # candidate after candidate, its m tasks
+        before, steps_before = returns(policies, each)
+        adapted, steps_adapt = es_adapt(policies, family, config, each, rng)
+        after, steps_after = returns(adapted, each)
+        fitness = after.reshape(2 * n, m).mean(axis=1)  # the meta-objective of each candidate
+        grads = es_gradient(centred_ranks(fitness).reshape(2, n), noise, config.es_sigma)
+        with np.errstate(over="ignore", invalid="ignore"):  # a diverging step is caught just below, in one line
+            models["meta"], opts["meta"] = adam_step(models["meta"], [-g for g in grads], opts["meta"], config.es_lr)
+        _check_finite_policy(models["meta"], it + 1, "--es-lr")
+        extra["env_steps"] += steps_before + steps_adapt + steps_after
+        window.append((float(before.mean()), float(after.mean())))
+        if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
+            pre, post = np.mean(window, axis=0)
+            progress(it + 1, pre_return=pre, post_return=post)
+            extra["curve"].append([it + 1, pre, post])
+            window = []
+            if save:
+                save_checkpoint(save, config, it + 1, rng, models, opts, extra)
+    return models["meta"], extra
+
+
+def es_evaluate(params, family, config, tasks, rng):
+    """Each task's mean return (eval_batch episodes) before adaptation and after 1, 2, 3 applications of
+    es_adapt, each on fresh episodes: {"0": (n_tasks,), ..., "3": ...}."""
+    n_tasks = task_count(tasks)
+    policies = es_policies([xp.broadcast_to(p, (n_tasks,) + p.shape).copy() for p in params], family, config)
+    result = {}
+    for s in RL_EVAL_STEPS:
+        if s:
+            policies = es_adapt(policies, family, config, tasks, rng)[0]
+        result[str(s)] = policy_returns(policies, family, tasks, config.eval_batch, rng, config.activation)[0]
+    return result
+
+
+@dataclasses.dataclass
+class ESConfig(MetaRLConfig):
+    """ES-MAML's settings, for any TaskFamily: MetaRLConfig's shared ones (iterations, hidden, the
+    evaluation's; inner_lr for the policy-gradient adaptation), and the search's."""
+    command: ClassVar[str] = "es"
+    es_population: int = hparam(8, "ES only: antithetic pairs of candidates per generation (an iteration)", 1)
+    es_sigma: float = hparam(0.1, "ES only: the standard deviation of the candidates' Gaussian perturbations", 0.0)
+    es_lr: float = hparam(0.1, "ES only: Adam step size on the ES gradient", 0.0)
+    es_tasks: int = hparam(4, "ES only: tasks each candidate is evaluated on, the same for all candidates", 1)
+    es_episodes: int = hparam(2, "ES only: episodes per evaluation of a policy on a task", 1)
+    es_adaptation: str = hparam("hill", "ES only: the adaptation operator: hill climbing, the best of the policy and "
+                                "es_perturbations Gaussian perturbations by their returns (zero-order, as in ES-MAML), "
+                                "or pg, MAML's policy-gradient step (inner_lr, on es_episodes episodes)",
+                                choices=("hill", "pg"))
+    es_adapt_params: str = hparam("head", "ES only: what adaptation changes: head, the last layer alone, which every "
+                                  "task starts at zero, so that the layers below it are what is meta-learned (as "
+                                  "ANIL); or all, every weight, from the meta-learned ones (as the ES-MAML paper; "
+                                  "it finds one polarity only)", choices=("head", "all"))
+    es_perturbations: int = hparam(16, "ES only: hill climbing's perturbations per round", 1)
+    es_adapt_rounds: int = hparam(2, "ES only: hill climbing's rounds per adaptation step, each from the last "
+                                  "round's best", 1)
+    es_adapt_sigma: float = hparam(0.5, "ES only: the standard deviation of hill climbing's perturbations", 0.0)
+
+
 # ============================================================================
-# 4. Value-based: Q-learning with linear features (Watkins 1989; Sutton & Barto
-#    2018, eq. 6.8 and sec. 9.3): a table is one-hot features, a kernel its
-#    explicit feature map. Batched: B envs, each with its own weights.
+# II.4 Value-based learning with a meta-learned start: Q-learning with linear
+#      features (Watkins 1989; Sutton & Barto 2018, eq. 6.8 and sec. 9.3), a
+#      table as one-hot features, a kernel as its explicit feature map, each
+#      from zero and from a start meta-learned by Reptile across tasks.
+#      Batched: B envs, each with its own weights.
 # ============================================================================
 
 
@@ -1728,8 +2569,16 @@ class _OneEnv:
                 xp.array([truncated]), {"final_obs": final})
 
 
-def q_learn(env, weights, featurize, rng, episodes, alpha_min=0.1, epsilon_min=0.01, decay=25.0, gamma=0.99,
-            start_episode=0, action_gap=0.0):
+@dataclasses.dataclass(frozen=True)
+class QSchedule:
+    """Q-learning's step size and exploration, each log_decay(episode, floor, decay), and its discount."""
+    alpha_min: float = 0.1  # the step size's floor, in (0, 1]
+    epsilon_min: float = 0.01  # the exploration rate's floor, in [0, 1]
+    decay: float = 25.0  # the episodes scale of both decays, > 0
+    gamma: float = 0.99  # the discount, in [0, 1]
+
+
+def q_learn(env, weights, featurize, rng, episodes, schedule=QSchedule(), start_episode=0, action_gap=0.0):
     """Q-learning with Q(s, a) = phi(s) . w_a, in each env of a batched env (or one env).
 
     weights (B, F, A), copied, not modified; featurize: obs (B, n) -> (B,)
@@ -1741,8 +2590,9 @@ def q_learn(env, weights, featurize, rng, episodes, alpha_min=0.1, epsilon_min=0
     by |phi(s)|^2, which keeps the step stable). action_gap in [0, 1) (a number, or one per env) is
     advantage learning (Baird 1999; Bellemare et al. 2016, "Increasing the action gap"): its fixed point
     keeps the best action's value and lowers the others', so that their gap grows by 1 / (1 - action_gap).
-    alpha and epsilon follow log_decay of the env's episode count, from start_episode (an int, or one
-    per env). Returns (weights, returns (B, episodes))."""
+    alpha and epsilon follow log_decay of the env's episode count (schedule, a QSchedule), from
+    start_episode (an int, or one per env). Returns (weights, returns (B, episodes))."""
+    alpha_min, epsilon_min, decay, gamma = schedule.alpha_min, schedule.epsilon_min, schedule.decay, schedule.gamma
     if not 0.0 < alpha_min <= 1.0:
         raise ValueError(f"alpha_min must be in (0, 1], got {alpha_min!r}")
     _check_interval("gamma", gamma, 0.0, 1.0)
@@ -1813,168 +2663,168 @@ def episodes_to_solve(returns, threshold=475.0, window=100):
     return xp.where(solved.any(axis=-1), solved.argmax(axis=-1) + window, np.inf)
 
 
-# ============================================================================
-# 5. Experiments: hyperparameters, training loops with progress and
-#    checkpoints, evaluation with confidence intervals.
-# ============================================================================
-
-
-def hparam(default, help, low=None, high=None, choices=None):
-    """A hyperparameter: its default, meaning and allowed range, for the dataclass and its flag."""
-    return dataclasses.field(default=default, metadata=dict(help=help, low=low, high=high, choices=choices))
-
-
-def check_config(config):
-    """Raise ValueError naming the flag and its allowed values for any field out of range."""
-    for f in dataclasses.fields(config):
-        value, meta = getattr(config, f.name), f.metadata
-        flag = "--" + f.name.replace("_", "-")
-        if meta.get("choices") is not None and value not in meta["choices"]:
-            raise ValueError(f"{flag} must be one of {', '.join(map(str, meta['choices']))}; got {value!r}")
-        low, high = meta.get("low"), meta.get("high")
-        if (low is not None and not value >= low) or (high is not None and not value <= high):
-            bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
-            raise ValueError(f"{flag} must be {bounds}; got {value!r}")
-
-
+# Q-learning on CartPole-v1 tasks: from zero, and from a start meta-learned by Reptile across training
+# tasks; beside the table, the two kernels.
 @dataclasses.dataclass
-class SineConfig:
-    """Sinusoid regression, as in the MAML paper (sec. 5.1 and appendix C)."""
-    command: ClassVar[str] = "sine"  # the command of these settings, recorded in its checkpoints
-    shots: int = hparam(5, "K: points per task in the support set (the query set has K too)", 1)
-    iterations: int = hparam(70000, "meta-training iterations (the total, also when resuming)", 1)
-    meta_batch: int = hparam(25, "tasks per meta-iteration", 1)
-    inner_lr: float = hparam(0.01, "alpha: inner-loop SGD step size", 0.0)
-    inner_steps: int = hparam(1, "inner SGD steps during meta-training", 0, 20)
-    meta_lr: float = hparam(1e-3, "beta: Adam step size of the outer loop", 0.0)
-    hidden: int = hparam(40, "units in each of the two hidden ReLU layers", 1)
-    first_order: bool = hparam(False, "first-order MAML: drop the second-order term")
-    eval_tasks: int = hparam(600, "held-out tasks for the final evaluation", 2)
-    eval_points: int = hparam(100, "fresh query points per held-out task", 1)
+class QLearnConfig:
+    """Tabular and kernel Q-learning on CartPole tasks, each from zero and from a meta-learned start."""
+    command: ClassVar[str] = "qlearn"
+    bins: str = hparam("1,1,6,3", "table bins for x, x_dot, theta, theta_dot (each >= 1; the classic agent's: 1,1,6,12)")
+    alpha_min: float = hparam(0.1, "floor of the learning rate's log decay, in (0, 1]", 1e-9, 1.0)
+    epsilon_min: float = hparam(0.0, "floor of the exploration rate's log decay, in [0, 1]", 0.0, 1.0)
+    decay: float = hparam(15.0, "episodes scale of the log decay: rates fall from 1 after `decay` episodes, "
+                          "and reach their floors after about 10 ** 0.9 decay", 1.0)
+    gamma: float = hparam(0.99, "discount, in [0, 1]", 0.0, 1.0)
+    action_gap: float = hparam(0.8, "the kernel learners' advantage learning: the TD target less this times the "
+                               "gap of the action taken to the best, which keeps apart the actions' values that a "
+                               "global feature map blurs (0: plain Q-learning; the table learns without it)", 0.0, 0.99)
+    episodes: int = hparam(400, "episodes per learning run on a held-out task", 100)
+    family: str = hparam("sunblaze", "the tasks' physics (cartpole.py)", choices=("sunblaze", "carl", "reversed"))
+    eval_tasks: int = hparam(20, "held-out tasks", 1)
+    seeds: int = hparam(1, "learning runs (seeds) per held-out task", 1)
+    iterations: int = hparam(5, "Reptile meta-iterations (the total, also when resuming)", 1)
+    meta_tasks: int = hparam(20, "training tasks per meta-iteration", 1)
+    meta_episodes: int = hparam(100, "episodes of Q-learning per task in each meta-iteration", 1)
+    meta_step: float = hparam(0.5, "Reptile step: init += meta_step (mean learned weights - init)", 0.0, 1.0)
+    warm_start: int = hparam(150, "the episode the schedules of a learner from the meta-learned start begin at "
+                             "(from 150 with decay 15: no exploration, step size at its floor)", 0)
+    degree: int = hparam(3, "polynomial kernel (c + s.s')^d: the degree d", 1)
+    rbf_per_dim: int = hparam(4, "RBF kernel: centres per state variable (a grid)", 1)
+    rbf_width: float = hparam(0.4, "RBF kernel: the Gaussians' width, on states scaled to [-1, 1] (> 0)", 1e-6)
     seed: int = hparam(0, "seed of every random draw", 0)
-    log_every: int = hparam(2000, "iterations between progress lines and checkpoints", 1)
+    log_every: int = hparam(1, "meta-iterations between progress lines and checkpoints", 1)
 
 
-class Progress:
-    """Progress lines: iteration, metrics, elapsed time and ETA."""
-
-    def __init__(self, total, start=0, stream=None):
-        self.total, self.start, self.t0, self.stream = total, start, time.perf_counter(), stream
-
-    def __call__(self, iteration, **metrics):
-        elapsed = time.perf_counter() - self.t0
-        done = iteration - self.start
-        eta = elapsed / done * (self.total - iteration) if done > 0 else float("nan")
-        shown = "  ".join(f"{k} {float(v):.3f}" for k, v in metrics.items())
-        print(f"iter {iteration:>6}/{self.total}  {shown}  elapsed {elapsed:6.1f}s  ETA {eta:6.1f}s",
-              file=self.stream or sys.stdout, flush=True)
-
-
-# The random streams of a run. Training draws from default_rng(seed), which its checkpoints save.
-# The evaluation draws from streams of its own, default_rng([seed, k]), so that resuming cannot
-# change them; each k means the same in every command.
-HELD_OUT_TASKS = 1  # the held-out tasks, with their data (the sinusoid's points)
-VALIDATION_TASKS = 2  # the tasks on which test-time step sizes are chosen, with their data
-RANDOM_INIT = 3  # the weights of the random-init baseline
-VALIDATION_DRAWS = 4  # the rollouts on the validation tasks
-HELD_OUT_DRAWS = 5  # what the learners draw on the held-out tasks: rollouts, exploration
-
-
-def stream(seed, k):
-    """The evaluation stream k (one of the constants above) of the run with this seed."""
-    return np.random.default_rng([seed, k])
-
-
-def mean_ci95(values):
-    """Mean and half-width of its 95% confidence interval (normal approximation)."""
-    values = to_host(values).astype(np.float64)
-    if values.ndim != 1 or values.size < 2:
-        raise ValueError(f"values must be a 1-D array of at least 2 numbers, got shape {values.shape}")
-    return float(values.mean()), float(1.96 * values.std(ddof=1) / math.sqrt(values.size))
-
-
-def _atomic_write(path, write):
-    """Write through write(file) into a temporary file beside path, then rename it into place."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+def _parse_bins(text):
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private (0600); give it a new file's permissions
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        bins = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        bins = ()
+    if len(bins) != 4 or min(bins) < 1:
+        raise ValueError(f"--bins must be 4 integers >= 1 separated by commas, e.g. 1,1,6,12; got {text!r}")
+    return bins
 
 
-def means_and_cis(stats):
-    """{key: (mean, ci95)} -> ({key: mean}, {key: ci95}), the JSON's two dicts."""
-    return {k: m for k, (m, _) in stats.items()}, {k: c for k, (_, c) in stats.items()}
+def run_qlearn(config, json_path=None, save=None, load=None):
+    """The qlearn command: Reptile starts for every learner across training tasks of cartpole_family
+    (config.family), then each learner from zero and from its start on held-out tasks; a table and the JSON."""
+    check_config(config)
+    bins = _parse_bins(config.bins)
+    family = cartpole_family(config.family)
+    schedule = QSchedule(config.alpha_min, config.epsilon_min, config.decay, config.gamma)
+    t0 = time.perf_counter()
+    # The learners: one q_learn, three feature maps, each given (featurize, number of features).
+    learners = {"table": (lambda obs: discretize(obs, bins), math.prod(bins)),
+                "poly": (lambda obs: poly_features(obs, config.degree), math.comb(4 + config.degree, 4)),
+                "rbf": (lambda obs: rbf_features(obs, config.rbf_per_dim, config.rbf_width), config.rbf_per_dim ** 4)}
+    kernel_names = {"poly": f"poly d={config.degree}", "rbf": f"rbf {config.rbf_per_dim}^4"}  # the JSON's keys
+
+    def learn(members, tasks, rng, episodes):
+        """Every member (learner, initial weights (F, 2), first episode) on every task, side by side
+        in one batch, member after member; returns the weights and returns of each."""
+        n = task_count(tasks) * config.seeds
+        which = [list(learners).index(name) for name, _, _ in members for _ in range(n)]
+        ends = np.cumsum([f for _, f in learners.values()])
+        W0 = xp.zeros((len(which), int(ends[-1]), 2))
+        for i, (name, init, _) in enumerate(members):
+            l = list(learners).index(name)
+            W0[i * n:(i + 1) * n, ends[l] - init.shape[0]:ends[l]] = init
+        env = family.make_env(tile_tasks(tasks, len(members)), config.seeds)
+        firsts = xp.repeat(xp.asarray([first for _, _, first in members]), n)
+        gaps = xp.repeat(xp.asarray([0.0 if name == "table" else config.action_gap for name, _, _ in members]), n)
+        W, returns = q_learn(env, W0, block_features(list(learners.values()), which), rng, episodes, schedule,
+                             firsts, gaps)  # the table's rows: no blur
+        blocks = {name: slice(ends[l] - f, ends[l]) for l, (name, (_, f)) in enumerate(learners.items())}
+        return [(W[i * n:(i + 1) * n, blocks[name]], returns[i * n:(i + 1) * n])
+                for i, (name, _, _) in enumerate(members)]
+
+    print(f"qlearn: Q-learning with a table (bins {bins}), {kernel_names['poly']} and {kernel_names['rbf']} "
+          f"features, tasks {config.family!r}; Reptile starts over {config.iterations} x {config.meta_tasks} tasks, "
+          f"seed {config.seed}")
+    # Reptile across training tasks (Nichol et al. 2018, Algorithm 2, batched), for every learner on the same tasks:
+    #   init <- init + meta_step * (mean_b W_b - init),  W_b learned from init on task b.
+    if load:
+        start, rng, models, _, _ = load_checkpoint(load, config)
+        if set(models) != set(learners):
+            raise ValueError(f"{load} holds starts for {sorted(models)}, not for {sorted(learners)}: a checkpoint of "
+                             "an older qlearn")
+        inits = {name: models[name][0] for name in learners}
+    else:
+        start, rng = 0, np.random.default_rng(config.seed)
+        inits = {name: xp.zeros((f, 2)) for name, (_, f) in learners.items()}
+    progress = Progress(config.iterations, start)
+    for it in range(start, config.iterations):
+        tasks = family.sample_tasks(rng, config.meta_tasks)
+        learned = learn([(name, inits[name], 0) for name in learners], tasks, rng, config.meta_episodes)
+        for name, (W, _) in zip(learners, learned):
+            inits[name] = inits[name] + config.meta_step * (W.mean(axis=0) - inits[name])
+        if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
+            progress(it + 1, **{f"{name}_last_50": float(returns[:, -50:].mean())
+                                for name, (_, returns) in zip(learners, learned)})
+            if save:
+                save_checkpoint(save, config, it + 1, rng, {name: [init] for name, init in inits.items()}, {})
+
+    # Held-out tasks, each learned `seeds` times by every learner from zero and from its meta-learned
+    # start (whose schedules begin at warm_start), all on the same tasks and draws.
+    tasks = family.sample_tasks(stream(config.seed, HELD_OUT_TASKS), config.eval_tasks)
+    members = [(name, init, first) for name in learners
+               for init, first in ((xp.zeros_like(inits[name]), 0), (inits[name], config.warm_start))]
+    curves = {(name, first > 0): returns for (name, _, first), (_, returns) in zip(
+        members, learn(members, tasks, stream(config.seed, HELD_OUT_DRAWS), config.episodes))}
+    seconds = time.perf_counter() - t0
+
+    def summary(curve):  # a learner's returns (runs, episodes) -> its figures
+        solve, curve = to_host(episodes_to_solve(curve)), to_host(curve)
+        return {"episodes_to_solve": float(np.median(solve)), "solved_fraction": float(np.isfinite(solve).mean()),
+                "mean_return_last_100": float(curve[:, -100:].mean()),
+                "mean_return_first_20": float(curve[:, :20].mean())}
+    stats = {key: summary(curve) for key, curve in curves.items()}
+    print(f"\nqlearn: {config.eval_tasks} held-out tasks x {config.seeds} seeds, {config.episodes} episodes each; "
+          f"solved = mean return of the last 100 episodes >= 475")
+    print(f"{'learner':34s} {'median episodes to solve':>25} {'solved':>8} {'mean return, first 20':>22} "
+          f"{'last 100':>9}")
+    for (name, meta), st in stats.items():
+        label = f"{'tabular' if name == 'table' else 'kernel ' + kernel_names[name]}, " + (
+            "meta-learned start" if meta else "from zero")
+        print(f"{label:34s} {st['episodes_to_solve']:25.0f} {st['solved_fraction']:8.0%} "
+              f"{st['mean_return_first_20']:22.1f} {st['mean_return_last_100']:9.1f}")
+    print(f"({seconds:.0f} s)")
+    finite = lambda v: v if math.isfinite(v) else None  # JSON has no inf: unsolved medians are null
+    table = {"scratch": stats["table", False], "meta": stats["table", True]}
+    kernel_entry = lambda st: {k: finite(v) if k == "episodes_to_solve" else v for k, v in st.items()}
+    result = {"episodes_to_solve": {k: finite(st["episodes_to_solve"]) for k, st in table.items()},
+              "solved_fraction": {k: st["solved_fraction"] for k, st in table.items()},
+              "mean_return_first_20": {k: st["mean_return_first_20"] for k, st in table.items()},
+              "kernel": {kernel_names[name]: {**kernel_entry(stats[name, False]),
+                                              "meta": kernel_entry(stats[name, True])} for name in kernel_names},
+              "seconds": seconds, "config": dataclasses.asdict(config)}
+    if json_path:
+        write_json(json_path, result)
+    return result
 
 
-def write_json(path, obj):
-    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+# ============================================================================
+# II.5 Few-shot regression: MAML on the sinusoids of the MAML paper (sec. 5.1
+#      and appendix C), beside a network pretrained on all tasks.
+# ============================================================================
+SINE_AMPLITUDE = (0.1, 5.0)  # A ~ U[0.1, 5]
+SINE_PHASE = (0.0, math.pi)  # phase ~ U[0, pi]
+SINE_X = (-5.0, 5.0)  # x ~ U[-5, 5]
 
 
-def save_checkpoint(path, config, iteration, rng, models, optimisers, extra=None):
-    """Save params, Adam states, RNG state, iteration and config to an .npz, atomically.
-
-    models / optimisers: dicts name -> params list / name -> adam state;
-    extra: a JSON-able dict of whatever else the run needs to resume (counters, curves)."""
-    arrays = {}
-    for name, params in models.items():
-        arrays.update({f"params/{name}/{i}": to_host(p) for i, p in enumerate(params)})
-    for name, state in optimisers.items():
-        for key in ("m", "v"):
-            arrays.update({f"adam/{name}/{key}/{i}": to_host(a) for i, a in enumerate(state[key])})
-    meta = dict(format="metarl-min checkpoint 1", command=config.command, config=dataclasses.asdict(config),
-                iteration=iteration, rng=rng.bit_generator.state, adam_t={k: s["t"] for k, s in optimisers.items()},
-                models={k: len(p) for k, p in models.items()}, extra=extra or {})
-    arrays["meta"] = np.array(json.dumps(meta))
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
+def sample_sine_tasks(rng, n):
+    """Amplitudes and phases of n tasks y = A sin(x - phase), each (n,)."""
+    _check_rng(rng)
+    _check_int_at_least("n", n, 1)
+    return rng.uniform(*SINE_AMPLITUDE, size=n), rng.uniform(*SINE_PHASE, size=n)
 
 
-def load_checkpoint(path, config):
-    """Load a checkpoint written by save_checkpoint for the same config (iterations may differ).
-
-    Returns (iteration, rng, models, optimisers, extra); ValueError if the file is
-    not such a checkpoint, is another command's, or was made with other hyperparameters."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(str(data["meta"]))
-            if meta.get("format") != "metarl-min checkpoint 1":
-                raise ValueError("unknown format")
-            models = {k: [xp.asarray(data[f"params/{k}/{i}"]) for i in range(n)] for k, n in meta["models"].items()}
-            optimisers = {k: {"m": [xp.asarray(data[f"adam/{k}/m/{i}"]) for i in range(n)],
-                              "v": [xp.asarray(data[f"adam/{k}/v/{i}"]) for i in range(n)], "t": meta["adam_t"][k]}
-                          for k, n in meta["models"].items() if k in meta["adam_t"]}
-            rng = np.random.Generator(getattr(np.random, meta["rng"]["bit_generator"])())
-            rng.bit_generator.state = meta["rng"]
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # a zip, npz or JSON error: say which file, and why
-        raise ValueError(f"{path} is not a readable metarl-min checkpoint ({type(e).__name__}: {e})") from e
-    if meta.get("command", config.command) != config.command:  # older checkpoints lack it: the settings tell
-        raise ValueError(f"{path} is a checkpoint of the {meta['command']} command, not of {config.command}")
-    foreign = [k for k in meta["config"] if k not in {f.name for f in dataclasses.fields(config)}]
-    if foreign:
-        flags = ", ".join("--" + k.replace("_", "-") for k in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise ValueError(f"{path} was made with settings that {config.command} does not have: {flags}")
-    # The settings that leave training as it was.
-    free = ("iterations", "log_every", "eval_tasks", "val_tasks", "eval_batch", "eval_min_steps")
-    # A setting newer than the checkpoint had its default value when the checkpoint was made.
-    saved = {**{f.name: f.default for f in dataclasses.fields(config)}, **meta["config"]}
-    saved = {k: v for k, v in saved.items() if k not in free}
-    wanted = {k: v for k, v in dataclasses.asdict(config).items() if k not in free}
-    if saved != wanted:
-        diff = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {wanted.get(k)!r})"
-                         for k in wanted if saved.get(k) != wanted.get(k))
-        raise ValueError(f"{path} was made with other hyperparameters: {diff}")
-    if meta["iteration"] > config.iterations:
-        raise ValueError(f"{path} is at iteration {meta['iteration']}, past --iterations {config.iterations}")
-    return meta["iteration"], rng, models, optimisers, meta["extra"]
+def sample_sine_points(rng, amplitude, phase, k, dtype=np.float32):
+    """k points of each task: x (T, k, 1), y (T, k, 1), drawn on the host (the same
+    numbers on every device) and then made arrays of the backend."""
+    x = rng.uniform(*SINE_X, size=(amplitude.shape[0], k, 1))
+    y = amplitude[:, None, None] * np.sin(x - phase[:, None, None])
+    return xp.asarray(x, dtype=dtype), xp.asarray(y, dtype=dtype)
 
 
 def sine_train(config, save=None, load=None):
@@ -2032,19 +2882,22 @@ def sine_evaluate(params, config, rng, inner_lr, n_tasks):
     return {str(s): mean_ci95(loss_and_grad(thetas[s], query, "mse", "relu")[0]) for s in SINE_EVAL_STEPS}
 
 
-def best_step_size(score, step_sizes, rng):
-    """The step size with the lowest score(step_size, rng): each is scored on the
-    same validation draws (the generator restarts from its state for each). A
-    step size that diverges (overflow, a NaN score) counts as the worst."""
-    state = rng.bit_generator.state
-    scores = {}
-    for lr in step_sizes:
-        rng.bit_generator.state = state
-        with np.errstate(over="ignore", invalid="ignore"):
-            scores[lr] = score(lr, rng)
-        if not np.isfinite(scores[lr]):
-            scores[lr] = np.inf
-    return min(scores, key=scores.get)
+@dataclasses.dataclass
+class SineConfig:
+    """Sinusoid regression, as in the MAML paper (sec. 5.1 and appendix C)."""
+    command: ClassVar[str] = "sine"  # the command of these settings, recorded in its checkpoints
+    shots: int = hparam(5, "K: points per task in the support set (the query set has K too)", 1)
+    iterations: int = hparam(70000, "meta-training iterations (the total, also when resuming)", 1)
+    meta_batch: int = hparam(25, "tasks per meta-iteration", 1)
+    inner_lr: float = hparam(0.01, "alpha: inner-loop SGD step size", 0.0)
+    inner_steps: int = hparam(1, "inner SGD steps during meta-training", 0, 20)
+    meta_lr: float = hparam(1e-3, "beta: Adam step size of the outer loop", 0.0)
+    hidden: int = hparam(40, "units in each of the two hidden ReLU layers", 1)
+    first_order: bool = hparam(False, "first-order MAML: drop the second-order term")
+    eval_tasks: int = hparam(600, "held-out tasks for the final evaluation", 2)
+    eval_points: int = hparam(100, "fresh query points per held-out task", 1)
+    seed: int = hparam(0, "seed of every random draw", 0)
+    log_every: int = hparam(2000, "iterations between progress lines and checkpoints", 1)
 
 
 def run_sine(config, json_path=None, save=None, load=None):
@@ -2080,83 +2933,20 @@ def run_sine(config, json_path=None, save=None, load=None):
     return result
 
 
+# ============================================================================
+# PART III. THE HARNESS: the commands (their settings and what each prints),
+# the backend switch with CuPy's fast paths, bench, and the command line.
+# ============================================================================
 # ----------------------------------------------------------------------------
-# Meta-RL: policy-gradient MAML (MAML paper sec. 5.3) on CartPole tasks and on
-# 2D navigation, beside a policy pretrained on all tasks and a random one.
+# III.1 The commands' settings: cartpole takes every family's flags.
 # ----------------------------------------------------------------------------
 @dataclasses.dataclass
-class MetaRLConfig:
-    """The settings the two meta-RL problems share (CartPoleConfig, Nav2DConfig)."""
-    command: ClassVar[str] = ""
-    iterations: int = hparam(100, "meta-training iterations (the total, also when resuming)", 1)
-    meta_batch: int = hparam(20, "tasks per meta-iteration", 1)
-    fast_batch: int = hparam(20, "episodes per task for each inner step and for the outer step", 1)
-    inner_lr: float = hparam(0.5, "alpha: step size of the inner policy-gradient step", 0.0)
-    inner_steps: int = hparam(1, "inner policy-gradient steps in meta-training, each on fast_batch fresh episodes "
-                              "of the policy it adapts (the paper's 1; the authors' code: num_grad_updates)", 1, 5)
-    meta_lr: float = hparam(0.01, "beta: Adam step size of the outer loop", 0.0)
-    hidden: int = hparam(32, "units in each of the two hidden layers of the policy", 1)
-    init_out_scale: float = hparam(1.0, "factor on the policy's last-layer weights at initialisation (init_mlp's "
-                                   "scale times this)", 0.0, 1.0)
-    gamma: float = hparam(0.99, "discount of the returns-to-go", 0.0, 1.0)
-    gae_lambda: float = hparam(1.0, "GAE lambda; 1 is returns minus the baseline, as in the paper", 0.0, 1.0)
-    algorithm: str = hparam("maml", "the meta-learner, on the same rollouts", choices=("maml", "reptile"))
-    first_order: bool = hparam(False, "first-order MAML: drop the second-order term")
-    lvc: bool = hparam(False, "second-order MAML only: ProMP's LVC surrogate for the inner step, whose Hessian "
-                       "keeps the term of the pre-update sampling distribution")
-    reptile_steps: int = hparam(3, "Reptile only: SGD steps on each task's pre- and post-update episodes", 1, 20)
-    outer: str = hparam("adam", "MAML's outer step: Adam on the meta-gradient (meta_lr), or TRPO on the meta-objective "
-                        "(max_kl), as in the MAML paper; the pretrained baseline takes the same", choices=("adam", "trpo"))
-    max_kl: float = hparam(0.01, "TRPO only: the trust region, the mean KL of the adapted policies per step (the "
-                           "paper's 0.01)", 0.0)
-    eval_tasks: int = hparam(40, "held-out tasks for the final evaluation", 2)
-    val_tasks: int = hparam(20, "validation tasks, apart from the training and held-out ones, on which each model's "
-                            "test-time step sizes are chosen", 1)
-    eval_batch: int = hparam(20, "episodes per task for each test-time step (held-out and validation tasks)", 1)
-    eval_min_steps: int = hparam(0, "0: each test-time step samples eval_batch episodes per task; N > 0: as the "
-                                 "authors' test script (rllab's sampler), the eval_batch envs of a task restart "
-                                 "until its finished episodes hold N steps, and the return is their mean", 0)
-    seed: int = hparam(0, "seed of every random draw", 0)
-    log_every: int = hparam(5, "iterations between progress lines and checkpoints", 1)
-
-
-@dataclasses.dataclass
-class CartPoleConfig(MetaRLConfig):
+class CartPoleConfig(ESConfig, RL2Config):
     """Meta-RL on CartPole tasks, half with the actuator reversed (cartpole.py's "reversed" family)."""
     command: ClassVar[str] = "cartpole"
     algorithm: str = hparam("maml", "the meta-learner: gradient-based (maml, reptile, on the same rollouts), memory-"
                             "based (rl2: a GRU, nothing learned at test time) or evolutionary (es: ES-MAML)",
                             choices=("maml", "reptile", "rl2", "es"))
-    trial_episodes: int = hparam(2, "RL^2 only: episodes per trial in training, the GRU's hidden state carried across "
-                                 "them (evaluation: trials of max(4, this))", 1, 10)
-    rl2_trials: int = hparam(5, "RL^2 only: trials per task in each iteration", 1)
-    rl2_lr: float = hparam(2e-3, "RL^2 only: Adam step size of PPO", 0.0)
-    rl2_task_loss: float = hparam(1.0, "RL^2 only: weight of the task-inference loss, a GRU output trained to tell "
-                                  "whether the actuator is reversed, so that the memory finds it out in the first "
-                                  "episode (the label is used in training only; 0: plain RL^2)", 0.0)
-    ppo_epochs: int = hparam(4, "RL^2 only: PPO's passes over each batch of trials", 1)
-    ppo_minibatches: int = hparam(4, "RL^2 only: groups of trials per pass, an Adam step each", 1)
-    ppo_clip: float = hparam(0.2, "RL^2 only: PPO's clip of the probability ratio", 0.0, 1.0)
-    ppo_lambda: float = hparam(0.95, "RL^2 only: GAE lambda over each whole trial", 0.0, 1.0)
-    ppo_entropy: float = hparam(0.01, "RL^2 only: weight of the policy's entropy in PPO's loss", 0.0)
-    ppo_max_norm: float = hparam(0.5, "RL^2 only: the gradient's norm is clipped to this (0: no clip)", 0.0)
-    es_population: int = hparam(8, "ES only: antithetic pairs of candidates per generation (an iteration)", 1)
-    es_sigma: float = hparam(0.1, "ES only: the standard deviation of the candidates' Gaussian perturbations", 0.0)
-    es_lr: float = hparam(0.1, "ES only: Adam step size on the ES gradient", 0.0)
-    es_tasks: int = hparam(4, "ES only: tasks each candidate is evaluated on, the same for all candidates", 1)
-    es_episodes: int = hparam(2, "ES only: episodes per evaluation of a policy on a task", 1)
-    es_adaptation: str = hparam("hill", "ES only: the adaptation operator: hill climbing, the best of the policy and "
-                                "es_perturbations Gaussian perturbations by their returns (zero-order, as in ES-MAML), "
-                                "or pg, MAML's policy-gradient step (inner_lr, on es_episodes episodes)",
-                                choices=("hill", "pg"))
-    es_adapt_params: str = hparam("head", "ES only: what adaptation changes: head, the last layer alone, which every "
-                                  "task starts at zero, so that the layers below it are what is meta-learned (as "
-                                  "ANIL); or all, every weight, from the meta-learned ones (as the ES-MAML paper; "
-                                  "it finds one polarity only)", choices=("head", "all"))
-    es_perturbations: int = hparam(16, "ES only: hill climbing's perturbations per round", 1)
-    es_adapt_rounds: int = hparam(2, "ES only: hill climbing's rounds per adaptation step, each from the last "
-                                  "round's best", 1)
-    es_adapt_sigma: float = hparam(0.5, "ES only: the standard deviation of hill climbing's perturbations", 0.0)
 
 
 @dataclasses.dataclass
@@ -2170,6 +2960,7 @@ class Nav2DConfig(MetaRLConfig):
     init_out_scale: float = hparam(0.01, "factor on the policy's last-layer weights at initialisation: small, the "
                                    "initial policy's mean is near 0 everywhere (CleanRL's 0.01); at 1, TRPO's "
                                    "pre-update policy drifted away on half the seeds", 0.0, 1.0)
+    activation: str = hparam("relu", "the policy's hidden layers' activation", choices=tuple(ACTIVATIONS))
     outer: str = hparam("trpo", "MAML's outer step: TRPO on the meta-objective (max_kl), as in the MAML paper, or "
                         "Adam on the meta-gradient (meta_lr); the pretrained baseline takes the same",
                         choices=("trpo", "adam"))
@@ -2183,448 +2974,25 @@ class Nav2DConfig(MetaRLConfig):
     log_every: int = hparam(10, "iterations between progress lines and checkpoints", 1)
 
 
-def _import_cartpole():
-    """cartpole.py, imported only by what runs CartPole; ImportError, in one line, when it is not at hand."""
-    try:
-        import cartpole
-    except ModuleNotFoundError as e:
-        if e.name != "cartpole":
-            raise
-        raise ImportError("this needs cartpole.py, which is not beside metarl_min.py: copy it from the "
-                          "metarl-min repository") from None
-    return cartpole
-
-
-def cartpole_envs(tasks, episodes):
-    """A VecCartPole holding `episodes` copies of each task's physics, task after task."""
-    n_tasks = len(tasks["force_mag"])
-    return _import_cartpole().VecCartPole(n_tasks * episodes, **{k: np.repeat(v, episodes) for k, v in tasks.items()})
-
-
-def nav_envs(goals, episodes):
-    """A VecNav2D holding `episodes` copies of each task's goal, task after task."""
-    return VecNav2D(np.repeat(goals, episodes, axis=0))
-
-
-def meta_rl_problem(name):
-    """What differs between the two meta-RL problems, "cartpole" and "nav2d"; everything else is shared."""
-    if name == "nav2d":
-        # The Gaussian policy's log-std is state-independent, as in the authors' code: the last 2 of
-        # the 4 outputs [mean, log_std] are bias-only (init_mlp's bias_outputs).
-        return dict(sample_tasks=sample_nav_tasks, make_env=nav_envs, n_in=2, n_out=4, bias_outputs=2,
-                    policy="gaussian", loss="gauss", activation="relu", horizon=NAV_MAX_EPISODE_STEPS)
-    cartpole = _import_cartpole()
-    return dict(sample_tasks=lambda rng, n: cartpole.sample_tasks(rng, n, "reversed"), make_env=cartpole_envs,
-                n_in=4, n_out=2, bias_outputs=0, policy="categorical", loss="pg", activation="tanh",
-                horizon=cartpole.MAX_EPISODE_STEPS)
-
-
-RL_EVAL_STEPS = (0, 1, 2, 3)
-# Test-time step sizes, each chosen on validation tasks. The baselines adapt with the best of
-# RL_BASELINE_LRS at every step. MAML's first step is its trained inner_lr; its later steps use
-# the best of these fractions of it (the authors' test script halves it after the first step:
-# with advantages normalised, a step's size does not shrink as the policy nears the optimum).
-RL_BASELINE_LRS = (0.1, 0.3, 1.0, 3.0)
-RL_LATER_LR_FRACTIONS = (1.0, 0.5, 0.25)
-# The MAML paper, Table 4 (2D navigation), MAML row: return after 0, 1, 2, 3 policy-gradient steps.
-NAV_PAPER = {"0": -40.41, "1": -11.68, "2": -3.33, "3": -3.23}
-
-
-def init_policy(problem, config, rng):
-    """The policy network of a meta-RL problem: its last-layer weights scaled by config.init_out_scale,
-    a Gaussian policy's log-std starting at config.init_log_std."""
-    spec = meta_rl_problem(problem)
-    params = init_mlp((spec["n_in"], config.hidden, config.hidden, spec["n_out"]), rng, spec["activation"],
-                      bias_outputs=spec["bias_outputs"])
-    params[-2] = params[-2] * config.init_out_scale
-    if spec["bias_outputs"]:
-        params[-1][-spec["bias_outputs"]:] = config.init_log_std
-    return params
-
-
-def meta_rl_train(problem, config, save=None, load=None):
-    """Meta-train (MAML or Reptile) and, on the same tasks with as many env
-    steps, the pretrained baseline (one policy trained on all tasks jointly).
-
-    Each iteration: sample meta_batch tasks; run fast_batch episodes of the
-    policy in each (support); take an inner policy-gradient step per task, and
-    again inner_steps - 1 times, each on fast_batch fresh episodes of the policy
-    it adapts; run fast_batch episodes of each adapted policy (query); step Adam
-    on the meta-gradient, or take a TRPO step (config.outer). Returns (meta params,
-    pretrained params, extra) where extra holds env_steps and the training curve."""
-    spec = meta_rl_problem(problem)
-    loss, act = spec["loss"], spec["activation"]
-    if load:
-        start, rng, models, opts, extra = load_checkpoint(load, config)
-    else:
-        start, rng = 0, np.random.default_rng(config.seed)
-        init = init_policy(problem, config, rng)
-        models = {"meta": init, "pretrained": [p.copy() for p in init]}
-        opts = {k: adam_init(p) for k, p in models.items()} if config.outer == "adam" else {}
-        extra = {"env_steps": 0, "curve": []}  # curve: [iteration, pre, post, pretrained] per progress line
-    T = config.meta_batch
-    roll = lambda params, env: rollout(params, env, T, rng, spec["horizon"], spec["policy"], act)
-    batch = lambda episodes: pg_batch(episodes, config.gamma, config.gae_lambda)
-    mean_return = lambda episodes: float(episode_returns(episodes).mean())
-    progress = Progress(config.iterations, start)
-
-    def adam(name, grads):
-        models[name], opts[name] = adam_step(models[name], grads, opts[name], config.meta_lr)
-
-    window = []
-    for it in range(start, config.iterations):
-        tasks = spec["sample_tasks"](rng, T)
-        env = spec["make_env"](tasks, config.fast_batch)
-        # The inner steps, each on fresh episodes of the policy it adapts: policies[j] sampled supports[j].
-        policies, supports, rollouts = [models["meta"]], [], []
-        for _ in range(config.inner_steps):
-            rollouts.append(roll(policies[-1], env))
-            supports.append(batch(rollouts[-1]))
-            policies.append(adapt(policies[-1], supports[-1], loss, config.inner_lr, 1, act).params)
-        pre, post = rollouts[0], roll(policies[-1], env)
-        query = batch(post)
-        meta_loss, meta_support, meta_query = loss, supports, query
-        if config.lvc:  # each batch with its actions' log-probabilities under the policy that sampled it
-            meta_loss = loss + "_lvc"
-            meta_support = [with_old_logp(p, b, spec["policy"], act) for p, b in zip(policies, supports)]
-            meta_query = with_old_logp(policies[-1], query, spec["policy"], act)
-        if config.algorithm == "reptile":
-            adam("meta", reptile_grad(models["meta"], supports[0], query, loss, config.inner_lr, config.reptile_steps,
-                                      act)[1])
-        elif config.outer == "trpo":
-            models["meta"] = maml_trpo_step(models["meta"], meta_support, meta_query, step_weights(post), meta_loss,
-                                            config.inner_lr, config.inner_steps, config.first_order, act,
-                                            TrustRegion(config.max_kl))[0]
-        else:
-            adam("meta", maml_grad(models["meta"], meta_support, meta_query, meta_loss, config.inner_lr,
-                                   config.inner_steps, config.first_order, act)[1])
-        # The baseline: as many episodes per task, (inner_steps + 1) * fast_batch, and a plain
-        # policy-gradient (or TRPO) step on all of them.
-        joint = roll(models["pretrained"], spec["make_env"](tasks, (config.inner_steps + 1) * config.fast_batch))
-        both = batch(joint)
-        if config.outer == "trpo":
-            models["pretrained"] = maml_trpo_step(models["pretrained"], both, both, step_weights(joint), loss,
-                                                  inner_steps=0, activation=act,
-                                                  trust_region=TrustRegion(config.max_kl))[0]
-        else:
-            adam("pretrained", maml_grad(models["pretrained"], both, both, loss, inner_steps=0, activation=act)[1])
-        extra["env_steps"] += int(sum(e["mask"].sum() for e in rollouts + [post, joint]))
-        window.append((mean_return(pre), mean_return(post), mean_return(joint)))
-        if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
-            pre_r, post_r, joint_r = np.mean(window, axis=0)
-            progress(it + 1, pre_return=pre_r, post_return=post_r, pretrained_return=joint_r)
-            extra["curve"].append([it + 1, pre_r, post_r, joint_r])
-            window = []
-            if save:
-                save_checkpoint(save, config, it + 1, rng, models, opts, extra)
-    return models["meta"], models["pretrained"], extra
-
-
-def meta_rl_evaluate(params, problem, config, tasks, rng, inner_lr, later_lr=None):
-    """Each task's mean return after 0, 1, 2, 3 inner policy-gradient steps,
-    the first of inner_lr and the others of later_lr (default: inner_lr), each
-    step on fresh episodes of the current policy (which also give the return
-    at that step): eval_batch of them, or as many as eval_batch envs finish in
-    eval_min_steps steps (rollout_min_steps). Returns {steps: (n_tasks,) returns}."""
-    later_lr = inner_lr if later_lr is None else later_lr
-    spec = meta_rl_problem(problem)
-    env = spec["make_env"](tasks, config.eval_batch)
-    n_tasks = env.num_envs // config.eval_batch
-    result = {}
-    for s in RL_EVAL_STEPS:
-        episodes = (rollout_min_steps(params, env, n_tasks, rng, config.eval_min_steps, spec["horizon"],
-                                      spec["policy"], spec["activation"]) if config.eval_min_steps else
-                    rollout(params, env, n_tasks, rng, spec["horizon"], spec["policy"], spec["activation"]))
-        result[str(s)] = mean_returns(episodes)
-        if s < max(RL_EVAL_STEPS):
-            batch = pg_batch(episodes, config.gamma, config.gae_lambda)
-            params = adapt(params, batch, spec["loss"], later_lr if s else inner_lr, 1, spec["activation"]).params
-    return result
-
-
-def _check_plot(plot):
-    """matplotlib for --plot, imported only now; a clear error (before any training) when it is absent."""
-    if plot is None:
-        return None
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ValueError("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
-    return plt
-
-
-def plot_meta_rl(plt, path, title, curve, results):
-    """The meta-training curve and the adaptation bars (mean and 95% CI per step), as a PNG."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    curve = np.asarray(curve)
-    for col, label in ((1, "MAML, before adaptation"), (2, "MAML, after adaptation"), (3, "pretrained")):
-        left.plot(curve[:, 0], curve[:, col], label=label)
-    left.set(xlabel="meta-iteration", ylabel="mean return", title="meta-training")
-    left.legend()
-    width = 0.8 / len(results)
-    for i, (label, steps) in enumerate(results.items()):
-        means, cis = zip(*steps.values())
-        right.bar(np.arange(len(steps)) + i * width, means, width, yerr=cis, capsize=3, label=label)
-    right.set(xticks=np.arange(len(RL_EVAL_STEPS)) + width * (len(results) - 1) / 2, xticklabels=RL_EVAL_STEPS,
-              xlabel="inner policy-gradient steps on the held-out task", ylabel="mean return",
-              title="adaptation on held-out tasks")
-    right.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
-
-
-def run_meta_rl(problem, config, json_path=None, save=None, load=None, plot=None):
-    check_config(config)
-    if config.lvc and (config.algorithm != "maml" or config.first_order):
-        raise ValueError("--lvc changes only the second-order term: it needs --algorithm maml without --first-order")
-    if config.inner_steps > 1 and config.algorithm != "maml":
-        raise ValueError("--inner-steps above 1 is MAML's: it needs --algorithm maml")
-    if config.outer == "trpo" and config.algorithm != "maml":
-        raise ValueError("--outer trpo steps on MAML's meta-objective: it needs --algorithm maml")
-    if config.outer == "trpo" and not config.max_kl > 0:
-        raise ValueError(f"--max-kl must be > 0 with --outer trpo; got {config.max_kl!r}")
-    if config.algorithm in ("rl2", "es"):
-        if plot is not None:
-            raise ValueError("--plot draws MAML's and Reptile's curves: it needs --algorithm maml or reptile")
-        return run_memory_or_evolution(config, json_path, save, load)
-    plt = _check_plot(plot)
-    t0 = time.perf_counter()
-    spec = meta_rl_problem(problem)
-    name = (f"{'first-order ' if config.first_order else ''}MAML{'+LVC' if config.lvc else ''}"
-            f"{'-TRPO' if config.outer == 'trpo' else ''}" if config.algorithm == "maml" else "Reptile")
-    print(f"{problem}: {name}, {config.iterations} iterations x {config.meta_batch} tasks x {config.fast_batch} "
-          f"episodes, seed {config.seed}")
-    meta, pretrained, extra = meta_rl_train(problem, config, save, load)
-    # Held-out tasks, validation tasks and the random init: streams of their own, untouched by resuming.
-    tasks = spec["sample_tasks"](stream(config.seed, HELD_OUT_TASKS), config.eval_tasks)
-    validation = spec["sample_tasks"](stream(config.seed, VALIDATION_TASKS), config.val_tasks)
-    random_init = init_policy(problem, config, stream(config.seed, RANDOM_INIT))
-
-    def tuned(params, step_sizes, first=None):
-        """The step size with the best mean validation return after steps 1-3; with `first`
-        given, the size of the later steps, after a first step of `first` (scored on steps 2-3)."""
-        scored = ("1", "2", "3") if first is None else ("2", "3")
-        score = lambda lr, rng: -np.mean([float(r.mean()) for s, r in meta_rl_evaluate(
-            params, problem, config, validation, rng, lr if first is None else first, lr).items() if s in scored])
-        return best_step_size(score, step_sizes, stream(config.seed, VALIDATION_DRAWS))
-
-    models = {name: (meta, config.inner_lr, tuned(meta, [f * config.inner_lr for f in RL_LATER_LR_FRACTIONS],
-                                                  config.inner_lr))}
-    for label, params in (("pretrained", pretrained), ("random init", random_init)):
-        lr = tuned(params, RL_BASELINE_LRS)
-        models[label] = (params, lr, lr)
-    results = {label: {s: mean_ci95(r) for s, r in meta_rl_evaluate(
-        params, problem, config, tasks, stream(config.seed, HELD_OUT_DRAWS), first, later).items()}
-        for label, (params, first, later) in models.items()}
-    seconds = time.perf_counter() - t0
-
-    per_step = (f"{config.eval_min_steps} env steps ({config.eval_batch} envs)" if config.eval_min_steps else
-                f"{config.eval_batch} episodes")
-    print(f"\n{problem}: mean return on {config.eval_tasks} held-out tasks (+- 95% CI) after k policy-gradient "
-          f"steps of {per_step} each; seed {config.seed}")
-    step_sizes = lambda first, later: f"lr {first}" + (f", then {later:g}" if later != first else "")
-    print(f"{'steps':>5}" + "".join(f"  {f'{label} ({step_sizes(*models[label][1:])})':>26}" for label in results)
-          + ("  MAML (paper)" if problem == "nav2d" else ""))
-    for s in map(str, RL_EVAL_STEPS):
-        print(f"{s:>5}" + "".join(f"  {results[label][s][0]:16.2f} +- {results[label][s][1]:6.2f}" for label in results)
-              + (f"  {NAV_PAPER[s]:12.2f}" if problem == "nav2d" else ""))
-    print(f"({extra['env_steps']:,} training env steps; {seconds:.0f} s)")
-    ours, base, rand = (results[k] for k in (name, "pretrained", "random init"))
-    result = {}
-    result["return"], result["return_ci95"] = means_and_cis(ours)
-    result["pretrained_return"], result["pretrained_return_ci95"] = means_and_cis(base)
-    result["random_init_return"], result["random_init_return_ci95"] = means_and_cis(rand)
-    result.update(adaptation="policy-gradient steps",
-                  baseline_lr={"pretrained": models["pretrained"][1], "random init": models["random init"][1]},
-                  later_lr=models[name][2],
-                  env_steps=extra["env_steps"], seconds=seconds, config=dataclasses.asdict(config))
-    if json_path:
-        write_json(json_path, result)
-    if plt is not None:
-        plot_meta_rl(plt, plot, f"{problem}: {name}, seed {config.seed}", extra["curve"], results)
-        print(f"plot written to {plot}")
-    return result
-
-
-# ----------------------------------------------------------------------------
-# The other families on the same CartPole tasks: RL^2 (memory) and ES-MAML (evolution).
-# ----------------------------------------------------------------------------
-RL2_INPUTS = 4 + 2 + 2  # observation, previous action one-hot, previous reward, done
-# The GRU sees x, x_dot, theta, theta_dot in units of the small moves of a balanced pole: one push changes the
-# velocities by about 0.2, which must be a large input for the memory to tell which way the actuator pushes
-# (in units of the kernels' box, Q_STATE_HIGH, it is under 0.1, and plain RL^2 learned one polarity only).
-RL2_OBS_SCALE = np.array([0.25, 0.125, 0.01, 0.125])
-TRIAL_STEPS = 500  # CartPole's episodes end by 500 steps: a trial of E episodes by 500 E
-
-
-def _check_finite_policy(params, iteration, flag):
-    """Stop cleanly, in one line, where training has diverged (_check_finite: one pass, one wait on a GPU)."""
-    try:
-        _check_finite([(p, "a weight of the policy") for p in params])
-    except ValueError as e:
-        raise ValueError(f"training diverged at iteration {iteration}: {e}; a smaller {flag} may help") from None
-
-
-def rl2_outputs(config):
-    """The GRU's outputs: two action logits, and the task logit where the task-inference loss is on."""
-    return 2 + (config.rl2_task_loss > 0)
-
-
-def rl2_train(config, save=None, load=None):
-    """RL^2 on the reversed CartPole tasks: each iteration, rl2_trials trials of trial_episodes episodes on each of
-    meta_batch new tasks, then PPO (rl2_step). Returns (params, extra: env_steps and the curve)."""
-    cartpole = _import_cartpole()
-    if load:
-        start, rng, models, opts, extra = load_checkpoint(load, config)
-    else:
-        start, rng = 0, np.random.default_rng(config.seed)
-        models = {"meta": init_gru(RL2_INPUTS, config.hidden, rl2_outputs(config), rng)}
-        models["meta"][3] = models["meta"][3] * config.init_out_scale
-        opts, extra = {"meta": adam_init(models["meta"])}, {"env_steps": 0, "curve": []}
-    progress, window = Progress(config.iterations, start), []
-    for it in range(start, config.iterations):
-        tasks = cartpole.sample_tasks(rng, config.meta_batch, "reversed")
-        trials = rollout_trials(models["meta"], cartpole_envs(tasks, config.rl2_trials), rng, config.trial_episodes,
-                                TRIAL_STEPS * config.trial_episodes, RL2_OBS_SCALE, n_actions=2)
-        labels = np.repeat(tasks["force_mag"] < 0, config.rl2_trials)  # each trial's task, as cartpole_envs lays them
-        labels = xp.asarray(labels.astype(models["meta"][0].dtype)) if config.rl2_task_loss else None
-        with np.errstate(over="ignore", invalid="ignore"):  # a diverging step is caught just below, in one line
-            models["meta"], opts["meta"] = rl2_step(
-                models["meta"], opts["meta"], trials, config.rl2_lr, rng, config.gamma, config.ppo_lambda,
-                config.ppo_clip, config.ppo_epochs, config.ppo_minibatches, config.ppo_entropy, config.ppo_max_norm,
-                labels, config.rl2_task_loss)
-        _check_finite_policy(models["meta"], it + 1, "--rl2-lr")
-        extra["env_steps"] += int(trials["mask"].sum())
-        window.append(to_host(trial_returns(trials, config.trial_episodes).mean(axis=0))[:2])
-        if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
-            first, second = np.mean(window, axis=0) if config.trial_episodes > 1 else (np.mean(window), np.nan)
-            progress(it + 1, episode_1_return=first, episode_2_return=second)
-            extra["curve"].append([it + 1, float(first), float(second)])
-            window = []
-            if save:
-                save_checkpoint(save, config, it + 1, rng, models, opts, extra)
-    return models["meta"], extra
-
-
-def rl2_evaluate(params, config, tasks, rng):
-    """Each task's mean return in episodes 1-4 of its trials (eval_batch trials per task, of max(4, trial_episodes)
-    episodes): {"0": (n_tasks,), ..., "3": ...}, "k" the (k + 1)-th episode, whose hidden state has seen k."""
-    episodes = max(4, config.trial_episodes)
-    env = cartpole_envs(tasks, config.eval_batch)
-    trials = rollout_trials(params, env, rng, episodes, TRIAL_STEPS * episodes, RL2_OBS_SCALE, n_actions=2)
-    returns = trial_returns(trials, episodes).reshape(-1, config.eval_batch, episodes).mean(axis=1)
-    return {str(k): returns[:, k] for k in RL_EVAL_STEPS}
-
-
-def es_init(config, rng):
-    """The params ES-MAML meta-learns: the policy's, less its last layer where adaptation changes that alone."""
-    params = init_policy("cartpole", config, rng)
-    return params[:-2] if config.es_adapt_params == "head" else params
-
-
-def es_policies(meta, config):
-    """The policies ES-MAML adapts, per policy (leading axis P): the meta-learned params, and, where adaptation
-    changes the head alone, a last layer of zeros, so that every task starts from the uniform policy."""
-    if config.es_adapt_params == "all":
-        return meta
-    P, H, dtype = meta[0].shape[0], meta[-2].shape[-1], meta[0].dtype  # H: the width of the last hidden layer
-    return meta + [xp.zeros((P, H, 2), dtype), xp.zeros((P, 2), dtype)]
-
-
-def es_adapt(params, config, tasks, rng):
-    """ES-MAML's adaptation operator, on per-policy params (leading axis P) and their tasks: es_adapt_rounds
-    rounds of hill climbing (zero-order), or MAML's policy-gradient step; of the last layer alone where
-    es_adapt_params is "head". Returns the adapted params and the env steps taken."""
-    head = config.es_adapt_params == "head"
-    if config.es_adaptation == "hill":
-        steps = 0
-        for _ in range(config.es_adapt_rounds):
-            params, taken = hill_climb(params, tasks, rng, config.es_perturbations, config.es_adapt_sigma,
-                                       config.es_episodes, TRIAL_STEPS, cartpole_envs, 2 if head else None)
-            steps += taken
-        return params, steps
-    P = params[0].shape[0]
-    episodes = rollout(params, cartpole_envs(tasks, config.es_episodes), P, rng, TRIAL_STEPS)
-    adapted = adapt(params, pg_batch(episodes, config.gamma, config.gae_lambda), "pg", config.inner_lr, 1).params
-    return (params[:-2] + adapted[-2:] if head else adapted), int(episodes["mask"].sum())
-
-
-def es_train(config, save=None, load=None):
-    """ES-MAML on the reversed CartPole tasks: each generation, es_population antithetic pairs of candidates,
-    each adapted (es_adapt) and evaluated on the same es_tasks new tasks; fitness, the mean return after
-    adaptation, ranked; an Adam step up the ES gradient. Returns (params, extra: env_steps and the curve)."""
-    cartpole = _import_cartpole()
-    if load:
-        start, rng, models, opts, extra = load_checkpoint(load, config)
-    else:
-        start, rng = 0, np.random.default_rng(config.seed)
-        models = {"meta": es_init(config, rng)}
-        opts, extra = {"meta": adam_init(models["meta"])}, {"env_steps": 0, "curve": []}
-    progress, window = Progress(config.iterations, start), []
-    n, m = config.es_population, config.es_tasks
-    for it in range(start, config.iterations):
-        tasks = cartpole.sample_tasks(rng, m, "reversed")
-        noise = [xp.asarray(rng.standard_normal((n,) + p.shape).astype(p.dtype)) for p in models["meta"]]
-        policies = es_policies([xp.repeat(c, m, axis=0) for c in perturbed(models["meta"], noise, config.es_sigma)],
-                               config)  # (2 n m, ...)
-        each = {k: np.tile(v, 2 * n) for k, v in tasks.items()}  # candidate after candidate, its m tasks
-        before, steps_before = policy_returns(policies, each, config.es_episodes, rng, TRIAL_STEPS, cartpole_envs)
-        adapted, steps_adapt = es_adapt(policies, config, each, rng)
-        after, steps_after = policy_returns(adapted, each, config.es_episodes, rng, TRIAL_STEPS, cartpole_envs)
-        fitness = after.reshape(2 * n, m).mean(axis=1)  # the meta-objective of each candidate
-        grads = es_gradient(centred_ranks(fitness).reshape(2, n), noise, config.es_sigma)
-        with np.errstate(over="ignore", invalid="ignore"):  # a diverging step is caught just below, in one line
-            models["meta"], opts["meta"] = adam_step(models["meta"], [-g for g in grads], opts["meta"], config.es_lr)
-        _check_finite_policy(models["meta"], it + 1, "--es-lr")
-        extra["env_steps"] += steps_before + steps_adapt + steps_after
-        window.append((float(before.mean()), float(after.mean())))
-        if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
-            pre, post = np.mean(window, axis=0)
-            progress(it + 1, pre_return=pre, post_return=post)
-            extra["curve"].append([it + 1, pre, post])
-            window = []
-            if save:
-                save_checkpoint(save, config, it + 1, rng, models, opts, extra)
-    return models["meta"], extra
-
-
-def es_evaluate(params, config, tasks, rng):
-    """Each task's mean return (eval_batch episodes) before adaptation and after 1, 2, 3 applications of
-    es_adapt, each on fresh episodes: {"0": (n_tasks,), ..., "3": ...}."""
-    n_tasks = len(tasks["force_mag"])
-    policies = es_policies([xp.broadcast_to(p, (n_tasks,) + p.shape).copy() for p in params], config)
-    result = {}
-    for s in RL_EVAL_STEPS:
-        if s:
-            policies = es_adapt(policies, config, tasks, rng)[0]
-        result[str(s)] = policy_returns(policies, tasks, config.eval_batch, rng, TRIAL_STEPS, cartpole_envs)[0]
-    return result
-
-
-def run_memory_or_evolution(config, json_path=None, save=None, load=None):
-    """The cartpole command for --algorithm rl2 or es: training, then the same 40 held-out tasks as MAML's
-    evaluation, beside the same model at its random initialisation."""
-    cartpole = _import_cartpole()
+def run_memory_or_evolution(family, config, json_path=None, save=None, load=None):
+    """--algorithm rl2 or es: training on a TaskFamily, then the same held-out tasks as MAML's evaluation
+    (the same stream), beside the same model at its random initialisation; a table and the JSON."""
     t0 = time.perf_counter()
     rl2 = config.algorithm == "rl2"
     name = "RL^2" if rl2 else f"ES-MAML ({'hill climbing' if config.es_adaptation == 'hill' else 'policy gradient'})"
-    print(f"cartpole: {name}, {config.iterations} iterations x {config.meta_batch if rl2 else config.es_tasks} tasks, "
-          f"seed {config.seed}")
-    params, extra = (rl2_train if rl2 else es_train)(config, save, load)
+    print(f"{family.name}: {name}, {config.iterations} iterations x {config.meta_batch if rl2 else config.es_tasks} "
+          f"tasks, seed {config.seed}")
+    params, extra = (rl2_train if rl2 else es_train)(family, config, save, load)
     evaluate = rl2_evaluate if rl2 else es_evaluate
-    tasks = cartpole.sample_tasks(stream(config.seed, HELD_OUT_TASKS), config.eval_tasks, "reversed")
+    tasks = family.sample_tasks(stream(config.seed, HELD_OUT_TASKS), config.eval_tasks)
     init = stream(config.seed, RANDOM_INIT)
-    random_init = init_gru(RL2_INPUTS, config.hidden, rl2_outputs(config), init) if rl2 else es_init(config, init)
+    random_init = (rl2_init if rl2 else es_init)(family, config, init)
     draws = lambda: stream(config.seed, HELD_OUT_DRAWS)  # both models on the same draws
-    results = {label: {s: mean_ci95(r) for s, r in evaluate(p, config, tasks, draws()).items()}
+    results = {label: {s: mean_ci95(r) for s, r in evaluate(p, family, config, tasks, draws()).items()}
                for label, p in ((name, params), ("random init", random_init))}
     seconds = time.perf_counter() - t0
     what = "episode k + 1 of a trial (nothing learned at test time)" if rl2 else "k adaptation steps"
-    print(f"\ncartpole: mean return on {config.eval_tasks} held-out tasks (+- 95% CI) after {what}; seed {config.seed}")
+    print(f"\n{family.name}: mean return on {config.eval_tasks} held-out tasks (+- 95% CI) after {what}; seed {config.seed}")
     print(f"{'k':>5}" + "".join(f"  {label:>26}" for label in results))
     for s in map(str, RL_EVAL_STEPS):
         print(f"{s:>5}" + "".join(f"  {results[label][s][0]:16.2f} +- {results[label][s][1]:6.2f}"
@@ -2643,155 +3011,131 @@ def run_memory_or_evolution(config, json_path=None, save=None, load=None):
 
 
 def run_cartpole(config, json_path=None, save=None, load=None, plot=None):
-    return run_meta_rl("cartpole", config, json_path, save, load, plot)
+    """The cartpole command: --algorithm maml or reptile (run_meta_rl), rl2 or es (run_memory_or_evolution)."""
+    family = cartpole_family("reversed")
+    if config.algorithm in ("rl2", "es"):
+        _check_meta_rl_config(config)
+        if plot is not None:
+            raise ValueError("--plot draws MAML's and Reptile's curves: it needs --algorithm maml or reptile")
+        return run_memory_or_evolution(family, config, json_path, save, load)
+    return run_meta_rl(family, config, json_path, save, load, plot)
+
+
+# The MAML paper, Table 4 (2D navigation), MAML row: return after 0, 1, 2, 3 policy-gradient steps.
+NAV_PAPER = {"0": -40.41, "1": -11.68, "2": -3.33, "3": -3.23}
 
 
 def run_nav2d(config, json_path=None, save=None, load=None, plot=None):
-    return run_meta_rl("nav2d", config, json_path, save, load, plot)
+    """The nav2d command: MAML on the 2D navigation tasks, beside the paper's numbers."""
+    return run_meta_rl(nav2d_family(), config, json_path, save, load, plot, paper=NAV_PAPER)
 
 
 # ----------------------------------------------------------------------------
-# Q-learning on CartPole-v1 tasks: from zero, and from a start meta-learned
-# by Reptile across training tasks; beside it, the two kernels.
+# III.2 The backend switch, and the fast paths that plug themselves in: CuPy's
+#       products and sums, and glibc's allocator for the command line.
 # ----------------------------------------------------------------------------
-@dataclasses.dataclass
-class QLearnConfig:
-    """Tabular and kernel Q-learning on CartPole tasks, each from zero and from a meta-learned start."""
-    command: ClassVar[str] = "qlearn"
-    bins: str = hparam("1,1,6,3", "table bins for x, x_dot, theta, theta_dot (each >= 1; the classic agent's: 1,1,6,12)")
-    alpha_min: float = hparam(0.1, "floor of the learning rate's log decay, in (0, 1]", 1e-9, 1.0)
-    epsilon_min: float = hparam(0.0, "floor of the exploration rate's log decay, in [0, 1]", 0.0, 1.0)
-    decay: float = hparam(15.0, "episodes scale of the log decay: rates fall from 1 after `decay` episodes, "
-                          "and reach their floors after about 10 ** 0.9 decay", 1.0)
-    gamma: float = hparam(0.99, "discount, in [0, 1]", 0.0, 1.0)
-    action_gap: float = hparam(0.8, "the kernel learners' advantage learning: the TD target less this times the "
-                               "gap of the action taken to the best, which keeps apart the actions' values that a "
-                               "global feature map blurs (0: plain Q-learning; the table learns without it)", 0.0, 0.99)
-    episodes: int = hparam(400, "episodes per learning run on a held-out task", 100)
-    family: str = hparam("sunblaze", "the tasks' physics (cartpole.py)", choices=("sunblaze", "carl", "reversed"))
-    eval_tasks: int = hparam(20, "held-out tasks", 1)
-    seeds: int = hparam(1, "learning runs (seeds) per held-out task", 1)
-    iterations: int = hparam(5, "Reptile meta-iterations (the total, also when resuming)", 1)
-    meta_tasks: int = hparam(20, "training tasks per meta-iteration", 1)
-    meta_episodes: int = hparam(100, "episodes of Q-learning per task in each meta-iteration", 1)
-    meta_step: float = hparam(0.5, "Reptile step: init += meta_step (mean learned weights - init)", 0.0, 1.0)
-    warm_start: int = hparam(150, "the episode the schedules of a learner from the meta-learned start begin at "
-                             "(from 150 with decay 15: no exploration, step size at its floor)", 0)
-    degree: int = hparam(3, "polynomial kernel (c + s.s')^d: the degree d", 1)
-    rbf_per_dim: int = hparam(4, "RBF kernel: centres per state variable (a grid)", 1)
-    rbf_width: float = hparam(0.4, "RBF kernel: the Gaussians' width, on states scaled to [-1, 1] (> 0)", 1e-6)
-    seed: int = hparam(0, "seed of every random draw", 0)
-    log_every: int = hparam(1, "meta-iterations between progress lines and checkpoints", 1)
+DEVICES = ("cpu", "gpu")
+CUPY_INSTALL = ("pip install cupy-cuda12x (or cupy-cuda11x for CUDA 11; "
+                "see https://docs.cupy.dev/en/stable/install.html)")
 
 
-def _parse_bins(text):
+def use_device(device):
+    """Compute on "cpu" (NumPy, the default) or "gpu" (CuPy, imported only now), here and in
+    cartpole.py. ImportError, saying how to install it, when CuPy or a GPU is missing."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "cpu":
+        return set_array_module(np)
     try:
-        bins = tuple(int(b) for b in text.split(","))
-    except ValueError:
-        bins = ()
-    if len(bins) != 4 or min(bins) < 1:
-        raise ValueError(f"--bins must be 4 integers >= 1 separated by commas, e.g. 1,1,6,12; got {text!r}")
-    return bins
+        import cupy
+    except ImportError:
+        raise ImportError(f"device 'gpu' needs CuPy, which is not installed: {CUPY_INSTALL}") from None
+    try:
+        n_gpus = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CUDARuntimeError: no driver
+        raise ImportError(f"device 'gpu': CuPy is installed but cannot reach a GPU ({e})") from None
+    if n_gpus < 1:
+        raise ImportError("device 'gpu': CuPy is installed but finds no GPU")
+    set_array_module(cupy)
 
 
-def run_qlearn(config, json_path=None, save=None, load=None):
-    check_config(config)
-    bins = _parse_bins(config.bins)
-    cartpole = _import_cartpole()
-    t0 = time.perf_counter()
-    # The learners: one q_learn, three feature maps, each given (featurize, number of features).
-    learners = {"table": (lambda obs: discretize(obs, bins), math.prod(bins)),
-                "poly": (lambda obs: poly_features(obs, config.degree), math.comb(4 + config.degree, 4)),
-                "rbf": (lambda obs: rbf_features(obs, config.rbf_per_dim, config.rbf_width), config.rbf_per_dim ** 4)}
-    kernel_names = {"poly": f"poly d={config.degree}", "rbf": f"rbf {config.rbf_per_dim}^4"}  # the JSON's keys
-
-    def learn(members, tasks, rng, episodes):
-        """Every member (learner, initial weights (F, 2), first episode) on every task, side by side
-        in one batch, member after member; returns the weights and returns of each."""
-        n = len(tasks["force_mag"]) * config.seeds
-        which = [list(learners).index(name) for name, _, _ in members for _ in range(n)]
-        ends = np.cumsum([f for _, f in learners.values()])
-        W0 = xp.zeros((len(which), int(ends[-1]), 2))
-        for i, (name, init, _) in enumerate(members):
-            l = list(learners).index(name)
-            W0[i * n:(i + 1) * n, ends[l] - init.shape[0]:ends[l]] = init
-        env = cartpole_envs({k: np.tile(v, len(members)) for k, v in tasks.items()}, config.seeds)
-        firsts = xp.repeat(xp.asarray([first for _, _, first in members]), n)
-        gaps = xp.repeat(xp.asarray([0.0 if name == "table" else config.action_gap for name, _, _ in members]), n)
-        W, returns = q_learn(env, W0, block_features(list(learners.values()), which), rng, episodes, config.alpha_min,
-                             config.epsilon_min, config.decay, config.gamma, firsts, gaps)  # the table's rows: no blur
-        blocks = {name: slice(ends[l] - f, ends[l]) for l, (name, (_, f)) in enumerate(learners.items())}
-        return [(W[i * n:(i + 1) * n, blocks[name]], returns[i * n:(i + 1) * n])
-                for i, (name, _, _) in enumerate(members)]
-
-    print(f"qlearn: Q-learning with a table (bins {bins}), {kernel_names['poly']} and {kernel_names['rbf']} "
-          f"features, tasks {config.family!r}; Reptile starts over {config.iterations} x {config.meta_tasks} tasks, "
-          f"seed {config.seed}")
-    # Reptile across training tasks (Nichol et al. 2018, Algorithm 2, batched), for every learner on the same tasks:
-    #   init <- init + meta_step * (mean_b W_b - init),  W_b learned from init on task b.
-    if load:
-        start, rng, models, _, _ = load_checkpoint(load, config)
-        if set(models) != set(learners):
-            raise ValueError(f"{load} holds starts for {sorted(models)}, not for {sorted(learners)}: a checkpoint of "
-                             "an older qlearn")
-        inits = {name: models[name][0] for name in learners}
-    else:
-        start, rng = 0, np.random.default_rng(config.seed)
-        inits = {name: xp.zeros((f, 2)) for name, (_, f) in learners.items()}
-    progress = Progress(config.iterations, start)
-    for it in range(start, config.iterations):
-        tasks = cartpole.sample_tasks(rng, config.meta_tasks, config.family)
-        learned = learn([(name, inits[name], 0) for name in learners], tasks, rng, config.meta_episodes)
-        for name, (W, _) in zip(learners, learned):
-            inits[name] = inits[name] + config.meta_step * (W.mean(axis=0) - inits[name])
-        if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
-            progress(it + 1, **{f"{name}_last_50": float(returns[:, -50:].mean())
-                                for name, (_, returns) in zip(learners, learned)})
-            if save:
-                save_checkpoint(save, config, it + 1, rng, {name: [init] for name, init in inits.items()}, {})
-
-    # Held-out tasks, each learned `seeds` times by every learner from zero and from its meta-learned
-    # start (whose schedules begin at warm_start), all on the same tasks and draws.
-    tasks = cartpole.sample_tasks(stream(config.seed, HELD_OUT_TASKS), config.eval_tasks, config.family)
-    members = [(name, init, first) for name in learners
-               for init, first in ((xp.zeros_like(inits[name]), 0), (inits[name], config.warm_start))]
-    curves = {(name, first > 0): returns for (name, _, first), (_, returns) in zip(
-        members, learn(members, tasks, stream(config.seed, HELD_OUT_DRAWS), config.episodes))}
-    seconds = time.perf_counter() - t0
-
-    def summary(curve):  # a learner's returns (runs, episodes) -> its figures
-        solve, curve = to_host(episodes_to_solve(curve)), to_host(curve)
-        return {"episodes_to_solve": float(np.median(solve)), "solved_fraction": float(np.isfinite(solve).mean()),
-                "mean_return_last_100": float(curve[:, -100:].mean()),
-                "mean_return_first_20": float(curve[:, :20].mean())}
-    stats = {key: summary(curve) for key, curve in curves.items()}
-    print(f"\nqlearn: {config.eval_tasks} held-out tasks x {config.seeds} seeds, {config.episodes} episodes each; "
-          f"solved = mean return of the last 100 episodes >= 475")
-    print(f"{'learner':34s} {'median episodes to solve':>25} {'solved':>8} {'mean return, first 20':>22} "
-          f"{'last 100':>9}")
-    for (name, meta), st in stats.items():
-        label = f"{'tabular' if name == 'table' else 'kernel ' + kernel_names[name]}, " + (
-            "meta-learned start" if meta else "from zero")
-        print(f"{label:34s} {st['episodes_to_solve']:25.0f} {st['solved_fraction']:8.0%} "
-              f"{st['mean_return_first_20']:22.1f} {st['mean_return_last_100']:9.1f}")
-    print(f"({seconds:.0f} s)")
-    finite = lambda v: v if math.isfinite(v) else None  # JSON has no inf: unsolved medians are null
-    table = {"scratch": stats["table", False], "meta": stats["table", True]}
-    kernel_entry = lambda st: {k: finite(v) if k == "episodes_to_solve" else v for k, v in st.items()}
-    result = {"episodes_to_solve": {k: finite(st["episodes_to_solve"]) for k, st in table.items()},
-              "solved_fraction": {k: st["solved_fraction"] for k, st in table.items()},
-              "mean_return_first_20": {k: st["mean_return_first_20"] for k, st in table.items()},
-              "kernel": {kernel_names[name]: {**kernel_entry(stats[name, False]),
-                                              "meta": kernel_entry(stats[name, True])} for name in kernel_names},
-              "seconds": seconds, "config": dataclasses.asdict(config)}
-    if json_path:
-        write_json(json_path, result)
-    return result
+def set_array_module(module):
+    """The one switch of the backend: compute with ``module`` (numpy, cupy, or another
+    NumPy-compatible module) in this file and in cartpole.py, with that module's fast paths."""
+    global xp
+    xp = module
+    globals().update(_CUPY_PATHS if hasattr(module, "cuda") else _PLAIN_PATHS)
+    cartpole = _optional("cartpole")  # it follows when it is at hand
+    if cartpole is not None:
+        cartpole.set_array_module(module)
 
 
-# ============================================================================
-# 6. bench: speed, measured side by side in one run.
-# ============================================================================
+def _cublas_matmul(a, b):
+    """_matmul on CuPy: one cuBLAS strided-batched product that reads a transposed operand where
+    it lies. CuPy's own @ first copies every operand that is not C-contiguous (h_l^T in each
+    weight gradient, W^T in each backward pass), and runs a 2-D one through an array of pointers."""
+    tasks = {x.shape[0] for x in (a, b) if x.ndim == 3} - {1}
+    if (max(a.ndim, b.ndim) != 3 or len(tasks) > 1 or a.dtype != b.dtype or a.shape[-1] != b.shape[-2]
+            or 0 in a.shape + b.shape):
+        return a @ b  # not a product of this shape: CuPy's own, or its error
+    from cupy_backends.cuda.api import runtime
+    from cupy_backends.cuda.libs import cublas
+
+    def column_major(x):  # cuBLAS's view of x (rows, cols): an op and a leading dimension giving x^T
+        rows, cols = x.shape[-2:]
+        row_stride, col_stride = (s // x.itemsize for s in x.strides[-2:])
+        if col_stride == 1 and row_stride >= max(1, cols):  # row-major: as stored, it is x^T
+            return x, cublas.CUBLAS_OP_N, row_stride
+        if row_stride == 1 and col_stride >= max(1, rows):  # a transposed view: transpose it back
+            return x, cublas.CUBLAS_OP_T, col_stride
+        return xp.ascontiguousarray(x), cublas.CUBLAS_OP_N, cols
+
+    T = tasks.pop() if tasks else 1
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    (a, op_a, ld_a), (b, op_b, ld_b) = column_major(a), column_major(b)
+    task_stride = lambda x: x.strides[0] // x.itemsize if x.ndim == 3 and x.shape[0] > 1 else 0  # 0: shared
+    out = xp.empty((T, m, n), a.dtype)
+    one, zero = np.ones((), a.dtype), np.zeros((), a.dtype)
+    dtype, compute = ((runtime.CUDA_R_64F, cublas.CUBLAS_COMPUTE_64F) if a.dtype == np.float64 else
+                      (runtime.CUDA_R_32F, cublas.CUBLAS_COMPUTE_32F))
+    # Column-major, out^T (n, m) = b^T a^T: out comes back row-major (T, m, n).
+    cublas.gemmStridedBatchedEx(
+        xp.cuda.device.get_cublas_handle(), op_b, op_a, n, m, k, one.ctypes.data,
+        b.data.ptr, dtype, ld_b, task_stride(b), a.data.ptr, dtype, ld_a, task_stride(a),
+        zero.ctypes.data, out.data.ptr, dtype, n, m * n, T, compute, cublas.CUBLAS_GEMM_DEFAULT)
+    return out
+
+
+def _cublas_sum_leading(a):
+    """_sum_leading on CuPy: the product 1^T a, one cuBLAS call, where CuPy's reduction over a
+    leading axis is many times slower."""
+    return (_ones_row(a.shape[0], a.dtype, xp) @ a.reshape(a.shape[0], -1)).reshape(a.shape[1:])
+
+
+# What set_array_module puts in place: the core's plain functions, or CuPy's fast paths.
+_PLAIN_PATHS = {"_matmul": _matmul, "_sum_leading": _sum_leading}
+_CUPY_PATHS = {"_matmul": _cublas_matmul, "_sum_leading": _cublas_sum_leading}
+
+
+def _tune_allocator():
+    """Let glibc keep freed memory in the process instead of giving it back to the OS, where
+    each new array would page-fault anew. Setting any of these options turns off glibc's own
+    adaptive threshold, so all three are set: M_TOP_PAD (64 MB kept when the heap shrinks),
+    M_MMAP_THRESHOLD (arrays up to 32 MB, glibc's most, from the heap, not from mmap: the
+    meta-RL batches hold arrays of several MB) and M_TRIM_THRESHOLD (give memory back only
+    above 256 MB free). Only the command line does this; importing this file changes nothing."""
+    import ctypes
+    import platform
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-2, 64 << 20)  # M_TOP_PAD
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
+
+
+# ----------------------------------------------------------------------------
+# III.3 bench: speed, measured side by side in one run.
+# ----------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -2888,21 +3232,21 @@ def bench_es(config, rng, device="cpu"):
     candidate's perturbations of its head on every task, one batched env and one batched forward pass of
     per-policy weights (4-32-32-2), as es_train runs them. On the CPU a generation of the defaults' size
     and one 16 times larger; on the GPU 16 and 256 times."""
-    cartpole, defaults = _import_cartpole(), CartPoleConfig()
-    body = es_init(defaults, rng)
+    family, defaults = cartpole_family("reversed"), CartPoleConfig()
+    body = es_init(family, defaults, rng)
     scales = (1,) if config.quick else ((16, 256) if device == "gpu" else (1, 16))
     fns, steps = {}, {}
     for scale in scales:
         n, m, K = defaults.es_population * scale, defaults.es_tasks, defaults.es_perturbations
         noise = [xp.asarray(rng.standard_normal((n,) + p.shape).astype(p.dtype)) for p in body]
-        policies = es_policies([xp.repeat(c, m, axis=0) for c in perturbed(body, noise, 0.1)], defaults)
-        tasks = {k: np.tile(v, 2 * n) for k, v in cartpole.sample_tasks(rng, m, "reversed").items()}
+        policies = es_policies([xp.repeat(c, m, axis=0) for c in perturbed(body, noise, 0.1)], family, defaults)
+        tasks = tile_tasks(family.sample_tasks(rng, m), 2 * n)
         name = f"ES-MAML hill climbing, {2 * n * m * (K + 1)} policies x 2 episodes" + (
             "" if device == "cpu" else f" ({device})")
         seed = int(rng.integers(2 ** 63))
         run = lambda policies=policies, tasks=tasks, seed=seed: hill_climb(
-            policies, tasks, np.random.default_rng(seed), K, defaults.es_adapt_sigma, defaults.es_episodes,
-            TRIAL_STEPS, cartpole_envs, 2)[1]
+            policies, family, tasks, np.random.default_rng(seed), K, defaults.es_adapt_sigma, defaults.es_episodes,
+            HEAD)[1]
         fns[name], steps[name] = run, run()  # the same draws each call: the same steps
     seconds = _time_alternatives(fns, {name: 1 for name in fns}, config.rounds, {name: lambda: _synchronize(xp)
                                                                                   for name in fns})
@@ -3087,9 +3431,9 @@ def run_bench(config, json_path=None):
     return result
 
 
-# ============================================================================
-# 7. The command line.
-# ============================================================================
+# ----------------------------------------------------------------------------
+# III.4 The command line.
+# ----------------------------------------------------------------------------
 
 
 class _Parser(argparse.ArgumentParser):
@@ -3184,109 +3528,6 @@ def main(argv=None):
     finally:
         set_array_module(backend)
     return 0
-
-
-# ============================================================================
-# 8. The backend switch, and the fast paths that plug themselves in: CuPy's
-#    products and sums, and glibc's allocator for the command line.
-# ============================================================================
-DEVICES = ("cpu", "gpu")
-CUPY_INSTALL = ("pip install cupy-cuda12x (or cupy-cuda11x for CUDA 11; "
-                "see https://docs.cupy.dev/en/stable/install.html)")
-
-
-def use_device(device):
-    """Compute on "cpu" (NumPy, the default) or "gpu" (CuPy, imported only now), here and in
-    cartpole.py. ImportError, saying how to install it, when CuPy or a GPU is missing."""
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-    if device == "cpu":
-        return set_array_module(np)
-    try:
-        import cupy
-    except ImportError:
-        raise ImportError(f"device 'gpu' needs CuPy, which is not installed: {CUPY_INSTALL}") from None
-    try:
-        n_gpus = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # CUDARuntimeError: no driver
-        raise ImportError(f"device 'gpu': CuPy is installed but cannot reach a GPU ({e})") from None
-    if n_gpus < 1:
-        raise ImportError("device 'gpu': CuPy is installed but finds no GPU")
-    set_array_module(cupy)
-
-
-def set_array_module(module):
-    """The one switch of the backend: compute with ``module`` (numpy, cupy, or another
-    NumPy-compatible module) in this file and in cartpole.py, with that module's fast paths."""
-    global xp
-    xp = module
-    globals().update(_CUPY_PATHS if hasattr(module, "cuda") else _PLAIN_PATHS)
-    cartpole = _optional("cartpole")  # it follows when it is at hand
-    if cartpole is not None:
-        cartpole.set_array_module(module)
-
-
-def _cublas_matmul(a, b):
-    """_matmul on CuPy: one cuBLAS strided-batched product that reads a transposed operand where
-    it lies. CuPy's own @ first copies every operand that is not C-contiguous (h_l^T in each
-    weight gradient, W^T in each backward pass), and runs a 2-D one through an array of pointers."""
-    tasks = {x.shape[0] for x in (a, b) if x.ndim == 3} - {1}
-    if (max(a.ndim, b.ndim) != 3 or len(tasks) > 1 or a.dtype != b.dtype or a.shape[-1] != b.shape[-2]
-            or 0 in a.shape + b.shape):
-        return a @ b  # not a product of this shape: CuPy's own, or its error
-    from cupy_backends.cuda.api import runtime
-    from cupy_backends.cuda.libs import cublas
-
-    def column_major(x):  # cuBLAS's view of x (rows, cols): an op and a leading dimension giving x^T
-        rows, cols = x.shape[-2:]
-        row_stride, col_stride = (s // x.itemsize for s in x.strides[-2:])
-        if col_stride == 1 and row_stride >= max(1, cols):  # row-major: as stored, it is x^T
-            return x, cublas.CUBLAS_OP_N, row_stride
-        if row_stride == 1 and col_stride >= max(1, rows):  # a transposed view: transpose it back
-            return x, cublas.CUBLAS_OP_T, col_stride
-        return xp.ascontiguousarray(x), cublas.CUBLAS_OP_N, cols
-
-    T = tasks.pop() if tasks else 1
-    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
-    (a, op_a, ld_a), (b, op_b, ld_b) = column_major(a), column_major(b)
-    task_stride = lambda x: x.strides[0] // x.itemsize if x.ndim == 3 and x.shape[0] > 1 else 0  # 0: shared
-    out = xp.empty((T, m, n), a.dtype)
-    one, zero = np.ones((), a.dtype), np.zeros((), a.dtype)
-    dtype, compute = ((runtime.CUDA_R_64F, cublas.CUBLAS_COMPUTE_64F) if a.dtype == np.float64 else
-                      (runtime.CUDA_R_32F, cublas.CUBLAS_COMPUTE_32F))
-    # Column-major, out^T (n, m) = b^T a^T: out comes back row-major (T, m, n).
-    cublas.gemmStridedBatchedEx(
-        xp.cuda.device.get_cublas_handle(), op_b, op_a, n, m, k, one.ctypes.data,
-        b.data.ptr, dtype, ld_b, task_stride(b), a.data.ptr, dtype, ld_a, task_stride(a),
-        zero.ctypes.data, out.data.ptr, dtype, n, m * n, T, compute, cublas.CUBLAS_GEMM_DEFAULT)
-    return out
-
-
-def _cublas_sum_leading(a):
-    """_sum_leading on CuPy: the product 1^T a, one cuBLAS call, where CuPy's reduction over a
-    leading axis is many times slower."""
-    return (_ones_row(a.shape[0], a.dtype, xp) @ a.reshape(a.shape[0], -1)).reshape(a.shape[1:])
-
-
-# What set_array_module puts in place: the core's plain functions, or CuPy's fast paths.
-_PLAIN_PATHS = {"_matmul": _matmul, "_sum_leading": _sum_leading}
-_CUPY_PATHS = {"_matmul": _cublas_matmul, "_sum_leading": _cublas_sum_leading}
-
-
-def _tune_allocator():
-    """Let glibc keep freed memory in the process instead of giving it back to the OS, where
-    each new array would page-fault anew. Setting any of these options turns off glibc's own
-    adaptive threshold, so all three are set: M_TOP_PAD (64 MB kept when the heap shrinks),
-    M_MMAP_THRESHOLD (arrays up to 32 MB, glibc's most, from the heap, not from mmap: the
-    meta-RL batches hold arrays of several MB) and M_TRIM_THRESHOLD (give memory back only
-    above 256 MB free). Only the command line does this; importing this file changes nothing."""
-    import ctypes
-    import platform
-    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-2, 64 << 20)  # M_TOP_PAD
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
 
 
 if __name__ == "__main__":

@@ -1082,13 +1082,13 @@ class TestPolicyGradient(unittest.TestCase):
         # Goals near the start and a narrow policy: episodes end after 1 to 100 steps.
         T, E, min_steps = 3, 4, 150
         goals = np.array([[0.004, 0.0], [0.0, -0.006], [0.05, 0.05]])
-        params = mm.init_policy("nav2d", mm.Nav2DConfig(hidden=8, init_log_std=-2.5, init_out_scale=0.0),
+        params = mm.init_policy(mm.nav2d_family(), mm.Nav2DConfig(hidden=8, init_log_std=-2.5, init_out_scale=0.0),
                                 np.random.default_rng(0))
         params[-1][:2] = 0.0  # the mean velocity: 0 everywhere
-        got = mm.rollout_min_steps(params, mm.nav_envs(goals, E), T, np.random.default_rng(4), min_steps,
+        got = mm.rollout_min_steps(params, mm.nav_envs({"goal": goals}, E), T, np.random.default_rng(4), min_steps,
                                    mm.NAV_MAX_EPISODE_STEPS, "gaussian", "relu")
         # rllab's VectorizedSampler, one env at a time: keep each episode as it ends until the task has enough.
-        rng, env = np.random.default_rng(4), mm.nav_envs(goals, E)
+        rng, env = np.random.default_rng(4), mm.nav_envs({"goal": goals}, E)
         ob, _ = env.reset(seed=int(rng.integers(2 ** 63)))
         draws = mm.device_rng(rng)
         running, kept, count = [[] for _ in range(T * E)], [[] for _ in range(T)], np.zeros(T, int)
@@ -1185,12 +1185,12 @@ class TestPolicyGradient(unittest.TestCase):
 
     def test_gaussian_policy_starts_at_init_log_std(self):
         config = mm.Nav2DConfig(hidden=8, init_log_std=-1.5)
-        params = mm.init_policy("nav2d", config, np.random.default_rng(0))
+        params = mm.init_policy(mm.nav2d_family(), config, np.random.default_rng(0))
         out = mm.mlp_forward(params, np.random.default_rng(1).uniform(-0.5, 0.5, (1, 5, 2)).astype(np.float32),
                              "relu")[0]
         np.testing.assert_array_equal(out[..., 2:], -1.5)  # the log-std, the same in every state
         self.assertFalse(np.allclose(out[0, 0, :2], out[0, 1, :2]))  # the mean follows the state
-        cart = mm.init_policy("cartpole", mm.CartPoleConfig(hidden=8), np.random.default_rng(0))
+        cart = mm.init_policy(mm.cartpole_family(), mm.CartPoleConfig(hidden=8), np.random.default_rng(0))
         plain = mm.init_mlp((4, 8, 8, 2), np.random.default_rng(0), "tanh")
         for a, b in zip(cart, plain):
             np.testing.assert_array_equal(a, b)
@@ -1199,7 +1199,7 @@ class TestPolicyGradient(unittest.TestCase):
         plain = mm.init_mlp((2, 8, 8, 4), np.random.default_rng(0), "relu", bias_outputs=2)
         for scale in (0.01, 1.0):
             config = mm.Nav2DConfig(hidden=8, init_out_scale=scale, init_log_std=0.0)
-            params = mm.init_policy("nav2d", config, np.random.default_rng(0))
+            params = mm.init_policy(mm.nav2d_family(), config, np.random.default_rng(0))
             for i, (a, b) in enumerate(zip(params, plain)):
                 np.testing.assert_array_equal(a, b * scale if i == len(params) - 2 else b)
                 self.assertEqual(a.dtype, np.float32)
@@ -1210,8 +1210,8 @@ class TestPolicyGradient(unittest.TestCase):
         goals = mm.sample_nav_tasks(np.random.default_rng(1), 2)
         for min_steps in (0, 450):
             config = mm.Nav2DConfig(hidden=8, eval_batch=3, eval_min_steps=min_steps)
-            params = mm.init_policy("nav2d", config, np.random.default_rng(0))
-            got = mm.meta_rl_evaluate(params, "nav2d", config, goals, np.random.default_rng(2), 0.3, 0.05)
+            params = mm.init_policy(mm.nav2d_family(), config, np.random.default_rng(0))
+            got = mm.meta_rl_evaluate(params, mm.nav2d_family(), config, goals, np.random.default_rng(2), 0.3, 0.05)
             rng, p = np.random.default_rng(2), params
             for step, lr in zip("0123", (0.3, 0.05, 0.05, None)):
                 env = mm.nav_envs(goals, 3)
@@ -1222,7 +1222,7 @@ class TestPolicyGradient(unittest.TestCase):
                 np.testing.assert_array_equal(got[step], mm.episode_returns(episodes).mean(axis=1))
                 if lr is not None:
                     p = mm.adapt(p, mm.pg_batch(episodes), "gauss", lr, 1, "relu").params
-            same = mm.meta_rl_evaluate(params, "nav2d", config, goals, np.random.default_rng(2), 0.3, None)
+            same = mm.meta_rl_evaluate(params, mm.nav2d_family(), config, goals, np.random.default_rng(2), 0.3, None)
             np.testing.assert_array_equal(same["1"], got["1"])  # later_lr does not touch the first step
             self.assertFalse(np.array_equal(same["2"], got["2"]))
 
@@ -1299,8 +1299,8 @@ class TestTRPO(unittest.TestCase):
                     kl_weights = self.rng.uniform(0.1, 1.0, size=(3, 5))
                     thetas = mm.adapt(params, support, loss, 0.1, steps, "tanh").thetas
                     old_out = mm.mlp_forward(thetas[-1], x_q, "tanh")[0]
-                    product = mm._meta_fisher(params, thetas, mm._step_batches(support, steps), x_q, old_out,
-                                              kl_weights, loss, 0.1, first_order, "tanh")
+                    product = mm._meta_fisher(params, thetas, mm._step_batches(support, steps),
+                                              mm.KLBatch(x_q, old_out, kl_weights), loss, 0.1, first_order, "tanh")
 
                     def meta_kl(d):  # first-order: the same shift of every task's adapted params (J = I)
                         moved = ([t + di for t, di in zip(thetas[-1], d)] if first_order else
@@ -1330,9 +1330,9 @@ class TestTRPO(unittest.TestCase):
                     support = [support, _batch(self.rng, loss, 3, 5, 2, n_out)]
                 before = [p.copy() for p in params]
                 max_kl = 1e-4
-                new, info = mm.maml_trpo_step(params, support, query, kl_weights, loss, 0.1, steps,
-                                              activation="tanh", max_kl=max_kl, cg_iters=100, damping=1e-2,
-                                              fisher_stride=1)
+                region = mm.TrustRegion(max_kl=max_kl, cg_iters=100, damping=1e-2, fisher_stride=1)
+                new, info = mm.maml_trpo_step(params, mm._step_batches(support, steps), query, kl_weights, loss, 0.1,
+                                              activation="tanh", trust_region=region)
                 for p, q in zip(params, before):
                     np.testing.assert_array_equal(p, q)
                 # The reported KL and improvement, recomputed from the adapted policies.
@@ -1351,8 +1351,9 @@ class TestTRPO(unittest.TestCase):
                 g = mm.maml_grad(params, support, query, loss, 0.1, steps, False, "tanh")[1]
                 step = [q - p for p, q in zip(params, new)]
                 thetas = mm.adapt(params, support, loss, 0.1, steps, "tanh").thetas
-                f_step = mm._meta_fisher(params, thetas, mm._step_batches(support, steps), query[0], old_out,
-                                         kl_weights, loss, 0.1, False, "tanh", 1e-2)(step)
+                f_step = mm._meta_fisher(params, thetas, mm._step_batches(support, steps),
+                                         mm.KLBatch(query[0], old_out, kl_weights), loss, 0.1, False, "tanh",
+                                         1e-2)(step)
                 dot = mm._dot
                 # (CG stops at a residual of 1e-5 |g|.)
                 self.assertLess(_rel_err(f_step, [gi * (dot(f_step, g) / dot(g, g)) for gi in g]), 1e-4)
@@ -1376,9 +1377,13 @@ class TestTRPO(unittest.TestCase):
                  (dict(cg_iters=0), "cg_iters must be an integer >= 1"), (dict(fisher_stride=2.0), "fisher_stride"),
                  (dict(max_backtracks=0), "max_backtracks"), (dict(kl_weights=kl_weights[:, :3]), "kl_weights"),
                  (dict(kl_weights=-kl_weights), "kl_weights"), (dict(inner_lr=float("inf")), "inner_lr")]
+        region_fields = {f.name for f in dataclasses.fields(mm.TrustRegion)}
         for override, pattern in cases:
             kwargs = dict(params=params, support=support, query=query, kl_weights=kl_weights, loss="gauss")
-            kwargs.update(override)
+            kwargs.update({k: v for k, v in override.items() if k not in region_fields})
+            region = {k: v for k, v in override.items() if k in region_fields}
+            if region:
+                kwargs["trust_region"] = mm.TrustRegion(**region)
             with self.subTest(override=list(override)), self.assertRaisesRegex(ValueError, pattern):
                 mm.maml_trpo_step(**kwargs)
 
@@ -1446,7 +1451,7 @@ class TestMetaRL(unittest.TestCase):
                 status, _, err = _run_main(["sine", "--load", ck])
                 self.assertEqual(status, 2)
                 self.assertIn(f"{ck} was made with settings that sine does not have: "
-                              "--fast-batch, --init-out-scale, --gamma, ...", err)
+                              "--fast-batch, --activation, --init-out-scale, ...", err)
 
     def test_algorithms_run(self):
         for flags in (["--first-order"], ["--algorithm", "reptile"], ["--lvc"], ["--outer", "trpo", "--lvc"],
@@ -1553,21 +1558,21 @@ class TestQLearning(unittest.TestCase):
         # episode), epsilon 0: greedy.
         W0 = np.zeros((1, 2, 2))
         W0[0, 0, 1] = 0.1  # so the greedy action in state 0 is 1
-        W, returns = mm.q_learn(_TwoStateEnv(1), W0, self.rows, np.random.default_rng(0), 2, alpha_min=0.5,
-                                epsilon_min=0.0, decay=1e-3, gamma=0.5)
+        W, returns = mm.q_learn(_TwoStateEnv(1), W0, self.rows, np.random.default_rng(0), 2,
+                                schedule=mm.QSchedule(alpha_min=0.5, epsilon_min=0.0, decay=1e-3, gamma=0.5))
         # Episode 1: Q(0,1) <- 0.1 + 0.5 (0 + 0.5 max Q(1, .) - 0.1) = 0.05;  Q(1,0) <- 0 + 0.5 (1 - 0) = 0.5
         # Episode 2: Q(0,1) <- 0.05 + 0.5 (0.5 * 0.5 - 0.05) = 0.15;         Q(1,0) <- 0.5 + 0.5 (1 - 0.5) = 0.75
         np.testing.assert_allclose(W[0], [[0.0, 0.15], [0.75, 0.0]])
         np.testing.assert_array_equal(returns, [[1.0, 1.0]])
         np.testing.assert_array_equal(W0[0], [[0.0, 0.1], [0.0, 0.0]])  # the caller's weights are untouched
         # Many episodes converge to Q*: Q*(1, .) = 1, Q*(0, 1) = gamma, Q*(0, 0) = 0.
-        W, _ = mm.q_learn(_TwoStateEnv(1), W0, self.rows, np.random.default_rng(0), 200, alpha_min=0.5,
-                          epsilon_min=0.3, decay=1e-3, gamma=0.5)
+        W, _ = mm.q_learn(_TwoStateEnv(1), W0, self.rows, np.random.default_rng(0), 200,
+                          schedule=mm.QSchedule(alpha_min=0.5, epsilon_min=0.3, decay=1e-3, gamma=0.5))
         np.testing.assert_allclose(W[0], [[0.0, 0.5], [1.0, 1.0]], atol=1e-3)
         # Advantage learning keeps the best action's value and widens the gap to the others by 1 / (1 - gap):
         # Q(0, 0) = V*(0) - (V*(0) - Q*(0, 0)) / (1 - 0.5) = 0.5 - 1 = -0.5; in state 1 both actions are best.
-        W, _ = mm.q_learn(_TwoStateEnv(1), W0, self.rows, np.random.default_rng(0), 200, alpha_min=0.5,
-                          epsilon_min=0.3, decay=1e-3, gamma=0.5, action_gap=0.5)
+        W, _ = mm.q_learn(_TwoStateEnv(1), W0, self.rows, np.random.default_rng(0), 200, action_gap=0.5,
+                          schedule=mm.QSchedule(alpha_min=0.5, epsilon_min=0.3, decay=1e-3, gamma=0.5))
         np.testing.assert_allclose(W[0], [[-0.5, 0.5], [1.0, 1.0]], atol=1e-3)
 
     def test_batched_equals_one_task_at_a_time(self):
@@ -1575,10 +1580,10 @@ class TestQLearning(unittest.TestCase):
         W0 = rng.normal(size=(3, 2, 2))
         starts = np.array([0, 3, 10])  # each env's schedules start at its own episode
         batched, returns = mm.q_learn(_TwoStateEnv(3), W0, self.rows, np.random.default_rng(5), 20,
-                                      epsilon_min=0.4, decay=2.0, start_episode=starts)
+                                      mm.QSchedule(epsilon_min=0.4, decay=2.0), start_episode=starts)
         for b in range(3):
             single, r = mm.q_learn(_TwoStateEnv(1), W0[b:b + 1], self.rows, _Columns(5, 3, b), 20,
-                                   epsilon_min=0.4, decay=2.0, start_episode=int(starts[b]))
+                                   mm.QSchedule(epsilon_min=0.4, decay=2.0), start_episode=int(starts[b]))
             np.testing.assert_allclose(single[0], batched[b], rtol=1e-12)
             np.testing.assert_array_equal(r[0], returns[b])
 
@@ -1598,10 +1603,11 @@ class TestQLearning(unittest.TestCase):
         np.testing.assert_array_equal(featurize(obs), [[1, 0, 0, 0], [0, 0, 1, 2], [0, 1, 0, 0], [0, 0, 0, 0]])
         W0 = np.zeros((2, 2, 2))
         W0[:, 0, 1] = 0.1
-        table, returns = mm.q_learn(_TwoStateEnv(2), W0, self.rows, np.random.default_rng(0), 30, epsilon_min=0.2,
-                                    decay=2.0, gamma=0.5)
+        table, returns = mm.q_learn(_TwoStateEnv(2), W0, self.rows, np.random.default_rng(0), 30,
+                                    schedule=mm.QSchedule(epsilon_min=0.2, decay=2.0, gamma=0.5))
         one_hot, same = mm.q_learn(_TwoStateEnv(2), W0, mm.block_features([(self.rows, 2)], [0, 0]),
-                                   np.random.default_rng(0), 30, epsilon_min=0.2, decay=2.0, gamma=0.5)
+                                   np.random.default_rng(0), 30,
+                                   schedule=mm.QSchedule(epsilon_min=0.2, decay=2.0, gamma=0.5))
         np.testing.assert_array_equal(one_hot, table)
         np.testing.assert_array_equal(same, returns)
 
@@ -1611,12 +1617,13 @@ class TestQLearning(unittest.TestCase):
         init = np.zeros((2, 2))
         for it in range(5):
             W, _ = mm.q_learn(_TwoStateEnv(3), np.broadcast_to(init, (3, 2, 2)), self.rows,
-                              np.random.default_rng(it), 20, epsilon_min=0.0, decay=5.0, gamma=0.5)
+                              np.random.default_rng(it), 20,
+                              schedule=mm.QSchedule(epsilon_min=0.0, decay=5.0, gamma=0.5))
             init = init + 0.5 * (W.mean(axis=0) - init)
         self.assertGreater(init[0, 1], init[0, 0])  # in state 0, action 1 leads on to the reward
         for start, first_return in ((init, 1.0), (np.zeros((2, 2)), 0.0)):
             _, returns = mm.q_learn(_TwoStateEnv(1), start[None], self.rows, np.random.default_rng(9), 3,
-                                    epsilon_min=0.0, decay=5.0, gamma=0.5, start_episode=150)
+                                    mm.QSchedule(epsilon_min=0.0, decay=5.0, gamma=0.5), start_episode=150)
             self.assertEqual(returns[0, 0], first_return)
 
     def test_discretizer_edges(self):
@@ -1665,13 +1672,15 @@ class TestQLearning(unittest.TestCase):
 
     def test_bad_hyperparameters(self):
         env, W = _TwoStateEnv(1), np.zeros((1, 2, 2))
-        for kwargs, message in (({"alpha_min": 0.0}, "alpha_min must be in \\(0, 1\\]"),
-                                ({"alpha_min": 1.5}, "alpha_min"), ({"gamma": -0.1}, "gamma must be in \\[0.0, 1.0\\]"),
-                                ({"gamma": 1.01}, "gamma"), ({"decay": 0.0}, "decay must be > 0"),
+        schedule = lambda **k: {"schedule": mm.QSchedule(**k)}
+        for kwargs, message in ((schedule(alpha_min=0.0), "alpha_min must be in \\(0, 1\\]"),
+                                (schedule(alpha_min=1.5), "alpha_min"),
+                                (schedule(gamma=-0.1), "gamma must be in \\[0.0, 1.0\\]"),
+                                (schedule(gamma=1.01), "gamma"), (schedule(decay=0.0), "decay must be > 0"),
                                 ({"action_gap": 1.0}, r"action_gap must be in \[0, 1\)"),
                                 ({"action_gap": np.array([-0.1])}, "action_gap"),
                                 ({"weights": np.zeros((2, 2, 2))}, r"weights must have shape \(num_envs, F, A\)")):
-            with self.subTest(**kwargs), self.assertRaisesRegex(ValueError, message):
+            with self.subTest(message=message), self.assertRaisesRegex(ValueError, message):
                 mm.q_learn(**{"env": env, "weights": W, "featurize": self.rows, "rng": np.random.default_rng(0),
                               "episodes": 1, **kwargs})
         with self.assertRaisesRegex(ValueError, "degree must be an integer >= 1"):
@@ -1787,7 +1796,7 @@ class TestMemoryAndEvolution(unittest.TestCase):
     def test_hidden_state_carried_across_episodes_and_reset_at_the_trial(self):
         # A GRU made by hand: h keeps the cue (the update gate shut once it is seen), the action follows h.
         H, big = 1, 20.0
-        Wx = np.zeros((mm.RL2_INPUTS, 3 * H))
+        Wx = np.zeros((4 + 2 + 2, 3 * H))  # [observation, previous action one-hot, previous reward, done]
         Wx[0, 2] = big  # the candidate n = tanh(big * cue)
         Wx[7, 0] = big  # done (a new episode of the trial) shuts the update gate: h is kept
         params = [Wx, np.zeros((H, 3 * H)), np.array([-big, 0.0, 0.0]), np.array([[-big, big]]), np.zeros(2)]
@@ -1832,19 +1841,19 @@ class TestMemoryAndEvolution(unittest.TestCase):
         zero head that es_policies appends starts every task at the uniform policy."""
         config = mm.CartPoleConfig(hidden=4, es_perturbations=3)
         rng = np.random.default_rng(0)
-        body = [np.repeat(p[None], 5, axis=0) for p in mm.es_init(config, rng)]
+        family = mm.cartpole_family()
+        body = [np.repeat(p[None], 5, axis=0) for p in mm.es_init(family, config, rng)]
         self.assertEqual(len(body), 4)
-        params = mm.es_policies(body, config)
+        params = mm.es_policies(body, family, config)
         self.assertEqual([p.shape for p in params[4:]], [(5, 4, 2), (5, 2)])
         self.assertEqual(float(np.abs(params[4]).sum() + np.abs(params[5]).sum()), 0.0)
-        cartpole = mm._import_cartpole()
-        tasks = cartpole.sample_tasks(rng, 5, "reversed")
-        adapted, steps = mm.es_adapt(params, config, tasks, rng)
+        tasks = family.sample_tasks(rng, 5)
+        adapted, steps = mm.es_adapt(params, family, config, tasks, rng)
         self.assertGreater(steps, 0)
         for a, p in zip(adapted[:4], params[:4]):
             np.testing.assert_array_equal(a, p)
         self.assertGreater(float(np.abs(adapted[4]).sum()), 0.0)  # two rounds of 3: some perturbation won
-        every = mm.hill_climb(params, tasks, rng, 3, 0.5, 1, 500, mm.cartpole_envs)[0]
+        every = mm.hill_climb(params, family, tasks, rng, 3, 0.5, 1)[0]
         self.assertTrue(all((a != p).any() for a, p in zip(every, params)))  # None: every array is perturbed
 
     def test_es_gradient_on_a_quadratic(self):
@@ -1939,10 +1948,12 @@ class TestCopying(unittest.TestCase):
                     self.assertIn("needs cartpole.py", proc.stderr)
             proc = self._run(d, "metarl_min.py", "sine", "--iterations", "2", "--eval-tasks", "2", "--eval-points", "2")
             self.assertEqual(proc.returncode, 0, proc.stderr)
-            # The core: everything above the line the docstring names, and nothing else.
-            line = int(re.search(r"everything above line (\d+) is the core", source).group(1))
-            core = source.splitlines()[:line - 1]
-            self.assertTrue(source.splitlines()[line].startswith("# The end of the core"))
+            # The core: everything above its end's banner, and nothing else.
+            lines = source.splitlines()
+            end = lines.index("# The end of the core. Below it: Part II, one chapter per family of")
+            self.assertTrue(lines[end - 1].startswith("# ====="))
+            self.assertIn('the banner "The end of the core"', " ".join(source[:2000].split()))  # the docstring names it, no line number
+            core = lines[:end - 1]
             with open(os.path.join(d, "metarl_min.py"), "w") as f:
                 f.write("\n".join(core) + "\n")
             proc = self._run(d, "-c", _COPY_CHECK)
@@ -2149,11 +2160,12 @@ class TestBackend(unittest.TestCase):
         config = mm.CartPoleConfig(iterations=2, meta_batch=3, fast_batch=3, hidden=8, log_every=1)
         with tempfile.TemporaryDirectory() as d, contextlib.redirect_stdout(io.StringIO()):
             ck = os.path.join(d, "ck.npz")
-            cpu, _, _ = mm.meta_rl_train("cartpole", config)
+            family = mm.cartpole_family()
+            cpu, _, _ = mm.meta_rl_train(family, config)
             mm.set_array_module(_EmulatedDevice())
-            straight, _, extra = mm.meta_rl_train("cartpole", config)
-            mm.meta_rl_train("cartpole", dataclasses.replace(config, iterations=1), save=ck)
-            resumed, _, extra_resumed = mm.meta_rl_train("cartpole", config, load=ck)
+            straight, _, extra = mm.meta_rl_train(family, config)
+            mm.meta_rl_train(family, dataclasses.replace(config, iterations=1), save=ck)
+            resumed, _, extra_resumed = mm.meta_rl_train(family, config, load=ck)
             self.assertIsInstance(resumed[0], _DeviceArray)
             for s, r in zip(straight, resumed):
                 np.testing.assert_array_equal(mm.to_host(s), mm.to_host(r))
