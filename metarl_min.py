@@ -149,15 +149,15 @@ def _outer(h, delta, W):
     return _matmul(_T(h), delta)
 
 
+@functools.lru_cache(maxsize=64)
+def _ones_row(k, dtype, module):  # (1, k) ones, made once per size: at small sizes, making it costs as much as the sum
+    return module.ones((1, k), dtype)
+
+
 def _sum_k(delta):
     """sum_k delta[..., k, :], the sum over the samples axis of (T, K, n), as the product
     1^T delta: one matmul, many times faster than NumPy's sum over a middle axis."""
     return _matmul(_ones_row(delta.shape[-2], delta.dtype, xp), delta)[..., 0, :]
-
-
-@functools.lru_cache(maxsize=64)
-def _ones_row(k, dtype, module):  # (1, k) ones, made once per size: at small sizes, making it costs as much as the sum
-    return module.ones((1, k), dtype)
 
 
 def _affine(h, W, b):
@@ -505,6 +505,11 @@ def adapt(params, support, loss="mse", inner_lr=0.01, inner_steps=1, activation=
 #   and for Meta-SGD:  dL/d alpha += -g_j * dL/d theta_{j+1}, summed over tasks.
 # Forwards, for TRPO's metric:  J v = J_{n-1} ... J_0 v:  v <- v - alpha * (H_j v), step after step.
 # First-order MAML drops H_j: v passes through unchanged.
+def _sum_leading(a):
+    """The sum over the first axis (tasks). On CuPy, set_array_module (Part III) puts a product in its place."""
+    return a.sum(axis=0)
+
+
 def _backprop_inner(v, adaptation, supports, inner_lr, loss, first_order, activation):
     """v = dL/d theta' (per task) -> dL/d theta (per task), and dL/d inner_lr when it is a list (Meta-SGD).
     adaptation: adapt's Adaptation; supports: the batch of each inner step (_step_batches)."""
@@ -538,11 +543,6 @@ def _sum_tasks(v, params):
     """Per-task directions (T, ...) -> their sum over tasks, shaped and typed as the shared params."""
     total = [_sum_leading(vi) if vi.ndim > p.ndim else vi for vi, p in zip(v, params)]
     return [t.astype(p.dtype, copy=False) for t, p in zip(total, params)]
-
-
-def _sum_leading(a):
-    """The sum over the first axis (tasks). On CuPy, set_array_module (Part III) puts a product in its place."""
-    return a.sum(axis=0)
 
 
 def _factored(params, supports, factored):
@@ -2468,6 +2468,22 @@ def _scaled(obs, low, high):
     return xp.clip(2.0 * _in_box(obs, low, high) - 1.0, -1.0, 1.0)
 
 
+def _compositions(total, parts):
+    """All tuples of `parts` non-negative integers that sum to `total`."""
+    if parts == 1:
+        return [(total,)]
+    return [(first,) + rest for first in range(total + 1) for rest in _compositions(total - first, parts - 1)]
+
+
+@functools.lru_cache(maxsize=None)
+def _poly_terms(degree, n_vars, c, module):
+    """sqrt of the multinomial coefficients (F,) and the powers k_1..k_n (F, n_vars) of
+    poly_features, computed once per kernel and backend (no copy from the host per call)."""
+    k = np.array(_compositions(degree, n_vars + 1))  # (F, n + 1): k_0, k_1, ..., k_n
+    coef = np.array([math.factorial(degree) / math.prod(math.factorial(int(ki)) for ki in row) for row in k])
+    return module.asarray(np.sqrt(coef * c ** k[:, 0])), module.asarray(k[:, 1:])
+
+
 def poly_features(obs, degree, c=1.0, low=Q_STATE_LOW, high=Q_STATE_HIGH):
     """The explicit feature map of the polynomial kernel K(s, s') = (c + s.s')^d
     on states scaled to [-1, 1] (_scaled): phi(s).phi(s') = K(s, s'). By the multinomial
@@ -2484,19 +2500,10 @@ def poly_features(obs, degree, c=1.0, low=Q_STATE_LOW, high=Q_STATE_HIGH):
 
 
 @functools.lru_cache(maxsize=None)
-def _poly_terms(degree, n_vars, c, module):
-    """sqrt of the multinomial coefficients (F,) and the powers k_1..k_n (F, n_vars) of
-    poly_features, computed once per kernel and backend (no copy from the host per call)."""
-    k = np.array(_compositions(degree, n_vars + 1))  # (F, n + 1): k_0, k_1, ..., k_n
-    coef = np.array([math.factorial(degree) / math.prod(math.factorial(int(ki)) for ki in row) for row in k])
-    return module.asarray(np.sqrt(coef * c ** k[:, 0])), module.asarray(k[:, 1:])
-
-
-def _compositions(total, parts):
-    """All tuples of `parts` non-negative integers that sum to `total`."""
-    if parts == 1:
-        return [(total,)]
-    return [(first,) + rest for first in range(total + 1) for rest in _compositions(total - first, parts - 1)]
+def _rbf_centres(per_dim, n_vars, module):
+    """The grid of per_dim^n_vars centres in [-1, 1]^n_vars, made once per grid and backend."""
+    axis = np.linspace(-1.0, 1.0, per_dim)
+    return module.asarray(np.stack(np.meshgrid(*[axis] * n_vars, indexing="ij"), axis=-1).reshape(-1, n_vars))
 
 
 def rbf_features(obs, per_dim=4, width=0.4, low=Q_STATE_LOW, high=Q_STATE_HIGH):
@@ -2511,13 +2518,6 @@ def rbf_features(obs, per_dim=4, width=0.4, low=Q_STATE_LOW, high=Q_STATE_HIGH):
     centres = _rbf_centres(per_dim, s.shape[-1], xp)  # (C, n)
     d2 = (s * s).sum(axis=1, keepdims=True) - 2.0 * s @ centres.T + (centres * centres).sum(axis=1)  # |s - c|^2
     return xp.exp(-xp.maximum(d2, 0.0) / (2.0 * width ** 2))  # (B, C)
-
-
-@functools.lru_cache(maxsize=None)
-def _rbf_centres(per_dim, n_vars, module):
-    """The grid of per_dim^n_vars centres in [-1, 1]^n_vars, made once per grid and backend."""
-    axis = np.linspace(-1.0, 1.0, per_dim)
-    return module.asarray(np.stack(np.meshgrid(*[axis] * n_vars, indexing="ij"), axis=-1).reshape(-1, n_vars))
 
 
 def block_features(featurizers, learner_of_env):
@@ -3039,6 +3039,26 @@ CUPY_INSTALL = ("pip install cupy-cuda12x (or cupy-cuda11x for CUDA 11; "
                 "see https://docs.cupy.dev/en/stable/install.html)")
 
 
+def _optional(module):
+    """Import an optional module (cartpole.py beside this file, a library bench compares with); None if absent."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+def set_array_module(module):
+    """The one switch of the backend: compute with ``module`` (numpy, cupy, or another
+    NumPy-compatible module) in this file and in cartpole.py, with that module's fast paths."""
+    global xp
+    xp = module
+    globals().update(_CUPY_PATHS if hasattr(module, "cuda") else _PLAIN_PATHS)
+    cartpole = _optional("cartpole")  # it follows when it is at hand
+    if cartpole is not None:
+        cartpole.set_array_module(module)
+
+
 def use_device(device):
     """Compute on "cpu" (NumPy, the default) or "gpu" (CuPy, imported only now), here and in
     cartpole.py. ImportError, saying how to install it, when CuPy or a GPU is missing."""
@@ -3057,17 +3077,6 @@ def use_device(device):
     if n_gpus < 1:
         raise ImportError("device 'gpu': CuPy is installed but finds no GPU")
     set_array_module(cupy)
-
-
-def set_array_module(module):
-    """The one switch of the backend: compute with ``module`` (numpy, cupy, or another
-    NumPy-compatible module) in this file and in cartpole.py, with that module's fast paths."""
-    global xp
-    xp = module
-    globals().update(_CUPY_PATHS if hasattr(module, "cuda") else _PLAIN_PATHS)
-    cartpole = _optional("cartpole")  # it follows when it is at hand
-    if cartpole is not None:
-        cartpole.set_array_module(module)
 
 
 def _cublas_matmul(a, b):
@@ -3171,15 +3180,6 @@ def _time_alternatives(fns, calls, rounds, sync=None):
     return best
 
 
-def _optional(module):
-    """Import an optional comparison library inside bench only; None if it is not installed."""
-    import importlib
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        return None
-
-
 def bench_env(config, rng, device="cpu"):
     """Env steps per second of VecCartPole on the backend xp at several N, with random
     actions, so that episodes end and autoreset is part of the figure. On the CPU,
@@ -3251,53 +3251,6 @@ def bench_es(config, rng, device="cpu"):
     seconds = _time_alternatives(fns, {name: 1 for name in fns}, config.rounds, {name: lambda: _synchronize(xp)
                                                                                   for name in fns})
     return {name: steps[name] / s for name, s in seconds.items()}
-
-
-def bench_meta_grad(config, rng, device="cpu"):
-    """Milliseconds per meta-gradient of the sinusoid problem (K=10, 1-40-40-1 ReLU, one inner
-    step, float32), on the backend xp: maml_grad as it chooses (the middle weight factored), every
-    weight factored, every weight dense, first-order; beside them PyTorch's formulations when it is
-    installed. On the CPU the paper's meta-batch (T=25), with a per-task loop of maml_grad, and
-    T=1,000; on the GPU T=10,000 to 1,000,000, and each path's peak device memory.
-    Returns ({name: ms}, {name: bytes})."""
-    if device == "gpu":
-        sizes = (1000,) if config.quick else (10_000, 100_000, 1_000_000)
-    else:
-        sizes = (5,) if config.quick else (25, 1000)
-    torch = _optional("torch")
-    torch_device = "cuda" if device == "gpu" else "cpu"
-    if torch is not None and torch_device == "cuda" and not torch.cuda.is_available():
-        torch = None
-    params = init_mlp((1, 40, 40, 1), rng, "relu")
-    fns, sync = {}, {}
-    for T in sizes:
-        amplitude, phase = sample_sine_tasks(rng, T)
-        support, query = sample_sine_points(rng, amplitude, phase, 10), sample_sine_points(rng, amplitude, phase, 10)
-        tag = f" T={T}" + ("" if device == "cpu" else f" ({device})")
-        rows = (("second-order, batched", False, None), ("second-order, factored", False, True),
-                ("second-order, dense", False, False), ("first-order, batched", True, None))
-        for name, first_order, factored in rows:
-            fns[f"maml_grad {name}{tag}"] = lambda s=support, q=query, f=first_order, k=factored: maml_grad(
-                params, s, q, "mse", 0.01, 1, f, "relu", k)
-        if device == "cpu" and T <= 25:
-            one = lambda batch, t: (batch[0][t:t + 1], batch[1][t:t + 1])
-            fns[f"maml_grad second-order, loop over tasks{tag}"] = lambda s=support, q=query, T=T: [
-                maml_grad(params, one(s, t), one(q, t), "mse", 0.01, 1, False, "relu") for t in range(T)]
-        if torch is not None:
-            for name, fn in _torch_maml(torch, params, support, query, torch_device, loop=T <= 25).items():
-                fns[name + tag] = fn
-    for name in fns:
-        sync[name] = (lambda: torch.cuda.synchronize()) if "torch" in name and device == "gpu" else (
-            lambda: _synchronize(xp))
-    memory = ({name: _peak_memory(fn, torch if "torch" in name else None) for name, fn in fns.items()}
-              if device == "gpu" else {})
-    def calls(name):  # per round: enough to outlast the clock's resolution, few where one call is long
-        T = int(name.split(" T=")[1].split()[0])
-        if config.quick:
-            return 3
-        return (3 if T >= 10 ** 6 else 10) if device == "gpu" else 10 if "loop" in name else max(3, 2500 // T)
-    calls = {name: calls(name) for name in fns}
-    return {name: 1e3 * s for name, s in _time_alternatives(fns, calls, config.rounds, sync).items()}, memory
 
 
 def _peak_memory(fn, torch=None):
@@ -3375,6 +3328,53 @@ def _torch_maml(torch, params, support, query, device="cpu", loop=True):
     if device == "cpu" and loop:
         fns["torch autograd loop over tasks, second-order"] = per_task_loop
     return fns
+
+
+def bench_meta_grad(config, rng, device="cpu"):
+    """Milliseconds per meta-gradient of the sinusoid problem (K=10, 1-40-40-1 ReLU, one inner
+    step, float32), on the backend xp: maml_grad as it chooses (the middle weight factored), every
+    weight factored, every weight dense, first-order; beside them PyTorch's formulations when it is
+    installed. On the CPU the paper's meta-batch (T=25), with a per-task loop of maml_grad, and
+    T=1,000; on the GPU T=10,000 to 1,000,000, and each path's peak device memory.
+    Returns ({name: ms}, {name: bytes})."""
+    if device == "gpu":
+        sizes = (1000,) if config.quick else (10_000, 100_000, 1_000_000)
+    else:
+        sizes = (5,) if config.quick else (25, 1000)
+    torch = _optional("torch")
+    torch_device = "cuda" if device == "gpu" else "cpu"
+    if torch is not None and torch_device == "cuda" and not torch.cuda.is_available():
+        torch = None
+    params = init_mlp((1, 40, 40, 1), rng, "relu")
+    fns, sync = {}, {}
+    for T in sizes:
+        amplitude, phase = sample_sine_tasks(rng, T)
+        support, query = sample_sine_points(rng, amplitude, phase, 10), sample_sine_points(rng, amplitude, phase, 10)
+        tag = f" T={T}" + ("" if device == "cpu" else f" ({device})")
+        rows = (("second-order, batched", False, None), ("second-order, factored", False, True),
+                ("second-order, dense", False, False), ("first-order, batched", True, None))
+        for name, first_order, factored in rows:
+            fns[f"maml_grad {name}{tag}"] = lambda s=support, q=query, f=first_order, k=factored: maml_grad(
+                params, s, q, "mse", 0.01, 1, f, "relu", k)
+        if device == "cpu" and T <= 25:
+            one = lambda batch, t: (batch[0][t:t + 1], batch[1][t:t + 1])
+            fns[f"maml_grad second-order, loop over tasks{tag}"] = lambda s=support, q=query, T=T: [
+                maml_grad(params, one(s, t), one(q, t), "mse", 0.01, 1, False, "relu") for t in range(T)]
+        if torch is not None:
+            for name, fn in _torch_maml(torch, params, support, query, torch_device, loop=T <= 25).items():
+                fns[name + tag] = fn
+    for name in fns:
+        sync[name] = (lambda: torch.cuda.synchronize()) if "torch" in name and device == "gpu" else (
+            lambda: _synchronize(xp))
+    memory = ({name: _peak_memory(fn, torch if "torch" in name else None) for name, fn in fns.items()}
+              if device == "gpu" else {})
+    def calls(name):  # per round: enough to outlast the clock's resolution, few where one call is long
+        T = int(name.split(" T=")[1].split()[0])
+        if config.quick:
+            return 3
+        return (3 if T >= 10 ** 6 else 10) if device == "gpu" else 10 if "loop" in name else max(3, 2500 // T)
+    calls = {name: calls(name) for name in fns}
+    return {name: 1e3 * s for name, s in _time_alternatives(fns, calls, config.rounds, sync).items()}, memory
 
 
 def _print_rows(title, unit, rows, ratios=None):

@@ -1907,6 +1907,177 @@ class TestMemoryAndEvolution(unittest.TestCase):
 
 
 # ----------------------------------------------------------------------------
+# Any task family plugs in: one written here, neither CartPole nor nav2d.
+# ----------------------------------------------------------------------------
+class _ArmsEnv:
+    """Episodes of `horizon` pulls of two arms, reward 1 for the task's arm; the observation is the
+    fraction of the episode gone. Batched, Gymnasium's vector API, same-step autoreset."""
+
+    def __init__(self, arms, horizon=10):
+        self.arms, self.num_envs, self.horizon = np.asarray(arms), len(arms), horizon
+
+    def reset(self, *, seed=None, options=None):
+        self.t = np.zeros(self.num_envs, dtype=np.int64)
+        return self._obs(), {}
+
+    def _obs(self):
+        return (self.t / self.horizon)[:, None].astype(np.float32)
+
+    def step(self, actions):
+        reward = (np.asarray(actions) == self.arms).astype(np.float32)
+        self.t = self.t + 1
+        truncated = self.t >= self.horizon
+        final = self._obs()
+        self.t[truncated] = 0
+        return (self._obs(), reward, np.zeros(self.num_envs, bool), truncated,
+                {"final_obs": final, "_final_obs": truncated})
+
+
+def _arms_family(task_label=True):
+    return mm.TaskFamily("arms", lambda rng, n: {"arm": rng.integers(0, 2, n)},
+                         lambda tasks, episodes: _ArmsEnv(np.repeat(tasks["arm"], episodes)), obs_dim=1, horizon=10,
+                         n_actions=2, task_label=(lambda tasks: tasks["arm"] == 1) if task_label else None)
+
+
+class TestTaskFamily(unittest.TestCase):
+    def test_maml_adapts_on_a_family_of_ones_own(self):
+        family = _arms_family()
+        config = mm.MetaRLConfig(iterations=8, meta_batch=8, fast_batch=5, hidden=8, log_every=4, eval_batch=5)
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            meta, pretrained, extra = mm.meta_rl_train(family, config)
+        self.assertIn("ETA", out.getvalue())
+        self.assertEqual([row[0] for row in extra["curve"]], [4, 8])
+        pre, post = np.mean([row[1] for row in extra["curve"]]), np.mean([row[2] for row in extra["curve"]])
+        self.assertGreater(post, pre + 1.0)  # of 10: one policy-gradient step finds the task's arm
+        tasks = family.sample_tasks(np.random.default_rng(1), 6)
+        returns = mm.meta_rl_evaluate(meta, family, config, tasks, np.random.default_rng(2), config.inner_lr)
+        self.assertGreater(float(returns["1"].mean()), float(returns["0"].mean()) + 1.0)
+        self.assertEqual([p.shape for p in pretrained], [p.shape for p in meta])
+
+    def test_rl2_and_es_train_on_it(self):
+        config = mm.CartPoleConfig(iterations=2, meta_batch=3, rl2_trials=2, hidden=8, es_population=2, es_tasks=2,
+                                   es_perturbations=2, log_every=1, eval_batch=2)
+        for labelled in (True, False):
+            with self.subTest(labelled=labelled), contextlib.redirect_stdout(io.StringIO()) as out:
+                params, extra = mm.rl2_train(_arms_family(labelled), config)
+                # [Wx, Wh, b, Wo, bo]: inputs obs 1 + actions 2 + reward + done; a task logit where labelled
+                self.assertEqual(params[0].shape, (1 + 2 + 2, 24))
+                self.assertEqual(params[-1].shape, (2 + labelled,))
+                self.assertEqual(len(extra["curve"]), 2)
+                self.assertEqual("task-inference loss is off" in out.getvalue(), not labelled)
+        with contextlib.redirect_stdout(io.StringIO()):
+            params, extra = mm.es_train(_arms_family(), config)
+            returns = mm.es_evaluate(params, _arms_family(), config, {"arm": np.array([0, 1])},
+                                     np.random.default_rng(0))
+            self.assertEqual(set(returns), {"0", "1", "2", "3"})
+            self.assertGreater(extra["env_steps"], 0)
+            # A Gaussian family: ES-MAML's zero head is [mean, log_std], the log-std bias-only.
+            params, _ = mm.es_train(mm.nav2d_family(), dataclasses.replace(config, iterations=1))
+            self.assertEqual(len(params), 4)
+
+    def test_bad_families_are_refused_clearly(self):
+        with self.assertRaisesRegex(ValueError, "exactly one of n_actions= .* and action_dim="):
+            mm.TaskFamily("both", lambda rng, n: {}, _ArmsEnv, obs_dim=1, horizon=5, n_actions=2, action_dim=1)
+        with self.assertRaisesRegex(ValueError, "exactly one of"):
+            mm.TaskFamily("neither", lambda rng, n: {}, _ArmsEnv, obs_dim=1, horizon=5)
+        with self.assertRaisesRegex(ValueError, "horizon must be an integer >= 1"):
+            mm.TaskFamily("short", lambda rng, n: {}, _ArmsEnv, obs_dim=1, horizon=0, n_actions=2)
+        with self.assertRaisesRegex(TypeError, "make_env must be callable"):
+            mm.TaskFamily("env", lambda rng, n: {}, None, obs_dim=1, horizon=5, n_actions=2)
+        with self.assertRaisesRegex(ValueError, "needs n_actions"):
+            mm.rl2_train(mm.nav2d_family(), mm.RL2Config(iterations=1))
+        family = mm.nav2d_family()
+        self.assertEqual((family.policy, family.loss, family.n_out, family.bias_outputs), ("gaussian", "gauss", 4, 2))
+
+
+# ----------------------------------------------------------------------------
+# The book: its parts, chapters and rules, read off the source.
+# ----------------------------------------------------------------------------
+class TestBook(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        import ast
+        with open(os.path.join(HERE, "metarl_min.py")) as f:
+            cls.source = f.read()
+        cls.tree = ast.parse(cls.source)
+        cls.lines = cls.source.splitlines()
+
+    def _top_level(self):
+        import ast
+        defined = {}
+        for node in self.tree.body:
+            names = ([node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else
+                     [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)])
+            for name in names:
+                defined.setdefault(name, node.lineno)
+        return defined
+
+    def test_no_function_takes_more_than_nine_parameters(self):
+        import ast
+        for node in ast.walk(self.tree):
+            if isinstance(node, ast.FunctionDef):
+                a = node.args
+                n = len(a.posonlyargs + a.args + a.kwonlyargs) + (a.vararg is not None) + (a.kwarg is not None)
+                n -= bool(a.args) and a.args[0].arg == "self"
+                self.assertLessEqual(n, 9, f"{node.name} (line {node.lineno}) takes {n} parameters")
+
+    def test_it_reads_top_to_bottom(self):
+        """Nothing uses a definition below it, but the input checks, which follow the entry points they
+        guard, and the backend's fast paths, which plug themselves in at the end."""
+        import ast
+        defined = self._top_level()
+        plugged = {"_CUPY_PATHS", "_PLAIN_PATHS"}
+        for node in self.tree.body:
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Load) and sub.id in defined:
+                    if defined[sub.id] > node.lineno and not sub.id.startswith("_check") and sub.id not in plugged:
+                        if isinstance(node, ast.ClassDef) and sub.id in {a.arg for f in ast.walk(node)
+                                                                          if isinstance(f, ast.FunctionDef)
+                                                                          for a in f.args.args}:
+                            continue  # a method's parameter of the same name
+                        self.fail(f"line {node.lineno} uses {sub.id}, defined below it at line {defined[sub.id]}")
+
+    def test_each_family_in_one_chapter(self):
+        heads = {k: next(i for i, l in enumerate(self.lines) if l.startswith(k)) for k in
+                 ("# II.1 ", "# II.2 ", "# II.3 ", "# II.4 ", "# II.5 ", "# PART III")}
+        order = list(heads.values())
+        self.assertEqual(order, sorted(order))
+        defined = self._top_level()
+        chapters = {"# II.1 ": ("maml_trpo_step", "meta_rl_train", "meta_rl_evaluate", "MetaRLConfig", "run_meta_rl"),
+                    "# II.2 ": ("gru_forward", "gru_backward", "rollout_trials", "rl2_step", "rl2_train",
+                                "rl2_evaluate", "RL2Config"),
+                    "# II.3 ": ("es_gradient", "hill_climb", "es_train", "es_evaluate", "ESConfig"),
+                    "# II.4 ": ("poly_features", "q_learn", "QLearnConfig", "run_qlearn"),
+                    "# II.5 ": ("sample_sine_tasks", "sine_train", "sine_evaluate", "SineConfig", "run_sine")}
+        keys = list(heads)
+        for head, names in chapters.items():
+            start, end = heads[head], heads[keys[keys.index(head) + 1]]
+            for name in names:
+                self.assertTrue(start < defined[name] - 1 < end, f"{name} is outside its chapter {head.strip()}")
+            lines = [defined[n] for n in names]
+            self.assertLess(max(lines) - min(lines), 650, head)
+        # The core's end is its banner; the module docstring names no line number.
+        self.assertLess(max(defined[n] for n in ("adam_step", "maml_grad", "LowRank", "_check_meta_args")),
+                        self.lines.index("# The end of the core. Below it: Part II, one chapter per family of"))
+        self.assertIsNone(re.search(r"line \d", self.source[:self.source.index('"""', 3)]))
+
+    def test_the_dense_path_gives_the_fast_paths_numbers(self):
+        """The maths as written first (I.1-I.3), without the fast paths of I.5: the same meta-gradient."""
+        rng = np.random.default_rng(0)
+        params = mm.init_mlp((1, 12, 12, 1), rng, "relu", np.float64)
+        x = rng.uniform(-5, 5, (4, 3, 1))
+        batch = (x, np.sin(x))
+        for steps, first_order in ((1, False), (2, False), (2, True)):
+            fast = mm.maml_grad(params, batch, batch, "mse", 0.01, steps, first_order, "relu", factored=True)
+            with unittest.mock.patch.dict(mm.__dict__, mm._DENSE_PATHS):
+                self.assertIs(mm._mm, mm._DENSE_PATHS["_mm"])
+                dense = mm.maml_grad(params, batch, batch, "mse", 0.01, steps, first_order, "relu", factored=True)
+            self.assertIs(mm._mm, mm._FAST_PATHS["_mm"])
+            self.assertAlmostEqual(fast[0], dense[0], places=12)
+            self.assertLess(_rel_err(fast[1], dense[1]), 1e-12)
+
+
+# ----------------------------------------------------------------------------
 # Copying: each file works alone, and so does the core of metarl_min.py.
 # ----------------------------------------------------------------------------
 _COPY_CHECK = """
