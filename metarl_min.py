@@ -108,13 +108,16 @@ ACTIVATIONS = {"tanh": (tanh, tanh_d1, tanh_d2), "relu": (relu, relu_d1, relu_d2
 
 
 def init_mlp(sizes, rng, activation="tanh", dtype=np.float32, bias_outputs=0):
-    """Params [W1, b1, ...] for layer sizes e.g. (1, 40, 40, 1).
+    """The params [W1, b1, W2, b2, ...] of an MLP with layer sizes e.g. (1, 40, 40, 1).
 
-    W and b uniform in +-1/sqrt(fan_in) (PyTorch's nn.Linear default), scaled
-    by sqrt(2) for ReLU (He et al. 2015) so activations keep their scale.
-    bias_outputs > 0 makes the last that many outputs bias-only, the same for
-    every input and starting at 0: the last W has that many fewer columns than
-    its b (a Gaussian policy's state-independent log-std, as in rllab)."""
+      sizes: the widths, input first; rng: a numpy.random.Generator; activation: a key of
+        ACTIVATIONS; dtype: float32 or float64
+      bias_outputs > 0: the last that many outputs bias-only, the same for every input and
+        starting at 0 (the last W has that many fewer columns than its b): a Gaussian policy's
+        state-independent log-std, as in rllab
+    Returns the list, W (in, out) and b (out,), uniform in +-1/sqrt(fan_in) (PyTorch's
+    nn.Linear default), W scaled by sqrt(2) for ReLU so activations keep their scale.
+    He et al. 2015, sec. 2.2."""
     _check_mlp_args(sizes, rng, activation, bias_outputs)
     gain = math.sqrt(2.0) if activation == "relu" else 1.0
     params = []
@@ -424,8 +427,11 @@ class Cache(NamedTuple):
 
 
 def loss_and_grad(params, batch, loss="mse", activation="tanh", scale=1.0):
-    """Per-task loss (T,) and per-task gradients of scale * loss at params, and the Cache the
-    R-operator needs."""
+    """A loss of LOSSES and its gradient at params, per task.
+
+      params: shared, or per task (a leading axis T); batch: (x (T, K, in), target) as for maml_grad
+      scale: a factor on the gradient (not on the loss)
+    Returns (loss (T,), grads shaped as per-task params, the Cache the R-operator needs)."""
     x, target = batch
     value_fn, grad_fn, _ = LOSSES[loss]
     out, hs = mlp_forward(params, x, activation)
@@ -435,7 +441,11 @@ def loss_and_grad(params, batch, loss="mse", activation="tanh", scale=1.0):
 
 
 def hvp(params, batch, v, loss="mse", activation="tanh", cache=None):
-    """Exact per-task Hessian-vector product H_t v_t of the loss at params."""
+    """The exact Hessian-vector product H_t v_t of the loss at params, per task.
+
+      batch: as loss_and_grad's; v: a direction shaped as the per-task params
+      cache: loss_and_grad's Cache at params on this batch, or None to compute it
+    Returns H v, shaped as v. Pearlmutter 1994, eqs. 4-5 (mlp_rop)."""
     target = batch[1]
     if cache is None:
         _, _, cache = loss_and_grad(params, batch, loss, activation)
@@ -483,10 +493,11 @@ class Adaptation(NamedTuple):
 def adapt(params, support, loss="mse", inner_lr=0.01, inner_steps=1, activation="tanh"):
     """The inner loop: theta_t <- theta_t - inner_lr * grad L_support,t(theta_t), inner_steps times.
 
-    support is one batch for every step, or a list of inner_steps batches, the
-    j-th for step j (meta-RL: fresh episodes of the policy theta_j). inner_lr is
-    a float, or a list shaped as params (Meta-SGD's per-parameter rates).
-    Returns an Adaptation: ``adapt(...).params`` are the adapted params."""
+      params: shared, or per task; support: one batch (x (T, K, in), target) for every step, or a
+        list of inner_steps batches, the j-th for step j (meta-RL: fresh episodes of theta_j)
+      inner_lr: a float, or a list shaped as params (Meta-SGD's per-parameter rates)
+    Returns an Adaptation: ``adapt(...).params`` are the adapted params, (T, ...) each.
+    Finn et al. 2017, eq. 1."""
     lrs = _per_param(inner_lr, params)
     thetas, caches, inner_grads = [list(params)], [], []
     for batch in _step_batches(support, inner_steps):
@@ -566,21 +577,22 @@ def maml_grad(params, support, query, loss="mse", inner_lr=0.01, inner_steps=1, 
               activation="tanh", factored=None):
     """MAML's meta-loss and its exact gradient w.r.t. params (never modified).
 
-    support, query: (x (T, K, in), target) for T tasks; target is y
-    (T, K, out) for "mse", (actions, weights) for "pg" and "gauss",
-    (actions, weights, old_logp) for "pg_lvc" and "gauss_lvc". support may
-    also be a list of inner_steps such batches, the j-th for inner step j
-    (meta-RL samples fresh episodes with each adapted policy). Per task,
-    theta'_t = theta - inner_lr grad L_support,t, inner_steps times; then
-      meta_loss = mean_t L_query,t(theta'_t)
-      grads     = d meta_loss / d theta  (through every inner step, Hessians included)
-    first_order=True drops the Hessian terms (first-order MAML).
-    factored: how the fast paths (I.5) hold the adapted weights. None (the default) keeps a
-    weight as its rank-K factors where the inner steps' samples, S K in all, are fewer than both
-    its widths (few-shot regression), dense otherwise (meta-RL's thousands of steps). True or
-    False forces one way for every weight; the two agree to rounding.
-    Returns (meta_loss, grads), grads shaped and typed as params (Finn et al. 2017, eq. 1 and
-    Algorithm 1; the maths: "Differentiating through the inner update", above)."""
+      params: [W1, b1, ...], shared by the tasks
+      support, query: (x (T, K, in), target) for T tasks; target is y (T, K, out) for "mse",
+        (actions, weights) for "pg" and "gauss", (actions, weights, old_logp) for "pg_lvc" and
+        "gauss_lvc"; support may also be a list of inner_steps such batches, the j-th for inner
+        step j (meta-RL samples fresh episodes with each adapted policy)
+      loss: a key of LOSSES; inner_lr, inner_steps: the inner loop's (adapt); activation: the MLP's
+      first_order: drop the Hessian terms (first-order MAML, sec. 5.2)
+      factored: how the fast paths (I.5) hold the adapted weights. None keeps a weight as its
+        rank-K factors where the inner steps' samples, S K in all, are fewer than both its widths
+        (few-shot regression), dense otherwise (meta-RL's thousands of steps); True or False forces
+        one way for every weight; the two agree to rounding
+    Per task, theta'_t = theta - inner_lr grad L_support,t, inner_steps times; then
+      meta_loss = mean_t L_query,t(theta'_t),   grads = d meta_loss / d theta
+    through every inner step, Hessians included ("Differentiating through the inner update", above).
+    Returns (meta_loss, grads), grads shaped and typed as params.
+    Finn et al. 2017, eq. 1 and Algorithm 1."""
     support, query = _check_meta_args(params, support, query, loss, inner_steps, activation, inner_lr)
     meta_loss, grads, _ = _maml(params, _step_batches(support, inner_steps), query, loss, float(inner_lr),
                                 first_order, activation, factored)
@@ -589,11 +601,13 @@ def maml_grad(params, support, query, loss="mse", inner_lr=0.01, inner_steps=1, 
 
 def meta_sgd_grad(params, inner_lrs, support, query, loss="mse", inner_steps=1, first_order=False,
                   activation="tanh"):
-    """Meta-SGD: MAML with a learned learning rate per parameter (inner_lrs, shaped as params).
+    """Meta-SGD: MAML with a learned step size per parameter, and the gradients of both.
 
-    Returns (meta_loss, grads w.r.t. params, grads w.r.t. inner_lrs), both
-    from the one backward pass of ``maml_grad`` (Li et al. 2017, eq. 2). The weights stay
-    dense: per-element rates have no low-rank form."""
+      inner_lrs: the step sizes, a list shaped as params; the rest as maml_grad's
+    Returns (meta_loss, grads w.r.t. params, grads w.r.t. inner_lrs), both from the one backward
+    pass of maml_grad: d meta_loss / d alpha = -sum_j g_j * v_{j+1}. The weights stay dense
+    (per-element rates have no low-rank form).
+    Li et al. 2017, eq. 2."""
     support, query = _check_meta_args(params, support, query, loss, inner_steps, activation)
     lrs = _check_inner_lrs(inner_lrs, params)
     meta_loss, grads, lr_grads = _maml(params, _step_batches(support, inner_steps), query, loss, lrs, first_order,
@@ -602,10 +616,12 @@ def meta_sgd_grad(params, inner_lrs, support, query, loss="mse", inner_steps=1, 
 
 
 def reptile_grad(params, support, query, loss="mse", inner_lr=0.01, inner_steps=5, activation="tanh"):
-    """Reptile's direction as a gradient: theta - mean_t theta'_t, with theta'_t
-    after inner_steps SGD steps on the task's support data, then its query
-    data (Nichol et al. 2018, Algorithm 2, batched). Returns the mean query
-    loss before adaptation (for monitoring) and the direction."""
+    """Reptile's direction, as a gradient for the outer optimiser: theta - mean_t theta'_t.
+
+      support, query: one batch each, as maml_grad's; theta'_t after inner_steps SGD steps of
+        inner_lr on the task's support and query data together
+    Returns (the mean query loss before adaptation, for monitoring; the direction, shaped as params).
+    Nichol, Achiam & Schulman 2018, Algorithm 2, batched."""
     support, query = _check_meta_args(params, support, query, loss, inner_steps, activation, inner_lr, step_list=False)
     _check_int_at_least("inner_steps", inner_steps, 1)  # no steps, no direction
     losses, _, _ = loss_and_grad(params, query, loss, activation)
@@ -618,12 +634,17 @@ def reptile_grad(params, support, query, loss="mse", inner_lr=0.01, inner_steps=
 # I.4 Adam, the one optimiser.
 # ----------------------------------------------------------------------------
 def adam_init(params):
-    """Adam's state: first and second moments, and the step count."""
+    """Adam's state for params: the first and second moments (zeros shaped as params) and the step count."""
     return {"m": [xp.zeros_like(p) for p in params], "v": [xp.zeros_like(p) for p in params], "t": 0}
 
 
 def adam_step(params, grads, state, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
-    """One Adam step (Kingma & Ba 2015, Algorithm 1). Returns new params and state; the inputs stay as they are."""
+    """One Adam step on params along grads.
+
+      params, grads: lists of arrays of the same shapes; state: adam_init's, or the last step's
+      lr, beta1, beta2, eps: Adam's (the paper's defaults)
+    Returns (new params, new state); the inputs stay as they are.
+    Kingma & Ba 2015, Algorithm 1."""
     _check_adam_args(params, grads, state, lr, beta1, beta2, eps)
     t = state["t"] + 1
     m = [beta1 * m + (1 - beta1) * g for m, g in zip(state["m"], grads)]
@@ -1230,12 +1251,15 @@ def _stack_steps(steps):
 def rollout(params, env, n_tasks, rng, horizon, policy="categorical", activation="tanh"):
     """One episode in each of the env.num_envs = n_tasks * E environments of a batched env.
 
-    env has the batched Gymnasium API of cartpole.VecCartPole (reset(seed=)
-    and step(actions) -> obs, reward, terminated, truncated, info, restarting
-    an env in the step that ends its episode); env i belongs to task i // E.
-    params are shared, or per task (a leading axis T). Each episode runs until it
-    ends or `horizon` steps; the steps after its end are masked out.
-    Returns the batch dict described above."""
+      params: the policy network, shared or per task (a leading axis T)
+      env: the batched Gymnasium API of cartpole.VecCartPole (reset(seed=), step(actions) -> obs,
+        reward, terminated, truncated, info), restarting an env in the step that ends its episode
+        (same-step autoreset); env i belongs to task i // E
+      rng: a numpy.random.Generator; horizon: the most steps of an episode
+      policy: a key of POLICIES; activation: the network's
+    Returns {"obs" (T, E, H, in), "actions" (T, E, H) or (T, E, H, d), "rewards" (T, E, H),
+    "mask" (T, E, H)}, H the longest episode: each runs until it ends or `horizon` steps, and
+    the steps after its end are masked out."""
     _check_rollout_args(env, n_tasks, rng, horizon, policy)
     steps, ended = [], xp.zeros((n_tasks, env.num_envs // n_tasks), dtype=bool)
     for step in _run_envs(params, env, n_tasks, rng, policy, activation):
@@ -1249,12 +1273,13 @@ def rollout(params, env, n_tasks, rng, horizon, policy="categorical", activation
 
 
 def rollout_min_steps(params, env, n_tasks, rng, min_steps, horizon, policy="categorical", activation="tanh"):
-    """Episodes as rllab's sampler collects them in the MAML authors' code: the envs go on
-    through their restarts until the episodes each task has finished hold min_steps steps
-    or more; the episodes still running then are dropped. The env must end every episode
-    within `horizon` steps. A task's episodes lie along the E axis, env after env; E is
-    then the most episodes any task finished, and the rows a task leaves empty are masked
-    out. Arguments and the batch dict as rollout's."""
+    """Episodes as rllab's sampler collects them in the MAML authors' code.
+
+      min_steps: the envs go on through their restarts until the episodes each task has finished
+        hold min_steps steps or more; the episodes still running then are dropped
+      horizon: the env must end every episode within it; the rest as rollout's
+    Returns rollout's dict, a task's episodes along the E axis, env after env: E is the most
+    episodes any task finished, and the rows a task leaves empty are masked out."""
     _check_rollout_args(env, n_tasks, rng, horizon, policy)
     _check_int_at_least("min_steps", min_steps, 1)
     steps, starts = [], []
@@ -1340,12 +1365,14 @@ def advantages(rewards, values, mask, gamma=0.99, lam=1.0):
 
 
 def pg_batch(episodes, gamma=0.99, lam=1.0, dtype=np.float32):
-    """The "pg"/"gauss" loss's batch (x (T, K, in), (actions, weights (T, K))) from episodes.
+    """The "pg"/"gauss" loss's batch from episodes: advantages, normalised, as weights.
 
-    weights = per-task normalised advantages / number of steps, so that the
-    loss is the mean of -A log pi over the task's steps. Only the real steps
-    are kept: each task's steps come first, and the padding (K is the largest
-    count of any task) has weight 0."""
+      episodes: rollout's dict; gamma, lam: GAE's (lam = 1: returns less the linear baseline)
+    Returns (x (T, K, in), (actions (T, K) or (T, K, d), weights (T, K))): only the real steps,
+    each task's first, K the largest count of any task, the padding of weight 0. The weights
+    are the per-task normalised advantages over the number of steps, so the loss is the mean of
+    -A log pi over the task's steps.
+    Schulman et al. 2016, eq. 16; Duan et al. 2016, the linear baseline."""
     mask, rewards = episodes["mask"], episodes["rewards"]
     returns = discounted_returns(rewards, gamma)
     adv = advantages(rewards, fit_baseline(episodes["obs"], returns, mask), mask, gamma, lam)
@@ -1479,7 +1506,8 @@ def cartpole_family(kind="reversed"):
     """CartPole tasks of cartpole.sample_tasks's `kind`: push left or right, episodes of at most 500 steps.
     Its task label is the actuator's polarity (1 where it is reversed)."""
     cartpole = _import_cartpole()
-    return TaskFamily("cartpole" if kind == "reversed" else f"cartpole-{kind}", lambda rng, n: cartpole.sample_tasks(rng, n, kind), cartpole_envs,
+    return TaskFamily("cartpole" if kind == "reversed" else f"cartpole-{kind}",
+                      lambda rng, n: cartpole.sample_tasks(rng, n, kind), cartpole_envs,
                       obs_dim=4, horizon=cartpole.MAX_EPISODE_STEPS, n_actions=2,
                       task_label=lambda tasks: tasks["force_mag"] < 0, obs_scale=CARTPOLE_OBS_SCALE)
 
@@ -1618,17 +1646,18 @@ class TrustRegion:
 
 def maml_trpo_step(params, support, query, kl_weights, loss="pg", inner_lr=0.1, first_order=False,
                    activation="tanh", trust_region=TrustRegion()):
-    """One TRPO step on MAML's meta-objective (the block above). Returns (new params, info).
+    """One TRPO step on MAML's meta-objective (the block above).
 
-    support: the batch of the one inner step, or a list of batches, one per inner step (the
-    j-th sampled by the policy after j steps; [] is plain TRPO); query: the batch the adapted
-    policies sampled. Batches as for maml_grad, with a policy loss ("pg", "gauss", or their
-    "_lvc" forms for the inner step). kl_weights (T, K_query): m_k, the weights of the KL's
-    mean over the query's states (step_weights). first_order drops J (J = I).
-    trust_region: a TrustRegion. The meta-Fisher is estimated on every fisher_stride-th sample,
-    its weights scaled to match; the line search uses every sample. info: {"kl", "improvement"
-    (of L), "step_fraction"}; where no step passes, params come back as they are with
-    step_fraction 0 (Schulman et al. 2015, appendix C; the MAML paper, sec. 5.3)."""
+      support: the batch of the one inner step, or a list of batches, one per inner step (the j-th
+        sampled by the policy after j steps; [] is plain TRPO); query: the batch the adapted policies
+        sampled; batches as for maml_grad, with a policy loss ("pg", "gauss", or their "_lvc" forms)
+      kl_weights (T, K_query): m_k, the weights of the KL's mean over the query's states (step_weights)
+      inner_lr, activation: as maml_grad's; first_order: drop J (J = I)
+      trust_region: a TrustRegion; the meta-Fisher on every fisher_stride-th sample, its weights
+        scaled to match; the line search on every sample
+    Returns (new params, info {"kl", "improvement" (of L), "step_fraction"}); where no step passes,
+    params come back as they are, with step_fraction 0.
+    Schulman et al. 2015, appendix C; Finn et al. 2017, sec. 5.3."""
     region = _check_trust_region(trust_region)
     supports = support if _is_step_list(support) else [support]
     supports, query, kl_weights = _check_trpo_args(params, supports, query, kl_weights, loss, activation, inner_lr)
@@ -1712,17 +1741,17 @@ def _check_meta_rl_config(config):
 
 
 def meta_rl_train(family, config, save=None, load=None):
-    """Meta-train (MAML or Reptile) and, on the same tasks with as many env
-    steps, the pretrained baseline (one policy trained on all tasks jointly).
+    """Meta-train MAML (or Reptile) on a task family, and beside it a policy pretrained on all tasks.
 
-    Each iteration: sample meta_batch tasks; run fast_batch episodes of the
-    policy in each (support); take an inner policy-gradient step per task, and
-    again inner_steps - 1 times, each on fast_batch fresh episodes of the policy
-    it adapts; run fast_batch episodes of each adapted policy (query); step Adam
-    on the meta-gradient, or take a TRPO step (config.outer). family: a TaskFamily;
-    config: a MetaRLConfig; save, load: checkpoint paths. Returns (meta params, pretrained
-    params, extra), extra holding env_steps and the curve, rows [iteration, pre, post, pretrained]
-    of mean returns (Finn et al. 2017, Algorithm 3)."""
+      family: a TaskFamily; config: a MetaRLConfig; save, load: checkpoint paths (None: none)
+    Each iteration: sample meta_batch tasks; run fast_batch episodes of the policy in each
+    (support); take an inner policy-gradient step per task, and again inner_steps - 1 times, each
+    on fast_batch fresh episodes of the policy it adapts; run fast_batch episodes of each adapted
+    policy (query); step Adam on the meta-gradient, or take a TRPO step (config.outer). The
+    pretrained baseline takes as many env steps on the same tasks, a plain step on all of them.
+    Returns (meta params, pretrained params, extra): extra["env_steps"], and extra["curve"], rows
+    [iteration, pre, post, pretrained] of mean returns, one per progress line.
+    Finn et al. 2017, Algorithm 3."""
     _check_meta_rl_config(config)
     if config.algorithm not in ("maml", "reptile"):
         raise ValueError(f"meta_rl_train trains --algorithm maml or reptile, not {config.algorithm}")
@@ -1792,12 +1821,14 @@ def meta_rl_train(family, config, save=None, load=None):
 
 
 def meta_rl_evaluate(params, family, config, tasks, rng, inner_lr, later_lr=None):
-    """Each task's mean return after 0, 1, 2, 3 inner policy-gradient steps,
-    the first of inner_lr and the others of later_lr (default: inner_lr), each
-    step on fresh episodes of the current policy (which also give the return
-    at that step): eval_batch of them, or as many as eval_batch envs finish in
-    eval_min_steps steps (rollout_min_steps). tasks: the family's, a dict of
-    per-task arrays. Returns {steps: (n_tasks,) returns}."""
+    """Each task's mean return after 0, 1, 2 and 3 policy-gradient steps from params.
+
+      family: a TaskFamily; config: its eval_batch, eval_min_steps, gamma, gae_lambda, activation
+      tasks: the family's, a dict of per-task arrays; rng: a numpy.random.Generator
+      inner_lr: the first step's size; later_lr: the later steps' (None: inner_lr)
+    Each step is on fresh episodes of the current policy, which also give the return at that step:
+    eval_batch of them, or as many as eval_batch envs finish in eval_min_steps steps.
+    Returns {"0": (n_tasks,), ..., "3": (n_tasks,)}."""
     later_lr = inner_lr if later_lr is None else later_lr
     act = config.activation
     env = family.make_env(tasks, config.eval_batch)
@@ -2036,12 +2067,16 @@ def rl2_inputs(obs, prev_action, prev_reward, done, n_actions):
 
 
 def rollout_trials(params, env, rng, episodes, max_steps, obs_scale=1.0, n_actions=None):
-    """One trial of `episodes` episodes in each of env's N environments (the batched API of
-    cartpole.VecCartPole), by the GRU policy params. Returns {"x" (N, K, in), "actions" (N, K),
-    "rewards" (N, K), "episode" (N, K): the episode of the trial each step belongs to, "mask" (N, K):
-    the steps inside the trial}, K the longest trial's steps; ValueError past max_steps steps.
-    The observations enter divided by obs_scale (a number, or one per variable). The first n_actions
-    outputs are the action logits (None: all of them; rl2_step's task logit comes after them)."""
+    """One trial of `episodes` episodes in each of env's N environments, by a GRU policy.
+
+      params: [Wx, Wh, b, Wo, bo] (init_gru); env: the batched API of cartpole.VecCartPole, one
+        trial per env; rng: a numpy.random.Generator; max_steps: ValueError past this many steps
+      obs_scale: the observations enter divided by it (a number, or one per variable)
+      n_actions: the first n_actions outputs are the action logits (None: all of them; a task
+        logit may come after them)
+    Returns {"x" (N, K, in), "actions" (N, K), "rewards" (N, K), "episode" (N, K): the episode of
+    the trial each step belongs to, "mask" (N, K): the steps inside the trial}, K the longest
+    trial's steps."""
     _check_rng(rng)
     _check_int_at_least("episodes", episodes, 1)
     Wx, Wh, b, Wo, bo = params
@@ -2123,12 +2158,16 @@ class PPO:
 
 
 def rl2_step(params, state, trials, ppo, rng, task_labels=None):
-    """PPO on a batch of trials: advantages by GAE(lam) over each whole trial (episodes inside it are
-    steps of one meta-episode, as in RL^2), from the linear feature baseline fit to all trials, then
-    normalised; then `epochs` passes over the trials in `minibatches` random groups, an Adam step on
-    rl2_loss for each, a forward pass and BPTT over the group's trials. ppo: a PPO of settings. With
-    task_labels (N,), the GRU's last output is their logit (rl2_loss). Returns the new params and
-    Adam state."""
+    """PPO on a batch of trials: the RL^2 update of the GRU.
+
+      params: [Wx, Wh, b, Wo, bo]; state: their Adam state; trials: rollout_trials's dict
+      ppo: a PPO of settings; rng: the minibatches' draws
+      task_labels (N,): each trial's task label, whose logit is the GRU's last output (rl2_loss)
+    Advantages by GAE(lam) over each whole trial (its episodes are steps of one meta-episode), from
+    the linear feature baseline fit to all trials, then normalised; then `epochs` passes over the
+    trials in `minibatches` random groups, an Adam step on rl2_loss for each, a forward pass and
+    BPTT over the group's trials.
+    Returns (new params, new Adam state). Duan et al. 2016, sec. 3; Schulman et al. 2017, eq. 7."""
     x, mask, rewards = trials["x"], trials["mask"], trials["rewards"]
     Wx, Wh, b, Wo, bo = params
     n_actions = bo.shape[-1] - (task_labels is not None)
@@ -2175,10 +2214,14 @@ def _check_rl2_family(family):
 
 
 def rl2_train(family, config, save=None, load=None):
-    """RL^2 on a TaskFamily with n_actions: each iteration, rl2_trials trials of trial_episodes episodes on each
-    of meta_batch new tasks, then PPO (rl2_step). config: an RL2Config; save, load: checkpoint paths.
-    Returns (params [Wx, Wh, b, Wo, bo], extra: env_steps and the curve, rows [iteration, mean return of
-    the trials' first episode, of their second])."""
+    """Meta-train RL^2 on a task family with n_actions.
+
+      family: a TaskFamily; config: an RL2Config; save, load: checkpoint paths (None: none)
+    Each iteration: rl2_trials trials of trial_episodes episodes on each of meta_batch new tasks,
+    the hidden state carried across a trial's episodes, then PPO (rl2_step).
+    Returns (params [Wx, Wh, b, Wo, bo], extra): extra["env_steps"], and extra["curve"], rows
+    [iteration, mean return of the trials' first episode, of their second].
+    Duan et al. 2016, Algorithm 1."""
     check_config(config)
     _check_rl2_family(family)
     task_loss = rl2_task_loss(family, config)
@@ -2218,8 +2261,12 @@ def rl2_train(family, config, save=None, load=None):
 
 
 def rl2_evaluate(params, family, config, tasks, rng):
-    """Each task's mean return in episodes 1-4 of its trials (eval_batch trials per task, of max(4, trial_episodes)
-    episodes): {"0": (n_tasks,), ..., "3": ...}, "k" the (k + 1)-th episode, whose hidden state has seen k."""
+    """Each task's mean return in episodes 1-4 of its trials: nothing is learned at test time.
+
+      family: a TaskFamily; config: its eval_batch (trials per task) and trial_episodes (the trials
+        hold max(4, trial_episodes) episodes); tasks: the family's; rng: a numpy.random.Generator
+    Returns {"0": (n_tasks,), ..., "3": (n_tasks,)}, "k" the (k + 1)-th episode, whose hidden state
+    has seen k."""
     episodes = max(4, config.trial_episodes)
     env = family.make_env(tasks, config.eval_batch)
     trials = rollout_trials(params, env, rng, episodes, family.horizon * episodes, family.obs_scale, family.n_actions)
@@ -2343,11 +2390,15 @@ def es_adapt(params, family, config, tasks, rng):
 
 
 def es_train(family, config, save=None, load=None):
-    """ES-MAML on a TaskFamily: each generation, es_population antithetic pairs of candidates, each adapted
-    (es_adapt) and evaluated on the same es_tasks new tasks; fitness, the mean return after adaptation,
-    ranked; an Adam step up the ES gradient. config: an ESConfig; save, load: checkpoint paths. Returns
-    (params, less the head where es_adapt_params is "head"; extra: env_steps and the curve, rows
-    [iteration, mean return before adaptation, after it])."""
+    """Meta-train ES-MAML on a task family.
+
+      family: a TaskFamily; config: an ESConfig; save, load: checkpoint paths (None: none)
+    Each generation: es_population antithetic pairs of candidates theta +- sigma eps, each adapted
+    (es_adapt) and evaluated on the same es_tasks new tasks; fitness, the mean return after
+    adaptation, ranked; an Adam step up the ES gradient.
+    Returns (params, less the head where es_adapt_params is "head"; extra): extra["env_steps"], and
+    extra["curve"], rows [iteration, mean return before adaptation, after it].
+    Song et al. 2020, Algorithms 1 and 3."""
     check_config(config)
     if load:
         start, rng, models, opts, extra = load_checkpoint(load, config)
@@ -2386,8 +2437,11 @@ def es_train(family, config, save=None, load=None):
 
 
 def es_evaluate(params, family, config, tasks, rng):
-    """Each task's mean return (eval_batch episodes) before adaptation and after 1, 2, 3 applications of
-    es_adapt, each on fresh episodes: {"0": (n_tasks,), ..., "3": ...}."""
+    """Each task's mean return before adaptation and after 1, 2 and 3 applications of es_adapt.
+
+      params: es_train's; family: a TaskFamily; config: its eval_batch (episodes per task) and the
+        adaptation's settings; tasks: the family's; rng: a numpy.random.Generator
+    Returns {"0": (n_tasks,), ..., "3": (n_tasks,)}, each step on fresh episodes."""
     n_tasks = task_count(tasks)
     policies = es_policies([xp.broadcast_to(p, (n_tasks,) + p.shape).copy() for p in params], family, config)
     result = {}
@@ -2581,17 +2635,20 @@ class QSchedule:
 def q_learn(env, weights, featurize, rng, episodes, schedule=QSchedule(), start_episode=0, action_gap=0.0):
     """Q-learning with Q(s, a) = phi(s) . w_a, in each env of a batched env (or one env).
 
-    weights (B, F, A), copied, not modified; featurize: obs (B, n) -> (B,)
-    table rows (ints) or (B, F) features. Each env learns until it has
-    finished `episodes` episodes, with the semi-gradient update
+      env: a batched env (or one Gymnasium env), B envs; weights (B, F, A): copied, not modified
+      featurize: obs (B, n) -> (B,) table rows (ints) or (B, F) features; rng: a numpy.random.Generator
+      episodes: each env learns until it has finished this many
+      schedule: a QSchedule; alpha and epsilon follow log_decay of the env's episode count, from
+        start_episode (an int, or one per env)
+      action_gap in [0, 1) (a number, or one per env): advantage learning, whose fixed point keeps
+        the best action's value and lowers the others', their gap grown by 1 / (1 - action_gap)
+    The semi-gradient update
       w_a <- w_a + alpha (r + gamma max_a' Q(s', a') - Q(s, a) - action_gap (max_b Q(s, b) - Q(s, a))) phi(s)
-    (the tabular rule when phi is one-hot and action_gap 0; no bootstrap past termination, but
-    through truncation; for features other than one-hot, alpha is divided
-    by |phi(s)|^2, which keeps the step stable). action_gap in [0, 1) (a number, or one per env) is
-    advantage learning (Baird 1999; Bellemare et al. 2016, "Increasing the action gap"): its fixed point
-    keeps the best action's value and lowers the others', so that their gap grows by 1 / (1 - action_gap).
-    alpha and epsilon follow log_decay of the env's episode count (schedule, a QSchedule), from
-    start_episode (an int, or one per env). Returns (weights, returns (B, episodes))."""
+    is the tabular rule when phi is one-hot and action_gap 0; no bootstrap past termination, but
+    through truncation; for features other than one-hot, alpha is divided by |phi(s)|^2, which
+    keeps the step stable.
+    Returns (weights (B, F, A), returns (B, episodes)).
+    Watkins 1989; Sutton & Barto 2018, eq. 6.8 and sec. 9.5; Bellemare et al. 2016, eq. 4."""
     alpha_min, epsilon_min, decay, gamma = schedule.alpha_min, schedule.epsilon_min, schedule.decay, schedule.gamma
     if not 0.0 < alpha_min <= 1.0:
         raise ValueError(f"alpha_min must be in (0, 1], got {alpha_min!r}")
@@ -2828,8 +2885,10 @@ def sample_sine_points(rng, amplitude, phase, k, dtype=np.float32):
 
 
 def sine_train(config, save=None, load=None):
-    """Meta-train MAML and, on the same tasks, the pretrained baseline (one network
-    fit to all tasks jointly). Returns (maml_params, pretrained_params)."""
+    """Meta-train MAML on sinusoids and, on the same tasks, a network pretrained on all of them.
+
+      config: a SineConfig; save, load: checkpoint paths (None: none)
+    Returns (maml params, pretrained params). Finn et al. 2017, sec. 5.1 and Algorithm 2."""
     sizes = (1, config.hidden, config.hidden, 1)
     if load:
         start, rng, models, opts, _ = load_checkpoint(load, config)
@@ -2873,8 +2932,11 @@ SINE_BASELINE_LRS = (0.001, 0.002, 0.005, 0.01, 0.02)
 
 
 def sine_evaluate(params, config, rng, inner_lr, n_tasks):
-    """MSE on fresh query points of n_tasks new tasks after 0, 1, 5 and 10 SGD
-    steps of inner_lr on K support points: {steps: (mean, ci95)}."""
+    """MSE on fresh query points of n_tasks new tasks after 0, 1, 5 and 10 SGD steps on K points.
+
+      params: the network; config: its shots and eval_points; rng: the tasks' and points' draws
+      inner_lr: the steps' size
+    Returns {"0": (mean, ci95), "1": ..., "5": ..., "10": ...}."""
     amplitude, phase = sample_sine_tasks(rng, n_tasks)
     support = sample_sine_points(rng, amplitude, phase, config.shots)
     query = sample_sine_points(rng, amplitude, phase, config.eval_points)
@@ -2992,7 +3054,8 @@ def run_memory_or_evolution(family, config, json_path=None, save=None, load=None
                for label, p in ((name, params), ("random init", random_init))}
     seconds = time.perf_counter() - t0
     what = "episode k + 1 of a trial (nothing learned at test time)" if rl2 else "k adaptation steps"
-    print(f"\n{family.name}: mean return on {config.eval_tasks} held-out tasks (+- 95% CI) after {what}; seed {config.seed}")
+    print(f"\n{family.name}: mean return on {config.eval_tasks} held-out tasks (+- 95% CI) after {what}; "
+          f"seed {config.seed}")
     print(f"{'k':>5}" + "".join(f"  {label:>26}" for label in results))
     for s in map(str, RL_EVAL_STEPS):
         print(f"{s:>5}" + "".join(f"  {results[label][s][0]:16.2f} +- {results[label][s][1]:6.2f}"
