@@ -1813,7 +1813,7 @@ def meta_rl_train(family, config, save=None, load=None):
         if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
             pre_r, post_r, joint_r = np.mean(window, axis=0)
             progress(it + 1, pre_return=pre_r, post_return=post_r, pretrained_return=joint_r)
-            extra["curve"].append([it + 1, pre_r, post_r, joint_r])
+            extra["curve"].append([it + 1, float(pre_r), float(post_r), float(joint_r)])
             window = []
             if save:
                 save_checkpoint(save, config, it + 1, rng, models, opts, extra)
@@ -2429,7 +2429,7 @@ def es_train(family, config, save=None, load=None):
         if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
             pre, post = np.mean(window, axis=0)
             progress(it + 1, pre_return=pre, post_return=post)
-            extra["curve"].append([it + 1, pre, post])
+            extra["curve"].append([it + 1, float(pre), float(post)])
             window = []
             if save:
                 save_checkpoint(save, config, it + 1, rng, models, opts, extra)
