@@ -53,11 +53,15 @@ What it leaves out: convolutional networks, batch norm, and any autograd.
 
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
 import math
 import os
+import shlex
+import signal
+import stat
 import sys
 import tempfile
 import time
@@ -413,6 +417,8 @@ def lvc_loss(policy):
     return value, grad, hess
 
 
+# A loss of your own is one more entry, LOSSES["name"] = (value, grad, hvp), the three functions of
+# (out, target) and (out, target, r_out) as "mse"'s, its target one array of shape (T, K, ...).
 LOSS_POLICY = {"pg": "categorical", "gauss": "gaussian", "pg_lvc": "categorical", "gauss_lvc": "gaussian"}
 LOSSES = {"mse": (mse_loss, mse_grad, mse_hvp),
           **{name: (lvc_loss if name.endswith("_lvc") else reinforce_loss)(policy)
@@ -786,6 +792,10 @@ def _check_adam_args(params, grads, state, lr, beta1, beta2, eps):
     if not len(grads) == len(state["m"]) == len(state["v"]) == len(params):
         raise ValueError(f"grads and state must hold one array per parameter array ({len(params)}), "
                          f"got {len(grads)} and {len(state['m'])}")
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if xp.shape(g) != p.shape:
+            raise ValueError(f"grads[{i}] must have the shape of params[{i}], {p.shape}, got {xp.shape(g)}")
+    _check_finite([(xp.asarray(g), f"grads[{i}]") for i, g in enumerate(grads)])
 
 
 def _check_activation(activation):
@@ -830,6 +840,16 @@ def _check_params(params):
     for i, p in enumerate(params):
         if not isinstance(p, xp.ndarray) or p.dtype not in (np.float32, np.float64):
             raise TypeError(f"params[{i}] must be a float32 or float64 array of the backend ({xp.__name__})")
+    n_in = params[0].shape[0] if params[0].ndim == 2 else None
+    for l in range(len(params) // 2):  # W (in, out), b (out,): b longer than W's columns in the last layer only
+        W, b = params[2 * l], params[2 * l + 1]
+        last = l == len(params) // 2 - 1
+        if W.ndim != 2 or W.shape[0] != n_in:
+            raise ValueError(f"params[{2 * l}] must be a weight of shape ({n_in}, out), got {W.shape}")
+        if b.ndim != 1 or (b.shape[0] < W.shape[1] if last else b.shape[0] != W.shape[1]):
+            raise ValueError(f"params[{2 * l + 1}] must be a bias of shape ({W.shape[1]},)"
+                             f"{' or longer (bias-only outputs)' if last else ''}, got {b.shape}")
+        n_in = b.shape[0]
     return [(p, f"params[{i}]") for i, p in enumerate(params)]
 
 
@@ -841,8 +861,9 @@ def _check_batch(params, batch, loss, name):
     dtype = params[0].dtype
     n_in, n_out = params[0].shape[-2], params[-1].shape[-1]
     x = xp.asarray(batch[0], dtype=dtype)
-    if x.ndim != 3 or x.shape[-1] != n_in:
-        raise ValueError(f"{name} x must have shape (T, K, {n_in}), got {x.shape}")
+    if x.ndim != 3 or x.shape[-1] != n_in or 0 in x.shape:
+        raise ValueError(f"{name} x must have shape (T, K, {n_in}) with T >= 1 tasks and K >= 1 samples, "
+                         f"got {x.shape}")
     T, K = x.shape[:2]
     if loss == "mse":
         y = xp.asarray(batch[1], dtype=dtype)
@@ -850,6 +871,12 @@ def _check_batch(params, batch, loss, name):
             raise ValueError(f"{name} y must have shape ({T}, {K}, {n_out}), got {y.shape}")
         finite = [y]
         target = y
+    elif loss not in LOSS_POLICY:  # a loss of the user's: its target one array, (T, K, ...)
+        target = xp.asarray(batch[1], dtype=dtype)
+        if target.shape[:2] != (T, K):
+            raise ValueError(f"{name} target for loss {loss!r} must be an array of shape ({T}, {K}, ...), got "
+                             f"{target.shape}")
+        finite = [target]
     else:
         lvc = loss.endswith("_lvc")
         fields = "a triple (actions, weights, old_logp)" if lvc else "a pair (actions, weights)"
@@ -860,7 +887,8 @@ def _check_batch(params, batch, loss, name):
             raise ValueError(f"{name} weights must have shape ({T}, {K}), got {weights.shape}")
         if LOSS_POLICY[loss] == "categorical":
             if actions.shape != (T, K) or actions.dtype.kind not in "iu":
-                raise ValueError(f"{name} actions must be integers of shape ({T}, {K}), got {actions.dtype} {actions.shape}")
+                raise ValueError(f"{name} actions must be integers of shape ({T}, {K}), got {actions.dtype} "
+                                 f"{actions.shape}")
             if actions.size and (actions.min() < 0 or actions.max() >= n_out):
                 raise ValueError(f"{name} actions must be in [0, {n_out}), the network's outputs")
             finite = [weights]
@@ -946,22 +974,32 @@ def device_rng(rng):
     return rng if xp is np else xp.random.default_rng(int(rng.integers(2 ** 63)))
 
 
-def hparam(default, help, low=None, high=None, choices=None):
-    """A hyperparameter: its default, meaning and allowed range, for the dataclass and its flag."""
-    return dataclasses.field(default=default, metadata=dict(help=help, low=low, high=high, choices=choices))
+def hparam(default, help, low=None, high=None, choices=None, above=None, only=None):
+    """A hyperparameter: its default, meaning and allowed values (low <= value <= high, value > above,
+    or one of choices), for the dataclass and its flag; only: the algorithms that read it (None: all)."""
+    return dataclasses.field(default=default, metadata=dict(help=help, low=low, high=high, choices=choices,
+                                                            above=above, only=only))
 
 
 def check_config(config):
-    """Raise ValueError naming the flag and its allowed values for any field out of range."""
+    """Raise ValueError naming the flag and its allowed values for any field out of range (a number
+    must also be finite)."""
     for f in dataclasses.fields(config):
         value, meta = getattr(config, f.name), f.metadata
         flag = "--" + f.name.replace("_", "-")
         if meta.get("choices") is not None and value not in meta["choices"]:
             raise ValueError(f"{flag} must be one of {', '.join(map(str, meta['choices']))}; got {value!r}")
-        low, high = meta.get("low"), meta.get("high")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{flag} must be a finite number; got {value!r}")
+        low, high, above = meta.get("low"), meta.get("high"), meta.get("above")
         if (low is not None and not value >= low) or (high is not None and not value <= high):
             bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
             raise ValueError(f"{flag} must be {bounds}; got {value!r}")
+        if above is not None and not value > above:
+            raise ValueError(f"{flag} must be > {above}; got {value!r}")
+
+
+RUN = {}  # where the run is: its last progress line's iteration and total, its last checkpoint (path, iteration)
 
 
 class Progress:
@@ -971,6 +1009,7 @@ class Progress:
         self.total, self.start, self.t0, self.stream = total, start, time.perf_counter(), stream
 
     def __call__(self, iteration, **metrics):
+        RUN.update(iteration=iteration, total=self.total)
         elapsed = time.perf_counter() - self.t0
         done = iteration - self.start
         eta = elapsed / done * (self.total - iteration) if done > 0 else float("nan")
@@ -1003,9 +1042,12 @@ def mean_ci95(values):
 
 
 def _atomic_write(path, write):
-    """Write through write(file) into a temporary file beside path, then rename it into place."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    """Write through write(file) into a temporary file beside path, then rename it into place. A symbolic
+    link is followed: its target is replaced, the link stays. The temporary file's name holds this
+    process's id (.tmp-PID-...), so that a later run can tell one left by a killed run."""
+    path = os.path.realpath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".tmp-{os.getpid()}-",
+                               suffix=os.path.basename(path))
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -1043,6 +1085,7 @@ def save_checkpoint(path, config, iteration, rng, models, optimisers, extra=None
                 models={k: len(p) for k, p in models.items()}, extra=extra or {})
     arrays["meta"] = np.array(json.dumps(meta))
     _atomic_write(path, lambda f: np.savez(f, **arrays))
+    RUN["checkpoint"] = (path, iteration)
 
 
 def load_checkpoint(path, config):
@@ -1106,6 +1149,19 @@ def _check_finite_policy(params, iteration, flag):
     try:
         _check_finite([(p, "a weight of the policy") for p in params])
     except ValueError as e:
+        raise ValueError(f"training diverged at iteration {iteration}: {e}; a smaller {flag} may help") from None
+
+
+@contextlib.contextmanager
+def _diverging(iteration, flag):
+    """Around a training step: overflow is let through, and a gradient of NaN or inf (adam_step refuses
+    it) stops training in one line, as _check_finite_policy does after the step."""
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            yield
+    except ValueError as e:
+        if "NaN or inf" not in str(e):
+            raise
         raise ValueError(f"training diverged at iteration {iteration}: {e}; a smaller {flag} may help") from None
 
 
@@ -1850,35 +1906,42 @@ class MetaRLConfig:
     """Gradient-based meta-RL's settings, for any TaskFamily; the defaults are CartPole's."""
     command: ClassVar[str] = "meta-rl"
     iterations: int = hparam(100, "meta-training iterations (the total, also when resuming)", 1)
-    meta_batch: int = hparam(20, "tasks per meta-iteration", 1)
-    fast_batch: int = hparam(20, "episodes per task for each inner step and for the outer step", 1)
-    inner_lr: float = hparam(0.5, "alpha: step size of the inner policy-gradient step", 0.0)
+    meta_batch: int = hparam(20, "tasks per meta-iteration", 1, only=("maml", "reptile", "rl2"))
+    fast_batch: int = hparam(20, "episodes per task for each inner step and for the outer step", 1,
+                             only=("maml", "reptile"))
+    inner_lr: float = hparam(0.5, "alpha: step size of the inner policy-gradient step", 0.0,
+                             only=("maml", "reptile", "es"))
     inner_steps: int = hparam(1, "inner policy-gradient steps in meta-training, each on fast_batch fresh episodes "
-                              "of the policy it adapts (the paper's 1; the authors' code: num_grad_updates)", 1, 5)
-    meta_lr: float = hparam(0.01, "beta: Adam step size of the outer loop", 0.0)
+                              "of the policy it adapts (the paper's 1; the authors' code: num_grad_updates)", 1, 5,
+                              only=("maml", "reptile"))
+    meta_lr: float = hparam(0.01, "beta: Adam step size of the outer loop", above=0.0, only=("maml", "reptile"))
     hidden: int = hparam(32, "units in each of the two hidden layers of the policy", 1)
     activation: str = hparam("tanh", "the policy's hidden layers' activation", choices=tuple(ACTIVATIONS))
     init_out_scale: float = hparam(1.0, "factor on the policy's last-layer weights at initialisation (init_mlp's "
                                    "scale times this)", 0.0, 1.0)
     init_log_std: float = hparam(0.0, "Gaussian policies only: the log-std at initialisation (rllab's 0)", -5.0, 2.0)
     gamma: float = hparam(0.99, "discount of the returns-to-go", 0.0, 1.0)
-    gae_lambda: float = hparam(1.0, "GAE lambda; 1 is returns minus the baseline, as in the paper", 0.0, 1.0)
+    gae_lambda: float = hparam(1.0, "GAE lambda; 1 is returns minus the baseline, as in the paper", 0.0, 1.0,
+                               only=("maml", "reptile", "es"))
     algorithm: str = hparam("maml", "the meta-learner, on the same rollouts", choices=("maml", "reptile"))
-    first_order: bool = hparam(False, "first-order MAML: drop the second-order term")
+    first_order: bool = hparam(False, "first-order MAML: drop the second-order term", only=("maml",))
     lvc: bool = hparam(False, "second-order MAML only: ProMP's LVC surrogate for the inner step, whose Hessian "
-                       "keeps the term of the pre-update sampling distribution")
-    reptile_steps: int = hparam(3, "Reptile only: SGD steps on each task's pre- and post-update episodes", 1, 20)
+                       "keeps the term of the pre-update sampling distribution", only=("maml",))
+    reptile_steps: int = hparam(3, "Reptile only: SGD steps on each task's pre- and post-update episodes", 1, 20,
+                                only=("reptile",))
     outer: str = hparam("adam", "MAML's outer step: Adam on the meta-gradient (meta_lr), or TRPO on the meta-objective "
-                        "(max_kl), as in the MAML paper; the pretrained baseline takes the same", choices=("adam", "trpo"))
+                        "(max_kl), as in the MAML paper; the pretrained baseline takes the same", choices=("adam", "trpo"),
+                        only=("maml",))
     max_kl: float = hparam(0.01, "TRPO only: the trust region, the mean KL of the adapted policies per step (the "
-                           "paper's 0.01)", 0.0)
+                           "paper's 0.01)", above=0.0, only=("maml",))
     eval_tasks: int = hparam(40, "held-out tasks for the final evaluation", 2)
     val_tasks: int = hparam(20, "validation tasks, apart from the training and held-out ones, on which each model's "
-                            "test-time step sizes are chosen", 1)
+                            "test-time step sizes are chosen", 1, only=("maml", "reptile"))
     eval_batch: int = hparam(20, "episodes per task for each test-time step (held-out and validation tasks)", 1)
     eval_min_steps: int = hparam(0, "0: each test-time step samples eval_batch episodes per task; N > 0: as the "
                                  "authors' test script (rllab's sampler), the eval_batch envs of a task restart "
-                                 "until its finished episodes hold N steps, and the return is their mean", 0)
+                                 "until its finished episodes hold N steps, and the return is their mean", 0,
+                                 only=("maml", "reptile"))
     seed: int = hparam(0, "seed of every random draw", 0)
     log_every: int = hparam(5, "iterations between progress lines and checkpoints", 1)
 
@@ -2245,7 +2308,7 @@ def rl2_train(family, config, save=None, load=None):
         if task_loss:  # each trial's task's label, as make_env lays the trials out
             labels = np.repeat(np.asarray(family.task_label(tasks)), config.rl2_trials)
             labels = xp.asarray(labels.astype(models["meta"][0].dtype))
-        with np.errstate(over="ignore", invalid="ignore"):  # a diverging step is caught just below, in one line
+        with _diverging(it + 1, "--rl2-lr"):  # a diverging step stops in one line, here or just below
             models["meta"], opts["meta"] = rl2_step(models["meta"], opts["meta"], trials, ppo, rng, labels)
         _check_finite_policy(models["meta"], it + 1, "--rl2-lr")
         extra["env_steps"] += int(trials["mask"].sum())
@@ -2280,18 +2343,19 @@ class RL2Config(MetaRLConfig):
     meta_batch, hidden, gamma, the evaluation's), and PPO's."""
     command: ClassVar[str] = "rl2"
     trial_episodes: int = hparam(2, "RL^2 only: episodes per trial in training, the GRU's hidden state carried across "
-                                 "them (evaluation: trials of max(4, this))", 1, 10)
-    rl2_trials: int = hparam(5, "RL^2 only: trials per task in each iteration", 1)
-    rl2_lr: float = hparam(2e-3, "RL^2 only: Adam step size of PPO", 0.0)
+                                 "them (evaluation: trials of max(4, this))", 1, 10, only=("rl2",))
+    rl2_trials: int = hparam(5, "RL^2 only: trials per task in each iteration", 1, only=("rl2",))
+    rl2_lr: float = hparam(2e-3, "RL^2 only: Adam step size of PPO", above=0.0, only=("rl2",))
     rl2_task_loss: float = hparam(1.0, "RL^2 only: weight of the task-inference loss, a GRU output trained to tell "
                                   "whether the actuator is reversed, so that the memory finds it out in the first "
-                                  "episode (the label is used in training only; 0: plain RL^2)", 0.0)
-    ppo_epochs: int = hparam(4, "RL^2 only: PPO's passes over each batch of trials", 1)
-    ppo_minibatches: int = hparam(4, "RL^2 only: groups of trials per pass, an Adam step each", 1)
-    ppo_clip: float = hparam(0.2, "RL^2 only: PPO's clip of the probability ratio", 0.0, 1.0)
-    ppo_lambda: float = hparam(0.95, "RL^2 only: GAE lambda over each whole trial", 0.0, 1.0)
-    ppo_entropy: float = hparam(0.01, "RL^2 only: weight of the policy's entropy in PPO's loss", 0.0)
-    ppo_max_norm: float = hparam(0.5, "RL^2 only: the gradient's norm is clipped to this (0: no clip)", 0.0)
+                                  "episode (the label is used in training only; 0: plain RL^2)", 0.0, only=("rl2",))
+    ppo_epochs: int = hparam(4, "RL^2 only: PPO's passes over each batch of trials", 1, only=("rl2",))
+    ppo_minibatches: int = hparam(4, "RL^2 only: groups of trials per pass, an Adam step each", 1, only=("rl2",))
+    ppo_clip: float = hparam(0.2, "RL^2 only: PPO's clip of the probability ratio", 0.0, 1.0, only=("rl2",))
+    ppo_lambda: float = hparam(0.95, "RL^2 only: GAE lambda over each whole trial", 0.0, 1.0, only=("rl2",))
+    ppo_entropy: float = hparam(0.01, "RL^2 only: weight of the policy's entropy in PPO's loss", 0.0, only=("rl2",))
+    ppo_max_norm: float = hparam(0.5, "RL^2 only: the gradient's norm is clipped to this (0: no clip)", 0.0,
+                                 only=("rl2",))
 
 
 # ============================================================================
@@ -2421,7 +2485,7 @@ def es_train(family, config, save=None, load=None):
         after, steps_after = returns(adapted, each)
         fitness = after.reshape(2 * n, m).mean(axis=1)  # the meta-objective of each candidate
         grads = es_gradient(centred_ranks(fitness).reshape(2, n), noise, config.es_sigma)
-        with np.errstate(over="ignore", invalid="ignore"):  # a diverging step is caught just below, in one line
+        with _diverging(it + 1, "--es-lr"):  # a diverging step stops in one line, here or just below
             models["meta"], opts["meta"] = adam_step(models["meta"], [-g for g in grads], opts["meta"], config.es_lr)
         _check_finite_policy(models["meta"], it + 1, "--es-lr")
         extra["env_steps"] += steps_before + steps_adapt + steps_after
@@ -2457,23 +2521,27 @@ class ESConfig(MetaRLConfig):
     """ES-MAML's settings, for any TaskFamily: MetaRLConfig's shared ones (iterations, hidden, the
     evaluation's; inner_lr for the policy-gradient adaptation), and the search's."""
     command: ClassVar[str] = "es"
-    es_population: int = hparam(8, "ES only: antithetic pairs of candidates per generation (an iteration)", 1)
-    es_sigma: float = hparam(0.1, "ES only: the standard deviation of the candidates' Gaussian perturbations", 0.0)
-    es_lr: float = hparam(0.1, "ES only: Adam step size on the ES gradient", 0.0)
-    es_tasks: int = hparam(4, "ES only: tasks each candidate is evaluated on, the same for all candidates", 1)
-    es_episodes: int = hparam(2, "ES only: episodes per evaluation of a policy on a task", 1)
+    es_population: int = hparam(8, "ES only: antithetic pairs of candidates per generation (an iteration)", 1,
+                                only=("es",))
+    es_sigma: float = hparam(0.1, "ES only: the standard deviation of the candidates' Gaussian perturbations",
+                             above=0.0, only=("es",))
+    es_lr: float = hparam(0.1, "ES only: Adam step size on the ES gradient", above=0.0, only=("es",))
+    es_tasks: int = hparam(4, "ES only: tasks each candidate is evaluated on, the same for all candidates", 1,
+                           only=("es",))
+    es_episodes: int = hparam(2, "ES only: episodes per evaluation of a policy on a task", 1, only=("es",))
     es_adaptation: str = hparam("hill", "ES only: the adaptation operator: hill climbing, the best of the policy and "
                                 "es_perturbations Gaussian perturbations by their returns (zero-order, as in ES-MAML), "
                                 "or pg, MAML's policy-gradient step (inner_lr, on es_episodes episodes)",
-                                choices=("hill", "pg"))
+                                choices=("hill", "pg"), only=("es",))
     es_adapt_params: str = hparam("head", "ES only: what adaptation changes: head, the last layer alone, which every "
                                   "task starts at zero, so that the layers below it are what is meta-learned (as "
                                   "ANIL); or all, every weight, from the meta-learned ones (as the ES-MAML paper; "
-                                  "it finds one polarity only)", choices=("head", "all"))
-    es_perturbations: int = hparam(16, "ES only: hill climbing's perturbations per round", 1)
+                                  "it finds one polarity only)", choices=("head", "all"), only=("es",))
+    es_perturbations: int = hparam(16, "ES only: hill climbing's perturbations per round", 1, only=("es",))
     es_adapt_rounds: int = hparam(2, "ES only: hill climbing's rounds per adaptation step, each from the last "
-                                  "round's best", 1)
-    es_adapt_sigma: float = hparam(0.5, "ES only: the standard deviation of hill climbing's perturbations", 0.0)
+                                  "round's best", 1, only=("es",))
+    es_adapt_sigma: float = hparam(0.5, "ES only: the standard deviation of hill climbing's perturbations",
+                                   above=0.0, only=("es",))
 
 
 # ============================================================================
@@ -2666,11 +2734,21 @@ def q_learn(env, weights, featurize, rng, episodes, schedule=QSchedule(), start_
     if weights.ndim != 3 or weights.shape[0] != env.num_envs:
         raise ValueError(f"weights must have shape (num_envs, F, A) = ({env.num_envs}, F, A), got {weights.shape}")
     B, A = env.num_envs, weights.shape[-1]
+    space = getattr(env, "single_action_space", getattr(env, "action_space", None))
+    if getattr(space, "n", A) != A:
+        raise ValueError(f"weights must have one column per action of the env ({int(space.n)}), got {A}")
     W, rows = weights.copy(), xp.arange(B)
     obs, _ = env.reset(seed=int(rng.integers(2 ** 63)))
     draws = device_rng(rng)
     phi = featurize(obs)
     tabular = phi.dtype.kind in "iu"
+    F = weights.shape[1]
+    if tabular and int(phi.max()) >= F:
+        raise ValueError(f"weights must have a row for each table row featurize gives (at least "
+                         f"{int(phi.max()) + 1}), got shape {weights.shape}")
+    if not tabular and phi.shape != (B, F):
+        raise ValueError(f"weights must have one row per feature of featurize ({phi.shape[-1]}), got shape "
+                         f"{weights.shape}")
 
     def q_values(phi):  # (B, A): phi_b . w_b,a, as (B, 1, F) @ (B, F, A) (einsum is several times slower)
         return W[rows, phi] if tabular else (phi[:, None, :] @ W)[:, 0, :]
@@ -3016,8 +3094,10 @@ class Nav2DConfig(MetaRLConfig):
     """Meta-RL on the MAML paper's 2D navigation: reach a goal the policy does not observe."""
     command: ClassVar[str] = "nav2d"
     inner_lr: float = hparam(0.1, "alpha: step size of the inner policy-gradient step (the paper's 0.1; the "
-                             "authors' code, 0.5, did worse here: docs/results.md)", 0.0)
-    meta_lr: float = hparam(0.003, "beta: Adam step size of the outer loop (--outer adam)", 0.0)
+                             "authors' code, 0.5, did worse here: docs/results.md)", 0.0,
+                             only=("maml", "reptile", "es"))
+    meta_lr: float = hparam(0.003, "beta: Adam step size of the outer loop (--outer adam)",
+                            above=0.0, only=("maml", "reptile"))
     hidden: int = hparam(100, "units in each of the two hidden ReLU layers (the paper's 100)", 1)
     init_out_scale: float = hparam(0.01, "factor on the policy's last-layer weights at initialisation: small, the "
                                    "initial policy's mean is near 0 everywhere (CleanRL's 0.01); at 1, TRPO's "
@@ -3025,14 +3105,14 @@ class Nav2DConfig(MetaRLConfig):
     activation: str = hparam("relu", "the policy's hidden layers' activation", choices=tuple(ACTIVATIONS))
     outer: str = hparam("trpo", "MAML's outer step: TRPO on the meta-objective (max_kl), as in the MAML paper, or "
                         "Adam on the meta-gradient (meta_lr); the pretrained baseline takes the same",
-                        choices=("trpo", "adam"))
+                        choices=("trpo", "adam"), only=("maml",))
     init_log_std: float = hparam(-0.5, "log-std of the Gaussian policy at initialisation (rllab's 0 is a velocity "
                                  "noise of 0.1 per step; lower lets adapted policies stop at the goal)", -5.0, 2.0)
     eval_batch: int = hparam(40, "envs per task for each test-time step (the authors' test script: 40)", 1)
     eval_min_steps: int = hparam(4000, "steps per task for each test-time step, as the authors' test script samples "
                                  "them (rllab's sampler): the eval_batch envs restart until the finished episodes "
                                  "hold this many, and the return is their mean, in which short episodes count more "
-                                 "often; 0: exactly eval_batch episodes", 0)
+                                 "often; 0: exactly eval_batch episodes", 0, only=("maml", "reptile"))
     log_every: int = hparam(10, "iterations between progress lines and checkpoints", 1)
 
 
@@ -3506,15 +3586,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _flag_group(only):
+    """The --help heading of the flags that the algorithms `only` read (None: every one)."""
+    return "settings" if only is None else f"settings read only by --algorithm {' or '.join(only)}"
+
+
 def _add_config_flags(parser, cls):
+    """A flag for each field of cls, grouped by the algorithms that read it."""
+    groups = {}
     for f in dataclasses.fields(cls):
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        only = meta.get("only")
+        if only not in groups:
+            groups[only] = parser.add_argument_group(_flag_group(only))
+        group = groups[only]
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
         else:
             kind = type(f.default)
-            parser.add_argument(flag, type=kind, default=f.default, choices=meta.get("choices"),
-                                help=f"{meta['help']} (default: {f.default})")
+            group.add_argument(flag, type=kind, default=f.default, choices=meta.get("choices"),
+                               help=f"{meta['help']} (default: {f.default})")
 
 
 EXPERIMENTS = {"cartpole": (CartPoleConfig, run_cartpole), "nav2d": (Nav2DConfig, run_nav2d),
@@ -3523,46 +3614,235 @@ EXPERIMENTS = {"cartpole": (CartPoleConfig, run_cartpole), "nav2d": (Nav2DConfig
 TRAINED = ("cartpole", "nav2d", "qlearn", "sine")  # the commands with checkpoints
 PLOTTED = ("cartpole", "nav2d")  # the commands with --plot
 DEFAULT_COMMAND = "cartpole"  # what plain `python metarl_min.py [flags]` runs
+EXAMPLES = {  # one command of each, and its time on a 2-core x86-64 CPU, one BLAS thread
+    "cartpole": "python metarl_min.py cartpole --seed 1 --save ck.npz    # 38-57 s (--algorithm rl2: 142-165 s)",
+    "nav2d": "python metarl_min.py nav2d --seed 1 --json nav.json      # 165-227 s",
+    "qlearn": "python metarl_min.py qlearn --seed 1                      # about 120 s",
+    "sine": "python metarl_min.py sine --seed 1 --json sine.json        # 53-95 s",
+    "bench": "python metarl_min.py bench --quick                         # a few seconds"}
 
 
 def build_parser():
     parser = _Parser(prog="metarl_min.py", description="Meta-learning with exact second-order MAML, in NumPy.",
-                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
                      epilog=f"With no COMMAND, or flags alone, it runs {DEFAULT_COMMAND}:\n"
                             f"  python metarl_min.py --seed 1    is    python metarl_min.py {DEFAULT_COMMAND} --seed 1\n"
                             "Each command's flags: python metarl_min.py COMMAND --help")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (cls, _) in EXPERIMENTS.items():
         summary = " ".join(cls.__doc__.split("\n\n")[0].split())  # the docstring's first paragraph, on one line
-        p = sub.add_parser(name, help=summary, description=cls.__doc__)
+        p = sub.add_parser(name, help=summary, description=cls.__doc__, allow_abbrev=False,
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog=f"Example:\n  {EXAMPLES[name]}")
         _add_config_flags(p, cls)
-        p.add_argument("--json", metavar="PATH", help="write the final metrics to this JSON file")
-        p.add_argument("--device", choices=DEVICES, help="cpu (NumPy) or gpu (CuPy); default: the "
-                       "environment variable METARL_DEVICE, else cpu")
+        files = p.add_argument_group("files and device")
+        files.add_argument("--json", metavar="PATH", help="write the final metrics to this JSON file")
+        files.add_argument("--device", choices=DEVICES, help="cpu (NumPy) or gpu (CuPy); default: the "
+                           "environment variable METARL_DEVICE, else cpu")
         if name in TRAINED:
-            p.add_argument("--save", metavar="PATH", help="write a checkpoint (.npz) here as training goes")
-            p.add_argument("--load", metavar="PATH", help="resume from this checkpoint")
+            files.add_argument("--save", metavar="PATH", help="write a checkpoint (.npz) here as training goes")
+            files.add_argument("--load", metavar="PATH", help="resume from this checkpoint")
         if name in PLOTTED:
-            p.add_argument("--plot", metavar="PATH", help="save the training curve and adaptation bars as a PNG "
-                                                           "(needs matplotlib)")
+            files.add_argument("--plot", metavar="PATH", help="save the training curve and adaptation bars as a "
+                                                               "PNG (needs matplotlib)")
     return parser
 
 
-def _check_paths(load=None, **outputs):
-    """Fail before any training, not after it, when the file to load is missing or a file to be
-    written is a folder or has no folder to go in."""
-    if load is not None and os.path.isdir(load):
-        raise ValueError(f"--load {load}: a folder, not a checkpoint file")
-    if load is not None and not os.path.isfile(load):
-        raise ValueError(f"--load {load}: no such file")
+def _typed_flags(argv):
+    """The names of the flags typed on the command line (--no-x counts as x)."""
+    names = {token[2:].split("=")[0] for token in argv if token.startswith("--")}
+    return {n[3:] if n.startswith("no-") else n for n in names}
+
+
+def _check_flags(config, typed):
+    """Refuse a flag that the chosen algorithm does not read, naming the algorithms that do."""
+    algorithm = getattr(config, "algorithm", None)
+    for f in dataclasses.fields(config):
+        only, flag = f.metadata.get("only"), f.name.replace("_", "-")
+        if flag in typed and only is not None and algorithm not in only:
+            raise ValueError(f"--{flag} is read only by --algorithm {' or '.join(only)}; with --algorithm "
+                             f"{algorithm} it would do nothing")
+
+
+def _check_outputs(load, outputs):
+    """Fail before any work, not after it: the file to load must be a file; each file to be written
+    must have a folder it can be written in, be no folder, device or FIFO, and be no other output's
+    file nor the --load file (a symbolic link counts as its target)."""
+    seen = {}
+    if load is not None:
+        if os.path.isdir(load):
+            raise ValueError(f"--load {load}: a folder, not a checkpoint file")
+        if not os.path.isfile(load):
+            raise ValueError(f"--load {load}: no such file")
+        seen[os.path.realpath(load)] = "--load"
     for flag, path in outputs.items():
         if path is None:
             continue
-        folder = os.path.dirname(os.path.abspath(path))
-        if os.path.isdir(path) or path.endswith(os.sep):
+        if not path:
+            raise ValueError(f"--{flag}: an empty path; give a file name")
+        target = os.path.realpath(path)
+        folder = os.path.dirname(target)
+        if os.path.isdir(target) or path.endswith(os.sep):
             raise ValueError(f"--{flag} {path}: a folder; give a file name")
         if not os.path.isdir(folder):
             raise ValueError(f"--{flag} {path}: the folder {folder} does not exist")
+        if os.path.exists(target) and not stat.S_ISREG(os.stat(target).st_mode):
+            raise ValueError(f"--{flag} {path}: not a regular file (a device, FIFO or socket); give a file name")
+        if target in seen:
+            raise ValueError(f"--{flag} {path}: the same file as {seen[target]}; give each its own file")
+        seen[target] = f"--{flag}"
+        try:  # can this process write there? (a read-only folder or file system says so now, not after training)
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.getpid()}-probe-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise ValueError(f"--{flag} {path}: cannot write in {folder} ({e.strerror})") from None
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale_temps(path):
+    """Remove the temporary files that a killed run left beside path (_atomic_write's .tmp-PID-..., PID gone)."""
+    target = os.path.realpath(path)
+    folder, name = os.path.split(target)
+    for entry in os.listdir(folder):
+        parts = entry.split("-", 2)
+        if entry.startswith(".tmp-") and entry.endswith(name) and len(parts) == 3 and parts[1].isdigit():
+            if not _alive(int(parts[1])):
+                try:
+                    os.unlink(os.path.join(folder, entry))
+                except OSError:
+                    pass
+
+
+def _lock(path):
+    """Hold the checkpoint path for this run: a lock on a file beside it (.NAME.lock), which the system
+    releases when the process ends, however it ends. ValueError where another running process holds it.
+    Returns what _unlock takes (None where the system has no file locks)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    target = os.path.realpath(path)
+    lock_path = os.path.join(os.path.dirname(target), "." + os.path.basename(target) + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ValueError(f"--save {path}: another run (pid {other}) is writing checkpoints there, and this one "
+                         "will not overwrite them; give another path") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd, lock_path
+
+
+def _unlock(held):
+    if held is not None:
+        os.unlink(held[1])
+        os.close(held[0])
+
+
+class _Stopped(Exception):
+    """SIGTERM, raised in the main thread where it arrives, as Ctrl-C raises KeyboardInterrupt."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Stopped()
+
+
+def _stopped_line(command, argv, how):
+    """Where an interrupted run stopped, its last checkpoint, and the command that resumes from it."""
+    where = (f"at iteration {RUN['iteration']} of {RUN['total']} (its last progress line)" if "iteration" in RUN
+             else "before its first progress line")
+    if "checkpoint" not in RUN:
+        return f"metarl_min.py {command}: stopped by {how} {where}; no checkpoint was written (--save PATH keeps one)"
+    path, iteration = RUN["checkpoint"]
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in ("--save", "--load"):
+            skip = True
+        elif not token.startswith(("--save=", "--load=")):
+            kept.append(token)
+    resume = shlex.join(["python", "metarl_min.py"] + kept + ["--load", path])
+    return (f"metarl_min.py {command}: stopped by {how} {where}; its last checkpoint, of iteration {iteration}, "
+            f"is {path}; resume with: {resume}")
+
+
+def _available_memory():
+    """Bytes of memory free for this run: the GPU's where the backend is CuPy, else the host's
+    (MemAvailable on Linux); None where it cannot be told."""
+    if hasattr(xp, "cuda"):
+        return int(xp.cuda.runtime.memGetInfo()[0])
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _needed_memory(command, config):
+    """An estimate, from above, of the most memory a run holds at once, in bytes, and the flags that set
+    it: the largest arrays of training and of the evaluation (each step's float32 activations, its
+    float64 returns and baseline features, per-task weights), counted as if every episode ran to the
+    horizon."""
+    c = config
+    if command == "sine":
+        n_params = 2 * c.hidden + c.hidden * c.hidden + 2 * c.hidden + 1
+        train = 4 * (8 * n_params + c.meta_batch * n_params * (c.inner_steps + 4)
+                     + c.meta_batch * 2 * c.shots * c.hidden * 12)
+        evaluate = 4 * max(c.eval_tasks, 100) * (n_params * (max(SINE_EVAL_STEPS) + 2) + c.eval_points * c.hidden * 6)
+        return max(train, evaluate), "--hidden, --meta-batch, --shots, --eval-tasks, --eval-points"
+    if command == "qlearn":
+        bins = _parse_bins(c.bins)
+        features = math.prod(bins) + math.comb(4 + c.degree, 4) + c.rbf_per_dim ** 4
+        envs = 6 * max(c.meta_tasks, c.eval_tasks) * c.seeds
+        return 8 * envs * features * 12 + 8 * envs * c.episodes, "--rbf-per-dim, --degree, --bins, --meta-tasks, " \
+                                                               "--eval-tasks, --seeds"
+    horizon = 100 if command == "nav2d" else 500  # the families' horizons, without importing cartpole.py
+    per_step = 4 * 10 * c.hidden + 8 * 16  # a step's activations in the meta-gradient, its returns and features
+    if command == "cartpole" and c.algorithm == "rl2":
+        trials = c.meta_batch * c.rl2_trials * c.trial_episodes * horizon
+        test = c.eval_tasks * c.eval_batch * max(4, c.trial_episodes) * horizon
+        return per_step * max(trials, test), "--meta-batch, --rl2-trials, --trial-episodes, --hidden, --eval-tasks, " \
+                                             "--eval-batch"
+    if command == "cartpole" and c.algorithm == "es":
+        policies = 2 * c.es_population * c.es_tasks * (c.es_perturbations + 1)
+        steps = policies * max(c.es_episodes, 1) * horizon
+        weights = 4 * policies * (c.hidden * c.hidden + 8 * c.hidden)
+        test = c.eval_tasks * (c.es_perturbations + 1) * max(c.eval_batch, c.es_episodes) * horizon
+        return 64 * max(steps, test) + weights, "--es-population, --es-tasks, --es-perturbations, --es-episodes, " \
+                                                "--hidden, --eval-tasks, --eval-batch"
+    train = c.meta_batch * c.fast_batch * horizon * (2 * c.inner_steps + 2)  # support and query, and the baseline's
+    test = max(c.eval_tasks, c.val_tasks) * max(c.eval_batch * horizon, 2 * c.eval_min_steps)
+    return per_step * max(train, test), "--meta-batch, --fast-batch, --inner-steps, --hidden, --eval-tasks, " \
+                                        "--eval-batch, --eval-min-steps"
+
+
+def _check_memory(command, config):
+    """Refuse, in one line and before any work, settings whose arrays cannot fit in the memory free."""
+    if command == "bench":
+        return
+    needed, flags = _needed_memory(command, config)
+    free = _available_memory()
+    if free is not None and needed > free:
+        raise ValueError(f"these settings need about {needed / 2 ** 30:.3g} GiB and {free / 2 ** 30:.3g} GiB is "
+                         f"free; smaller values of {flags} need less")
 
 
 def main(argv=None):
@@ -3574,21 +3854,44 @@ def main(argv=None):
     cls, run = EXPERIMENTS[command]
     config = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
     _tune_allocator()
-    backend = xp
+    backend, held = xp, None
+    RUN.clear()
+    sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         device = args.device or os.environ.get("METARL_DEVICE", "cpu")
         if device not in DEVICES:
             raise ValueError(f"METARL_DEVICE must be one of {', '.join(DEVICES)}; got {device!r}")
-        use_device(device)
+        check_config(config)
+        _check_flags(config, _typed_flags(argv[1:]))
         files = dict(save=args.save, load=args.load) if command in TRAINED else {}
         if command in PLOTTED:
             files["plot"] = args.plot
-        _check_paths(files.get("load"), json=args.json, save=files.get("save"), plot=files.get("plot"))
+        outputs = dict(json=args.json, save=files.get("save"), plot=files.get("plot"))
+        _check_outputs(files.get("load"), outputs)
+        use_device(device)
+        _check_memory(command, config)
+        if files.get("save"):
+            held = _lock(files["save"])
+        for path in outputs.values():
+            if path:
+                _remove_stale_temps(path)
         run(config, json_path=args.json, **files)
     except (ValueError, OSError, ImportError) as e:  # bad flags or files, no CuPy: one line, no traceback
         print(f"metarl_min.py {command}: error: {e}", file=sys.stderr)
         return 2
+    except MemoryError:
+        print(f"metarl_min.py {command}: error: out of memory; smaller sizes (--hidden, --meta-batch, the batches "
+              "and the evaluation's tasks) need less", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(_stopped_line(command, argv, "Ctrl-C"), file=sys.stderr)
+        return 130
+    except _Stopped:
+        print(_stopped_line(command, argv, "SIGTERM"), file=sys.stderr)
+        return 143
     finally:
+        signal.signal(signal.SIGTERM, sigterm)
+        _unlock(held)
         set_array_module(backend)
     return 0
 

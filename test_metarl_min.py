@@ -1461,16 +1461,18 @@ class TestMetaRL(unittest.TestCase):
                                               "2", "--eval-tasks", "2", "--val-tasks", "2", "--eval-batch", "2",
                                               "--hidden", "8"] + flags)
                 self.assertEqual(status, 0, err)
-        for flags in (["--lvc", "--first-order"], ["--lvc", "--algorithm", "reptile"]):
-            status, out, err = _run_main(["cartpole"] + flags)
-            self.assertEqual(status, 2)
-            self.assertIn("--lvc changes only the second-order term", err)
+        status, out, err = _run_main(["cartpole", "--lvc", "--first-order"])
+        self.assertEqual(status, 2)
+        self.assertIn("--lvc changes only the second-order term", err)
+        status, out, err = _run_main(["cartpole", "--lvc", "--algorithm", "reptile"])
+        self.assertEqual((status, err.count("\n")), (2, 1))
+        self.assertIn("--lvc is read only by --algorithm maml; with --algorithm reptile it would do nothing", err)
         status, out, err = _run_main(["cartpole", "--inner-steps", "2", "--algorithm", "reptile"])
         self.assertEqual((status, err.count("\n")), (2, 1))
         self.assertIn("--inner-steps above 1 is MAML's", err)
         status, out, err = _run_main(["cartpole", "--outer", "trpo", "--algorithm", "reptile"])
         self.assertEqual((status, err.count("\n")), (2, 1))
-        self.assertIn("--outer trpo steps on MAML's meta-objective", err)
+        self.assertIn("--outer is read only by --algorithm maml", err)
         status, out, err = _run_main(["nav2d", "--outer", "trpo", "--max-kl", "0"])
         self.assertEqual((status, err.count("\n"), out), (2, 1, ""))
         self.assertIn("--max-kl must be > 0", err)
@@ -1875,9 +1877,10 @@ class TestMemoryAndEvolution(unittest.TestCase):
 
     def test_short_runs_resume_exactly_and_fail_cleanly(self):
         for algorithm in ("rl2", "es"):
-            short = ["cartpole", "--algorithm", algorithm, "--meta-batch", "3", "--rl2-trials", "2", "--hidden", "8",
-                     "--es-population", "3", "--es-tasks", "2", "--es-perturbations", "2", "--eval-tasks", "3",
-                     "--eval-batch", "2", "--log-every", "1"]
+            own = (["--meta-batch", "3", "--rl2-trials", "2"] if algorithm == "rl2" else
+                   ["--es-population", "3", "--es-tasks", "2", "--es-perturbations", "2"])
+            short = ["cartpole", "--algorithm", algorithm, "--hidden", "8", "--eval-tasks", "3", "--eval-batch", "2",
+                     "--log-every", "1"] + own
             with self.subTest(algorithm=algorithm), tempfile.TemporaryDirectory() as d:
                 ck, a, b = (os.path.join(d, n) for n in ("ck.npz", "a.json", "b.json"))
                 status, out, err = _run_main(short + ["--iterations", "2", "--json", a])
@@ -2353,11 +2356,12 @@ class TestBackend(unittest.TestCase):
             self.assertEqual(set(_read_json(path)["return"]), {"0", "1", "2", "3"})
             # RL^2 and ES-MAML, training and evaluation, every array on the device.
             for algorithm in ("rl2", "es"):
+                own = (["--meta-batch", "2", "--rl2-trials", "2"] if algorithm == "rl2" else
+                       ["--es-population", "2", "--es-tasks", "2", "--es-perturbations", "2"])
                 with unittest.mock.patch.object(mm, "use_device", lambda device: None):
                     status, _, err = _run_main(["cartpole", "--algorithm", algorithm, "--iterations", "1",
-                                                "--meta-batch", "2", "--rl2-trials", "2", "--hidden", "8",
-                                                "--es-population", "2", "--es-tasks", "2", "--es-perturbations", "2",
-                                                "--eval-tasks", "2", "--eval-batch", "2", "--json", path])
+                                                "--hidden", "8", "--eval-tasks", "2", "--eval-batch", "2",
+                                                "--json", path] + own)
                 self.assertEqual(status, 0, err)
                 self.assertEqual(set(_read_json(path)["return"]), {"0", "1", "2", "3"})
             # The qlearn command, evaluation included, on episodes cut at 10 steps.
