@@ -853,9 +853,12 @@ import io  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
+import shlex  # noqa: E402
+import stat  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 import unittest.mock  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -2078,6 +2081,205 @@ class TestBook(unittest.TestCase):
             self.assertIs(mm._mm, mm._FAST_PATHS["_mm"])
             self.assertAlmostEqual(fast[0], dense[0], places=12)
             self.assertLess(_rel_err(fast[1], dense[1]), 1e-12)
+
+
+# ----------------------------------------------------------------------------
+# Nothing a user types destroys a file or loses a run.
+# ----------------------------------------------------------------------------
+_TINY_SINE = ["sine", "--iterations", "2", "--eval-tasks", "2", "--eval-points", "2", "--log-every", "1"]
+
+
+def _one_line(test, status, err, code=2):
+    test.assertEqual(status, code, err)
+    test.assertEqual(len(err.strip().splitlines()), 1, err)
+
+
+class TestNothingLost(unittest.TestCase):
+    def test_outputs_are_checked_before_any_work_and_nothing_is_touched(self):
+        with tempfile.TemporaryDirectory() as d:
+            x, ck = os.path.join(d, "x"), os.path.join(d, "ck.npz")
+            with open(x, "w") as f:
+                f.write("keep me")
+            for argv, says in ((["--save", x, "--json", x], "the same file as --json"),
+                               (["--json", x, "--save", os.path.join(d, "link")], None)):
+                if says is None:  # a symbolic link to x is x
+                    os.symlink(x, os.path.join(d, "link"))
+                    says = "--save " + os.path.join(d, "link") + ": the same file as --json"
+                status, out, err = _run_main(_TINY_SINE + argv)
+                _one_line(self, status, err)
+                self.assertIn(says, err)
+                self.assertEqual(out, "")  # nothing ran
+            with open(x) as f:
+                self.assertEqual(f.read(), "keep me")
+            self.assertEqual(_run_main(_TINY_SINE + ["--save", ck])[0], 0)
+            before = open(ck, "rb").read()
+            status, _, err = _run_main(_TINY_SINE + ["--load", ck, "--json", ck])
+            _one_line(self, status, err)
+            self.assertIn("the same file as --load", err)
+            status, _, err = _run_main(_TINY_SINE + ["--load", ck, "--save", ck])
+            _one_line(self, status, err)
+            self.assertEqual(open(ck, "rb").read(), before)
+            fifo = os.path.join(d, "fifo")
+            os.mkfifo(fifo)
+            for path in (fifo, os.devnull):
+                status, _, err = _run_main(_TINY_SINE + ["--json", path])
+                _one_line(self, status, err)
+                self.assertIn("not a regular file", err)
+            self.assertTrue(stat.S_ISFIFO(os.stat(fifo).st_mode))
+            self.assertTrue(stat.S_ISCHR(os.stat(os.devnull).st_mode))
+            status, _, err = _run_main(_TINY_SINE + ["--json", ""])
+            _one_line(self, status, err)
+            self.assertIn("--json: an empty path", err)
+            with unittest.mock.patch.object(tempfile, "mkstemp", side_effect=PermissionError(13, "Permission denied")):
+                status, out, err = _run_main(_TINY_SINE + ["--json", os.path.join(d, "r.json")])
+            _one_line(self, status, err)
+            self.assertIn("cannot write in", err)
+            self.assertEqual(out, "")
+
+    def test_a_symlink_is_followed_and_stays(self):
+        with tempfile.TemporaryDirectory() as d:
+            target, link = os.path.join(d, "target.json"), os.path.join(d, "link.json")
+            open(target, "w").close()
+            os.symlink(target, link)
+            self.assertEqual(_run_main(_TINY_SINE + ["--json", link])[0], 0)
+            self.assertTrue(os.path.islink(link))
+            self.assertEqual(_read_json(target)["shots"], 5)
+            self.assertEqual(sorted(os.listdir(d)), ["link.json", "target.json"])
+
+    def test_a_checkpoint_held_by_another_run_is_refused_and_stale_temporary_files_go(self):
+        with tempfile.TemporaryDirectory() as d:
+            ck = os.path.join(d, "ck.npz")
+            dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                                  text=True).stdout.strip()  # a process that has ended
+            stale = os.path.join(d, f".tmp-{dead}-abc123ck.npz")
+            open(stale, "w").close()
+            held = mm._lock(ck)
+            try:
+                status, out, err = _run_main(_TINY_SINE + ["--save", ck])
+                _one_line(self, status, err)
+                self.assertIn(f"another run (pid {os.getpid()}) is writing checkpoints there", err)
+            finally:
+                mm._unlock(held)
+            self.assertTrue(os.path.exists(stale))  # the refused run touched nothing
+            self.assertEqual(_run_main(_TINY_SINE + ["--save", ck])[0], 0)
+            self.assertEqual(os.listdir(d), ["ck.npz"])  # the stale file and the lock are gone
+
+    def test_ctrl_c_and_sigterm_say_how_to_resume(self):
+        import signal
+        for sig, code, how in ((signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")):
+            with self.subTest(how=how), tempfile.TemporaryDirectory() as d:
+                ck = os.path.join(d, "ck.npz")
+                argv = ["sine", "--iterations", "1000000", "--log-every", "20", "--eval-tasks", "2", "--save", ck]
+                proc = subprocess.Popen([sys.executable, os.path.join(HERE, "metarl_min.py")] + argv, cwd=d,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        env={**os.environ, "OMP_NUM_THREADS": "1"})
+                for _ in range(600):  # the first checkpoint, then a little more
+                    if os.path.exists(ck):
+                        break
+                    time.sleep(0.05)
+                time.sleep(0.3)
+                proc.send_signal(sig)
+                out, err = proc.communicate(timeout=60)
+                self.assertEqual(proc.returncode, code, err)
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
+                self.assertIn(f"stopped by {how} at iteration", err)
+                resume = err.strip().split("resume with: ")[1]
+                self.assertEqual(shlex.split(resume), ["python", "metarl_min.py", "sine", "--iterations", "1000000",
+                                                       "--log-every", "20", "--eval-tasks", "2", "--load", ck])
+                self.assertEqual([n for n in os.listdir(d) if n != "ck.npz"], [])  # no temporary file, no lock
+                self.assertNotIn("Traceback", err)
+
+    def test_sizes_that_cannot_fit_are_refused_at_once(self):
+        for argv, flag in ((["sine", "--hidden", "30000"], "--hidden"), (["sine", "--eval-tasks", "100000000"],
+                                                                          "--eval-tasks"),
+                           (["sine", "--meta-batch", "100000000"], "--meta-batch"),
+                           (["cartpole", "--fast-batch", "1000000"], "--fast-batch"),
+                           (["cartpole", "--hidden", "100000000"], "--hidden"),
+                           (["qlearn", "--rbf-per-dim", "100"], "--rbf-per-dim")):
+            with self.subTest(argv=argv):
+                status, out, err = _run_main(argv)
+                _one_line(self, status, err)
+                self.assertIn("these settings need about", err)
+                self.assertIn(flag, err)
+                self.assertEqual(out, "")
+
+        def out_of_memory(*args, **kwargs):
+            raise MemoryError
+        with unittest.mock.patch.dict(mm.EXPERIMENTS, {"sine": (mm.SineConfig, out_of_memory)}):
+            status, _, err = _run_main(_TINY_SINE)
+        _one_line(self, status, err)
+        self.assertIn("out of memory", err)
+
+    def test_each_algorithm_takes_only_its_own_flags(self):
+        for argv, says in ((["cartpole", "--rl2-lr", "5"], "--rl2-lr is read only by --algorithm rl2"),
+                           (["cartpole", "--algorithm", "rl2", "--first-order"], "--first-order is read only by "
+                                                                                 "--algorithm maml"),
+                           (["cartpole", "--algorithm", "es", "--no-lvc"], "--lvc is read only"),
+                           (["cartpole", "--algorithm", "rl2", "--es-sigma", "0.1"], "--es-sigma is read only by "
+                                                                                    "--algorithm es"),
+                           (["cartpole", "--algorithm", "es", "--es-sigma", "0"], "--es-sigma must be > 0.0"),
+                           (["cartpole", "--algorithm", "es", "--es-lr", "inf"], "--es-lr must be a finite number"),
+                           (["nav2d", "--meta-lr", "nan"], "--meta-lr must be a finite number"),
+                           (["cartpole", "--rl2-l", "5"], "unrecognized arguments")):
+            with self.subTest(argv=argv):
+                status, out, err = _run_main(argv)
+                _one_line(self, status, err)
+                self.assertIn(says, err)
+                self.assertEqual(out, "")
+        status, out, _ = _run_main(["cartpole", "--help"])
+        self.assertEqual(status, 0)
+        for heading in ("settings:", "settings read only by --algorithm rl2:", "settings read only by --algorithm es:",
+                        "settings read only by --algorithm maml:", "files and device:", "Example:"):
+            self.assertIn(heading, out)
+
+    def test_the_apis_edge_cases_are_named(self):
+        rng = np.random.default_rng(0)
+        params = mm.init_mlp((1, 4, 1), rng, "tanh", np.float64)
+        empty = (np.zeros((0, 3, 1)), np.zeros((0, 3, 1)))
+        with self.assertRaisesRegex(ValueError, r"query x must have shape \(T, K, 1\) with T >= 1 tasks"):
+            mm.maml_grad(params, empty, empty)
+        batch = (np.zeros((2, 3, 1)), np.zeros((2, 3, 1)))
+        bad = [params[0], np.zeros(5), params[2], params[3]]
+        with self.assertRaisesRegex(ValueError, r"params\[1\] must be a bias of shape \(4,\)"):
+            mm.maml_grad(bad, batch, batch)
+        with self.assertRaisesRegex(ValueError, r"params\[2\] must be a weight of shape \(4, out\)"):
+            mm.maml_grad([params[0], params[1], np.zeros((3, 1)), params[3]], batch, batch)
+        grads = [np.full(p.shape, np.nan) for p in params]
+        with self.assertRaisesRegex(ValueError, r"grads\[0\] contains NaN or inf"):
+            mm.adam_step(params, grads, mm.adam_init(params))
+        with self.assertRaisesRegex(ValueError, r"grads\[1\] must have the shape of params\[1\]"):
+            mm.adam_step(params, [params[0], np.zeros(3), params[2], params[3]], mm.adam_init(params))
+        env = mm.cartpole_envs(cp.sample_tasks(rng, 2), 1)
+        table = lambda obs: mm.discretize(obs, (1, 1, 6, 3))
+        with self.assertRaisesRegex(ValueError, "one column per action of the env \\(2\\), got 3"):
+            mm.q_learn(env, np.zeros((2, 18, 3)), table, rng, 1)
+        with self.assertRaisesRegex(ValueError, "a row for each table row featurize gives"):
+            mm.q_learn(env, np.zeros((2, 4, 2)), table, rng, 1)
+        with self.assertRaisesRegex(ValueError, r"one row per feature of featurize \(15\)"):
+            mm.q_learn(env, np.zeros((2, 14, 2)), lambda obs: mm.poly_features(obs, 2), rng, 1)
+
+    def test_a_loss_of_ones_own_in_losses(self):
+        """A new entry in LOSSES, as the README says: a weighted squared error, its target (y, w) stacked
+        in one array (T, K, 2); maml_grad's meta-gradient through it against finite differences."""
+        def value(out, target):
+            return (target[..., 1:] * (out - target[..., :1]) ** 2).sum(axis=(-2, -1))
+
+        def grad(out, target):
+            return 2 * target[..., 1:] * (out - target[..., :1])
+
+        def hess(out, target, r_out):
+            return 2 * target[..., 1:] * r_out
+        rng = np.random.default_rng(3)
+        params = mm.init_mlp((1, 5, 5, 1), rng, "tanh", np.float64)
+        x = rng.normal(size=(3, 4, 1))
+        target = np.concatenate([np.sin(x), rng.uniform(0.5, 1.5, x.shape)], axis=-1)
+        with unittest.mock.patch.dict(mm.LOSSES, {"weighted": (value, grad, hess)}):
+            loss, grads = mm.maml_grad(params, (x, target), (x, target), "weighted", 0.1, 2)
+            fd = _fd_grad(lambda p: mm.maml_grad(p, (x, target), (x, target), "weighted", 0.1, 2)[0], params)
+            with self.assertRaisesRegex(ValueError, r"target for loss 'weighted' must be an array of shape \(3, 4"):
+                mm.maml_grad(params, (x, target[:, :2]), (x, target), "weighted")
+        self.assertLess(_rel_err(grads, fd), 1e-6)
+        self.assertGreater(loss, 0)
 
 
 # ----------------------------------------------------------------------------
