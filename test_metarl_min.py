@@ -2336,6 +2336,17 @@ class TestCopying(unittest.TestCase):
             self.assertEqual(proc.returncode, 0, proc.stderr)
             self.assertEqual(proc.stdout, here.stdout)
 
+    def test_the_readmes_snippets_run_alone(self):
+        """Each python block of README.md, as written, in a fresh interpreter beside the two files (NumPy only)."""
+        with open(os.path.join(HERE, "README.md")) as f:
+            blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+        self.assertGreaterEqual(len(blocks), 4)
+        procs = [subprocess.Popen([sys.executable, "-c", b], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}) for b in blocks]
+        for block, proc in zip(blocks, procs):
+            out, err = proc.communicate(timeout=180)
+            self.assertEqual(proc.returncode, 0, f"{block}\n{err}")
+
     def test_cartpole_alone(self):
         with tempfile.TemporaryDirectory() as d:
             with open(os.path.join(HERE, "cartpole.py")) as f, open(os.path.join(d, "cartpole.py"), "w") as g:
