@@ -33,7 +33,10 @@ equations, the functions, the training loop, the evaluation, the settings.
   II.3 evolution: ES-MAML (Song et al. 2020);
   II.4 value-based learning from a meta-learned start: Q-learning with tables
        and kernel features;
-  II.5 few-shot regression: the sinusoid of the MAML paper.
+  II.5 model-based: an LSTM that learns how to update the learner (Ravi &
+       Larochelle 2017), its meta-gradient first-order and exact;
+  II.6 few-shot regression: the sinusoid of the MAML paper, by MAML, Meta-SGD
+       and the LSTM.
 
 Part III, the harness: the commands' settings, the backend switch
 (``use_device("gpu")`` computes with CuPy, here and in cartpole.py) with
@@ -955,8 +958,8 @@ def _check_meta_args(params, support, query, loss, inner_steps, activation, inne
 # RL pieces (rollouts, returns, a baseline, GAE, KL, conjugate gradient), and two
 # task families. Then gradient-based meta-RL (II.1, MAML-TRPO and Reptile),
 # memory (II.2, RL^2), evolution (II.3, ES-MAML), value-based learning with a
-# meta-learned start (II.4, Q-learning), and few-shot regression (II.5, the
-# sinusoid).
+# meta-learned start (II.4, Q-learning), a learned optimiser (II.5, the
+# meta-learner LSTM), and few-shot regression (II.6, the sinusoid).
 # ============================================================================
 # ----------------------------------------------------------------------------
 # II.0.1 The run's machinery: the backend's arrays, settings, progress, random
@@ -1026,6 +1029,7 @@ VALIDATION_TASKS = 2  # the tasks on which test-time step sizes are chosen, with
 RANDOM_INIT = 3  # the weights of the random-init baseline
 VALIDATION_DRAWS = 4  # the rollouts on the validation tasks
 HELD_OUT_DRAWS = 5  # what the learners draw on the held-out tasks: rollouts, exploration
+LEARNER_INIT = 6  # a learned optimiser's initial weights: the tasks of training stay those of MAML's run
 
 
 def stream(seed, k):
@@ -1065,8 +1069,20 @@ def means_and_cis(stats):
     return {k: m for k, (m, _) in stats.items()}, {k: c for k, (_, c) in stats.items()}
 
 
+def _json_safe(obj):
+    """obj with every float that is not finite (a run that diverged) as None: JSON has no NaN or inf."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path, obj):
-    _atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    """obj as JSON, written atomically; a number that is not finite is written null."""
+    _atomic_write(path, lambda f: f.write((json.dumps(_json_safe(obj), indent=2) + "\n").encode()))
 
 
 def save_checkpoint(path, config, iteration, rng, models, optimisers, extra=None):
@@ -1788,8 +1804,8 @@ def _check_meta_rl_config(config):
     check_config(config)
     if config.lvc and (config.algorithm != "maml" or config.first_order):
         raise ValueError("--lvc changes only the second-order term: it needs --algorithm maml without --first-order")
-    if config.inner_steps > 1 and config.algorithm != "maml":
-        raise ValueError("--inner-steps above 1 is MAML's: it needs --algorithm maml")
+    if config.inner_steps > 1 and config.algorithm not in ("maml", "lstm"):
+        raise ValueError("--inner-steps above 1 is MAML's and the LSTM's: it needs --algorithm maml or lstm")
     if config.outer == "trpo" and config.algorithm != "maml":
         raise ValueError("--outer trpo steps on MAML's meta-objective: it needs --algorithm maml")
     if config.outer == "trpo" and not config.max_kl > 0:
@@ -1906,15 +1922,16 @@ class MetaRLConfig:
     """Gradient-based meta-RL's settings, for any TaskFamily; the defaults are CartPole's."""
     command: ClassVar[str] = "meta-rl"
     iterations: int = hparam(100, "meta-training iterations (the total, also when resuming)", 1)
-    meta_batch: int = hparam(20, "tasks per meta-iteration", 1, only=("maml", "reptile", "rl2"))
+    meta_batch: int = hparam(20, "tasks per meta-iteration", 1, only=("maml", "reptile", "rl2", "lstm"))
     fast_batch: int = hparam(20, "episodes per task for each inner step and for the outer step", 1,
-                             only=("maml", "reptile"))
-    inner_lr: float = hparam(0.5, "alpha: step size of the inner policy-gradient step", 0.0,
-                             only=("maml", "reptile", "es"))
+                             only=("maml", "reptile", "lstm"))
+    inner_lr: float = hparam(0.5, "alpha: step size of the inner policy-gradient step (lstm: the input gate's "
+                             "start, in (0, 1))", 0.0,
+                             only=("maml", "reptile", "es", "lstm"))
     inner_steps: int = hparam(1, "inner policy-gradient steps in meta-training, each on fast_batch fresh episodes "
                               "of the policy it adapts (the paper's 1; the authors' code: num_grad_updates)", 1, 5,
-                              only=("maml", "reptile"))
-    meta_lr: float = hparam(0.01, "beta: Adam step size of the outer loop", above=0.0, only=("maml", "reptile"))
+                              only=("maml", "reptile", "lstm"))
+    meta_lr: float = hparam(0.01, "beta: Adam step size of the outer loop", above=0.0, only=("maml", "reptile", "lstm"))
     hidden: int = hparam(32, "units in each of the two hidden layers of the policy", 1)
     activation: str = hparam("tanh", "the policy's hidden layers' activation", choices=tuple(ACTIVATIONS))
     init_out_scale: float = hparam(1.0, "factor on the policy's last-layer weights at initialisation (init_mlp's "
@@ -1922,9 +1939,10 @@ class MetaRLConfig:
     init_log_std: float = hparam(0.0, "Gaussian policies only: the log-std at initialisation (rllab's 0)", -5.0, 2.0)
     gamma: float = hparam(0.99, "discount of the returns-to-go", 0.0, 1.0)
     gae_lambda: float = hparam(1.0, "GAE lambda; 1 is returns minus the baseline, as in the paper", 0.0, 1.0,
-                               only=("maml", "reptile", "es"))
+                               only=("maml", "reptile", "es", "lstm"))
     algorithm: str = hparam("maml", "the meta-learner, on the same rollouts", choices=("maml", "reptile"))
-    first_order: bool = hparam(False, "first-order MAML: drop the second-order term", only=("maml",))
+    first_order: bool = hparam(False, "first-order MAML: drop the second-order term (lstm: the paper's, the "
+                               "learner's gradient an input that does not depend on its params)", only=("maml", "lstm"))
     lvc: bool = hparam(False, "second-order MAML only: ProMP's LVC surrogate for the inner step, whose Hessian "
                        "keeps the term of the pre-update sampling distribution", only=("maml",))
     reptile_steps: int = hparam(3, "Reptile only: SGD steps on each task's pre- and post-update episodes", 1, 20,
@@ -2939,7 +2957,352 @@ def run_qlearn(config, json_path=None, save=None, load=None):
 
 
 # ============================================================================
-# II.5 Few-shot regression: MAML on the sinusoids of the MAML paper (sec. 5.1
+# II.5 Model-based meta-learning: an LSTM that learns how to update the learner
+#      (Ravi & Larochelle 2017, "Optimization as a model for few-shot learning").
+# ============================================================================
+# The learner's parameters theta are the cell state of an LSTM, and each inner step is one step
+# of it, coordinate by coordinate: one small network shared by every coordinate of theta, each
+# coordinate with its own state. For the learner's loss L_t and gradient g_t = grad L_t(theta_{t-1}):
+#   x_t = [pre(g_t), pre(L_t)]        pre(z) = (log|z| / p, sign z) if |z| >= e^-p, else (-1, e^p z)
+#                                     (Andrychowicz et al. 2016, sec. 3.2; p = 10)
+#   (h_t, c_t) = LSTM(x_t; h_{t-1}, c_{t-1})                  a first layer of H units (the paper's 20)
+#   i_t = sigmoid(w_I . [h_t, theta_{t-1}, i_{t-1}] + b_I)    each coordinate's step size
+#   f_t = sigmoid(w_F . [h_t, theta_{t-1}, f_{t-1}] + b_F)    each coordinate's forgetting
+#   theta_t = f_t * theta_{t-1} - i_t * g_t                   (the paper's eqs. 2-4)
+# With f = 1 and i = alpha it is MAML's inner step. Meta-learned: the first layer, the gates and
+# the learner's start theta_0. b_F starts high (f near 1) and b_I at logit(inner_lr): the LSTM
+# begins as MAML's SGD step, with a little weight decay.
+#
+# The meta-gradient, backwards through the unrolled steps. The paper takes g_t and L_t as inputs
+# that do not depend on theta_{t-1} (first-order): the adjoint of theta_{t-1} collects
+#   f_t * bar theta_t  +  the gates' paths through theta_{t-1}.
+# Exactly, g_t and L_t depend on theta_{t-1} too, and it also collects
+#   H_t bar g_t + bar L_t g_t,     bar g_t = -i_t * bar theta_t + the first layer's path through pre(g_t),
+# one Hessian-vector product of the core per step (hvp), as MAML's.
+LSTM_P = 10.0  # the preprocessing's p
+
+
+def init_meta_lstm(hidden, inner_lr, rng, forget_bias=5.0, dtype=np.float32):
+    """The meta-learner LSTM's params [W (4 + H, 4H), b (4H,), w_i (H + 2,), b_i (1,), w_f (H + 2,), b_f (1,)].
+
+      hidden: H, the first layer's units; inner_lr: the step size it starts with, i = sigmoid(b_i),
+        in (0, 1); forget_bias: b_f (5: f = 0.9933; the paper draws it in [4, 6])
+    W, b: the first layer's gates (input, forget, output, candidate), uniform in +-1/sqrt(H) as
+    PyTorch's LSTM; w_i, w_f: uniform in +-0.01, so that the gates start near their biases."""
+    _check_rng(rng)
+    _check_int_at_least("hidden", hidden, 1)
+    _check_number("forget_bias", forget_bias)
+    if not 0.0 < inner_lr < 1.0:
+        raise ValueError(f"inner_lr must be in (0, 1), the input gate's range; got {inner_lr!r}")
+    bound = 1.0 / math.sqrt(hidden)
+    W = rng.uniform(-bound, bound, (4 + hidden, 4 * hidden))
+    b = rng.uniform(-bound, bound, 4 * hidden)
+    w_i, w_f = rng.uniform(-0.01, 0.01, (2, hidden + 2))
+    lstm = [W, b, w_i, [math.log(inner_lr / (1.0 - inner_lr))], w_f, [forget_bias]]
+    return [xp.asarray(np.asarray(p, dtype=dtype)) for p in lstm]
+
+
+def flatten_params(params):
+    """[(T, ...) for each array] -> (T, P): each task's params as one row of coordinates."""
+    T = params[0].shape[0]
+    return xp.concatenate([p.reshape(T, -1) for p in params], axis=1)
+
+
+def unflatten_params(flat, shapes):
+    """(T, P) -> [(T, *shape) for each shape]: flatten_params undone."""
+    out, at = [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        out.append(flat[:, at:at + size].reshape((flat.shape[0],) + tuple(shape)))
+        at += size
+    return out
+
+
+def lstm_preprocess(z, p=LSTM_P):
+    """pre(z) and its derivative, each (2, ...): (log|z| / p, sign z) where |z| >= e^-p, else (-1, e^p z)."""
+    small = math.exp(-p)
+    big = xp.abs(z) >= small
+    # log(max(|z|, e^-p)) / p is -1 below e^-p; clip(e^p z, -1, 1) is sign z above it
+    value = xp.stack([xp.log(xp.maximum(xp.abs(z), small)) / p, xp.clip(z / small, -1.0, 1.0)])
+    slope = xp.stack([big / (p * xp.where(big, z, 1.0)), (~big) / small])
+    return value.astype(z.dtype, copy=False), slope.astype(z.dtype, copy=False)
+
+
+class LearnerState(NamedTuple):
+    """Each coordinate's state between inner steps: theta (T, P); the first layer's h, c (H, T, P),
+    the unit axis first, so that each unit's values over the coordinates are one block of memory;
+    the gates' last values i, f (T, P)."""
+    theta: object
+    h: object
+    c: object
+    i: object
+    f: object
+
+
+def lstm_start(params, tasks, hidden):
+    """The state before the first step: theta_0 = the shared params for each of `tasks` tasks, the
+    rest zero (the paper's)."""
+    flat = xp.concatenate([p.reshape(-1) for p in params])
+    theta = xp.broadcast_to(flat, (tasks, flat.shape[0]))
+    zeros = xp.zeros((hidden, tasks, flat.shape[0]), flat.dtype)
+    return LearnerState(theta, zeros, zeros, xp.zeros_like(theta), xp.zeros_like(theta))
+
+
+class LSTMStep(NamedTuple):
+    """What one step leaves for its backward: its state before, its inputs and gates."""
+    before: LearnerState
+    grad: object  # g_t (T, P)
+    slopes: tuple  # pre'(g_t) (2, T, P), pre'(L_t) (2, T)
+    z: object  # the first layer's input [x_t, h_{t-1}] (4 + H, T, P)
+    gates: tuple  # the first layer's input, forget, output, candidate (H, T, P) each; tanh(c_t)
+    after: LearnerState
+
+
+def _units(u):  # (n, T, P) -> (n, T P): each unit's values over every coordinate, one row
+    return u.reshape(u.shape[0], -1)
+
+
+def lstm_step(lstm, state, grad, loss, p=LSTM_P):
+    """One step of the meta-learner: theta_{t-1} and its gradient -> theta_t, every coordinate at once.
+
+      lstm: init_meta_lstm's params; state: a LearnerState; grad: g_t (T, P); loss: L_t (T,)
+    Returns (the LearnerState after it, the LSTMStep for its backward)."""
+    W, b, w_i, b_i, w_f, b_f = lstm
+    H, (T, P) = state.h.shape[0], grad.shape
+    x_g, d_g = lstm_preprocess(grad, p)  # (2, T, P)
+    x_l, d_l = lstm_preprocess(loss, p)  # (2, T): the task's loss, the same for each of its coordinates
+    z = xp.concatenate([x_g, xp.broadcast_to(x_l[:, :, None], x_g.shape), state.h])  # (4 + H, T, P)
+    a = (_T(W) @ _units(z)).reshape(4 * H, T, P) + b[:, None, None]  # W^T z + b: the four gates
+    gi, gf, go, gc = sigmoid(a[:H]), sigmoid(a[H:2 * H]), sigmoid(a[2 * H:3 * H]), xp.tanh(a[3 * H:])
+    c = gf * state.c + gi * gc  # the first layer's cell: an LSTM's
+    tc = xp.tanh(c)
+    h = go * tc  # (H, T, P)
+    theta = state.theta
+    gate = lambda w, bias, prev: sigmoid((w[:H] @ _units(h)).reshape(T, P) + theta * w[H] + prev * w[H + 1] + bias)
+    i, f = gate(w_i, b_i, state.i), gate(w_f, b_f, state.f)  # (T, P)
+    after = LearnerState(f * theta - i * grad, h, c, i, f)  # theta_t = f_t theta_{t-1} - i_t g_t
+    return after, LSTMStep(state, grad, (d_g, d_l), z, (gi, gf, go, gc, tc), after)
+
+
+def lstm_step_backward(lstm, step, bar):
+    """The adjoints of one step's inputs from those of its outputs.
+
+      step: lstm_step's LSTMStep; bar: a LearnerState of d meta_loss / d (each part of the state after)
+    Returns (bar of the state before, grads of lstm's params, bar g_t (T, P), bar L_t (T,)): the
+    exact meta-gradient adds H_t bar g_t + bar L_t g_t to bar theta_{t-1} (lstm_meta_grad)."""
+    W, b, w_i, b_i, w_f, b_f = lstm
+    before, after = step.before, step.after
+    H, (T, P) = before.h.shape[0], step.grad.shape
+    gi, gf, go, gc, tc = step.gates
+    # theta_t = f theta_{t-1} - i g
+    bar_f = bar.f + bar.theta * before.theta
+    bar_i = bar.i - bar.theta * step.grad
+    bar_g = -bar.theta * after.i
+    # i = sigmoid(w_i . [h, theta, i_prev] + b_i), f likewise
+    d_i, d_f = bar_i * after.i * (1.0 - after.i), bar_f * after.f * (1.0 - after.f)  # (T, P)
+    gate_grads = []
+    for d, prev in ((d_i, before.i), (d_f, before.f)):
+        w_grad = xp.concatenate([_units(after.h) @ d.reshape(-1), xp.stack([(d * before.theta).sum(), (d * prev).sum()])])
+        gate_grads += [w_grad, d.sum().reshape(1)]
+    bar_theta = bar.theta * after.f + d_i * w_i[H] + d_f * w_f[H]
+    bar_h = bar.h + w_i[:H, None, None] * d_i + w_f[:H, None, None] * d_f  # (H, T, P)
+    # the first layer: h = o tanh(c), c = f_1 c_prev + i_1 candidate
+    bar_c = bar.c + bar_h * go * (1.0 - tc * tc)
+    d_a = xp.concatenate([bar_c * gc * gi * (1.0 - gi), bar_c * before.c * gf * (1.0 - gf),
+                          bar_h * tc * go * (1.0 - go), bar_c * gi * (1.0 - gc * gc)])  # (4H, T, P)
+    grads = [_units(step.z) @ _T(_units(d_a)), _units(d_a).sum(axis=1)] + gate_grads
+    bar_z = (W @ _units(d_a)).reshape(4 + H, T, P)  # [bar x (4, T, P), bar h_{t-1} (H, T, P)]
+    d_g, d_l = step.slopes
+    bar_g = bar_g + (bar_z[:2] * d_g).sum(axis=0)
+    bar_loss = (bar_z[2:4] * d_l[:, :, None]).sum(axis=(0, 2))
+    bar_before = LearnerState(bar_theta, bar_z[4:], bar_c * gf, d_i * w_i[H + 1], d_f * w_f[H + 1])
+    return bar_before, grads, bar_g, bar_loss
+
+
+class LSTMAdaptation(NamedTuple):
+    """What the meta-learner's inner loop leaves: the LearnerState before each step and after the
+    last (states[-1]), and for the meta-backward each step's LSTMStep and loss_and_grad Cache."""
+    states: list
+    steps: list
+    caches: list
+    shapes: list  # the shared params' shapes, to unflatten theta
+
+    @property
+    def params(self):
+        """The adapted params, per task: [(T, ...) for each array]."""
+        return unflatten_params(self.states[-1].theta, self.shapes)
+
+
+def lstm_adapt(lstm, params, support, loss="mse", inner_steps=1, activation="tanh", start=None, record=True):
+    """The inner loop taken by the meta-learner LSTM: inner_steps of lstm_step, each on the
+    learner's gradient on its support batch.
+
+      lstm: init_meta_lstm's; params: the shared start theta_0 [W1, b1, ...]; support: one batch
+        (x (T, K, in), target) for every step, or a list of batches, one per step (as adapt's)
+      start: an LSTMAdaptation to go on from (its last state), or None to start at theta_0
+      record: keep each step's state, LSTMStep and Cache (False: the last state only)
+    Returns an LSTMAdaptation: ``.params`` are the adapted params. Ravi & Larochelle 2017, Algorithm 1."""
+    supports = _step_batches(support, inner_steps)
+    shapes = [p.shape for p in params]
+    if start is None:
+        start = LSTMAdaptation([lstm_start(params, supports[0][0].shape[0], lstm[1].shape[0] // 4)], [], [], shapes)
+    states, steps, caches = list(start.states), list(start.steps), list(start.caches)
+    for batch in supports:
+        losses, grads, cache = loss_and_grad(unflatten_params(states[-1].theta, shapes), batch, loss, activation)
+        grad = flatten_params(grads)  # (T, P)
+        state, step = lstm_step(lstm, states[-1], grad, losses.astype(grad.dtype, copy=False))
+        states, steps, caches = (states + [state], steps + [step], caches + [cache]) if record else ([state], [], [])
+    return LSTMAdaptation(states, steps, caches, shapes)
+
+
+def lstm_meta_grad(lstm, params, support, query, loss="mse", inner_steps=1, first_order=False, activation="tanh"):
+    """The meta-loss of the meta-learner LSTM and its gradients, w.r.t. the learner's start and the LSTM.
+
+      lstm, params, support: as lstm_adapt's; query: (x, target), as maml_grad's
+      first_order: the paper's, the learner's gradient and loss taken as inputs that do not depend on
+        theta; else exact, through them too (one Hessian-vector product per step)
+    meta_loss = mean_t L_query,t(theta_n,t), theta_n after inner_steps steps of lstm_step.
+    Returns (meta_loss, grads shaped as params, grads shaped as lstm).
+    Ravi & Larochelle 2017, sec. 3.2 (their first-order gradient) and the exact one."""
+    support, query = _check_meta_args(params, support, query, loss, inner_steps, activation)
+    _check_lstm(lstm)
+    supports = _step_batches(support, inner_steps)
+    run = lstm_adapt(lstm, params, supports, loss, len(supports), activation)
+    T = query[0].shape[0]
+    losses, v, _ = loss_and_grad(run.params, query, loss, activation, scale=1.0 / T)
+    last = run.states[-1]
+    bar = LearnerState(flatten_params(v), xp.zeros_like(last.h), xp.zeros_like(last.c), xp.zeros_like(last.i),
+                       xp.zeros_like(last.f))
+    lstm_grads = [xp.zeros_like(p) for p in lstm]
+    for j in reversed(range(len(run.steps))):
+        step = run.steps[j]
+        bar, grads, bar_g, bar_loss = lstm_step_backward(lstm, step, bar)
+        lstm_grads = [a + g.reshape(a.shape) for a, g in zip(lstm_grads, grads)]
+        if not first_order:  # through g_t = grad L_t(theta_{t-1}) and L_t(theta_{t-1})
+            hv = hvp(unflatten_params(step.before.theta, run.shapes), supports[j],
+                     unflatten_params(bar_g, run.shapes), loss, activation, cache=run.caches[j])
+            bar = bar._replace(theta=bar.theta + flatten_params(hv) + bar_loss[:, None] * step.grad)
+    grads = [g[0].astype(p.dtype, copy=False) for g, p in zip(unflatten_params(bar.theta.sum(axis=0)[None], run.shapes),
+                                                               params)]
+    return float(losses.sum()) / T, grads, [g.astype(p.dtype, copy=False) for g, p in zip(lstm_grads, lstm)]
+
+
+def _check_lstm(lstm):
+    """The meta-learner's params: six arrays shaped as init_meta_lstm's, finite."""
+    if not isinstance(lstm, (list, tuple)) or len(lstm) != 6:
+        raise TypeError("lstm must be init_meta_lstm's list [W, b, w_i, b_i, w_f, b_f]")
+    H = lstm[0].shape[-1] // 4
+    shapes = [(4 + H, 4 * H), (4 * H,), (H + 2,), (1,), (H + 2,), (1,)]
+    for name, p, shape in zip(("W", "b", "w_i", "b_i", "w_f", "b_f"), lstm, shapes):
+        if tuple(p.shape) != shape:
+            raise ValueError(f"lstm's {name} must have shape {shape} (H = {H}); got {tuple(p.shape)}")
+    _check_finite([(p, "lstm") for p in lstm])
+
+
+# The meta-learner on a task family: the inner policy-gradient steps taken by the LSTM.
+def lstm_init(family, config, rng):
+    """(the policy's start, the meta-learner LSTM) for a family, before meta-training: the policy
+    drawn from rng, the LSTM from a stream of its own (the same for every policy of a seed)."""
+    return init_policy(family, config, rng), init_meta_lstm(config.lstm_hidden, config.inner_lr, stream(
+        config.seed, LEARNER_INIT), config.lstm_forget_bias)
+
+
+def _check_lstm_config(config):
+    if not 0.0 < config.inner_lr < 1.0:
+        raise ValueError(f"--inner-lr must be in (0, 1) with --algorithm lstm: it is the input gate's first value, "
+                         f"a sigmoid; got {config.inner_lr!r}")
+
+
+def lstm_rl_train(family, config, save=None, load=None):
+    """Meta-train the meta-learner LSTM and the policy's start on a task family.
+
+      family: a TaskFamily; config: an LSTMConfig; save, load: checkpoint paths (None: none)
+    Each iteration, as MAML's (meta_rl_train): meta_batch tasks, fast_batch episodes of the policy
+    in each for every inner step, each step taken by the LSTM on the policy-gradient loss, then
+    fast_batch episodes of the adapted policies (query), and Adam on the meta-gradient of both
+    (lstm_meta_grad: exact, or the paper's first-order with config.first_order).
+    Returns ((policy start, lstm), extra): extra["env_steps"], and extra["curve"], rows
+    [iteration, pre, post] of mean returns. Ravi & Larochelle 2017, Algorithm 1, on MAML's meta-RL."""
+    _check_meta_rl_config(config)
+    _check_lstm_config(config)
+    loss, act = family.loss, config.activation
+    if load:
+        start, rng, models, opts, extra = load_checkpoint(load, config)
+    else:
+        start, rng = 0, np.random.default_rng(config.seed)
+        models = dict(zip(("meta", "lstm"), lstm_init(family, config, rng)))
+        opts, extra = {k: adam_init(p) for k, p in models.items()}, {"env_steps": 0, "curve": []}
+    T = config.meta_batch
+    roll = lambda params, env: rollout(params, env, T, rng, family.horizon, family.policy, act)
+    batch = lambda episodes: pg_batch(episodes, config.gamma, config.gae_lambda)
+    mean_return = lambda episodes: float(episode_returns(episodes).mean())
+    progress, window = Progress(config.iterations, start), []
+    for it in range(start, config.iterations):
+        env = family.make_env(family.sample_tasks(rng, T), config.fast_batch)
+        run, supports, rollouts = None, [], []
+        for _ in range(config.inner_steps):  # each step on fresh episodes of the policy it adapts
+            rollouts.append(roll(models["meta"] if run is None else run.params, env))
+            supports.append(batch(rollouts[-1]))
+            run = lstm_adapt(models["lstm"], models["meta"], supports[-1], loss, 1, act, start=run, record=False)
+        post = roll(run.params, env)
+        _, grads, lstm_grads = lstm_meta_grad(models["lstm"], models["meta"], supports, batch(post), loss,
+                                              first_order=config.first_order, activation=act)
+        for name, g in (("meta", grads), ("lstm", lstm_grads)):
+            models[name], opts[name] = adam_step(models[name], g, opts[name], config.meta_lr)
+            _check_finite_policy(models[name], it + 1, "--meta-lr")
+        extra["env_steps"] += int(sum(e["mask"].sum() for e in rollouts + [post]))
+        window.append((mean_return(rollouts[0]), mean_return(post)))
+        if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
+            pre_r, post_r = np.mean(window, axis=0)
+            progress(it + 1, pre_return=pre_r, post_return=post_r)
+            extra["curve"].append([it + 1, float(pre_r), float(post_r)])
+            window = []
+            if save:
+                save_checkpoint(save, config, it + 1, rng, models, opts, extra)
+    return (models["meta"], models["lstm"]), extra
+
+
+def lstm_rl_evaluate(learner, family, config, tasks, rng):
+    """Each task's mean return after 0, 1, 2 and 3 inner steps of the meta-learner LSTM, each on
+    eval_batch fresh episodes of the current policy, the LSTM's state carried from step to step.
+
+      learner: (policy start, lstm), lstm_rl_train's; family: a TaskFamily; tasks: the family's
+    Returns {"0": (n_tasks,), ..., "3": (n_tasks,)}."""
+    start, lstm = learner
+    env = family.make_env(tasks, config.eval_batch)
+    n_tasks = env.num_envs // config.eval_batch
+    run, policy, result = None, start, {}
+    for s in RL_EVAL_STEPS:
+        episodes = rollout(policy, env, n_tasks, rng, family.horizon, family.policy, config.activation)
+        result[str(s)] = mean_returns(episodes)
+        if s < max(RL_EVAL_STEPS):
+            run = lstm_adapt(lstm, start, pg_batch(episodes, config.gamma, config.gae_lambda), family.loss, 1,
+                             config.activation, start=run, record=False)
+            policy = run.params
+    return result
+
+
+@dataclasses.dataclass
+class LSTMSettings:
+    """The meta-learner LSTM's own settings, for every command that trains one."""
+    lstm_hidden: int = hparam(20, "units of the meta-learner's first LSTM layer, which reads the preprocessed "
+                              "gradient and loss (the paper's 20)", 1, only=("lstm",))
+    lstm_forget_bias: float = hparam(5.0, "the forget gate's bias at the start: f = sigmoid(5) = 0.9933, near "
+                                     "plain SGD (the paper draws it in [4, 6]); the input gate's starts at "
+                                     "logit(inner_lr)", only=("lstm",))
+
+
+@dataclasses.dataclass
+class LSTMConfig(MetaRLConfig, LSTMSettings):
+    """The meta-learner LSTM on any TaskFamily: MetaRLConfig's shared settings (meta_batch,
+    fast_batch, inner_steps, meta_lr, first_order; inner_lr is the step size it starts with), and
+    the LSTM's own."""
+    command: ClassVar[str] = "lstm"
+    algorithm: str = hparam("lstm", "the meta-learner", choices=("lstm",))
+
+
+# ============================================================================
+# II.6 Few-shot regression: MAML on the sinusoids of the MAML paper (sec. 5.1
 #      and appendix C), beside a network pretrained on all tasks.
 # ============================================================================
 SINE_AMPLITUDE = (0.1, 5.0)  # A ~ U[0.1, 5]
@@ -2963,32 +3326,52 @@ def sample_sine_points(rng, amplitude, phase, k, dtype=np.float32):
 
 
 def sine_train(config, save=None, load=None):
-    """Meta-train MAML on sinusoids and, on the same tasks, a network pretrained on all of them.
+    """Meta-train MAML, Meta-SGD or the meta-learner LSTM (config.algorithm) on sinusoids and, on
+    the same tasks, a network pretrained on all of them.
 
       config: a SineConfig; save, load: checkpoint paths (None: none)
-    Returns (maml params, pretrained params). Finn et al. 2017, sec. 5.1 and Algorithm 2."""
+    Returns (the meta-learned models, pretrained params): models["meta"] is the start theta_0, and
+    with it models["inner_lrs"] (Meta-SGD's rates) or models["lstm"] (the LSTM's params).
+    Finn et al. 2017, sec. 5.1 and Algorithm 2; Li et al. 2017; Ravi & Larochelle 2017."""
     sizes = (1, config.hidden, config.hidden, 1)
     if load:
         start, rng, models, opts, _ = load_checkpoint(load, config)
     else:
         start, rng = 0, np.random.default_rng(config.seed)
         init = init_mlp(sizes, rng, "relu")
-        models = {"maml": init, "pretrained": [p.copy() for p in init]}
+        models = {"meta": init, "pretrained": [p.copy() for p in init]}
+        if config.algorithm == "meta-sgd":  # every rate starts at inner_lr
+            models["inner_lrs"] = [xp.full_like(p, config.inner_lr) for p in init]
+        if config.algorithm == "lstm":
+            models["lstm"] = init_meta_lstm(config.lstm_hidden, config.inner_lr, stream(config.seed, LEARNER_INIT),
+                                            config.lstm_forget_bias)
         opts = {k: adam_init(p) for k, p in models.items()}
     progress = Progress(config.iterations, start)
+
+    def adam(name, grads):
+        models[name], opts[name] = adam_step(models[name], grads, opts[name], config.meta_lr)
+
     window = []
     for it in range(start, config.iterations):
         amplitude, phase = sample_sine_tasks(rng, config.meta_batch)
         support = sample_sine_points(rng, amplitude, phase, config.shots)
         query = sample_sine_points(rng, amplitude, phase, config.shots)
-        meta_loss, grads = maml_grad(models["maml"], support, query, "mse", config.inner_lr, config.inner_steps,
-                                     config.first_order, "relu")
-        models["maml"], opts["maml"] = adam_step(models["maml"], grads, opts["maml"], config.meta_lr)
+        steps_and_order = config.inner_steps, config.first_order, "relu"
+        if config.algorithm == "maml":
+            meta_loss, grads = maml_grad(models["meta"], support, query, "mse", config.inner_lr, *steps_and_order)
+        elif config.algorithm == "meta-sgd":
+            meta_loss, grads, lr_grads = meta_sgd_grad(models["meta"], models["inner_lrs"], support, query, "mse",
+                                                       *steps_and_order)
+            adam("inner_lrs", lr_grads)
+        else:
+            meta_loss, grads, lstm_grads = lstm_meta_grad(models["lstm"], models["meta"], support, query, "mse",
+                                                          *steps_and_order)
+            adam("lstm", lstm_grads)
+        adam("meta", grads)
         # The baseline sees the same points, support and query alike, with no inner step.
         both = concat_batches(support, query)
         joint_loss, grads = maml_grad(models["pretrained"], both, both, "mse", inner_steps=0, activation="relu")
-        models["pretrained"], opts["pretrained"] = adam_step(models["pretrained"], grads, opts["pretrained"],
-                                                             config.meta_lr)
+        adam("pretrained", grads)
         window.append((meta_loss, joint_loss))
         if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
             post, joint = np.mean(window, axis=0)
@@ -2996,44 +3379,69 @@ def sine_train(config, save=None, load=None):
             window = []
             if save:
                 save_checkpoint(save, config, it + 1, rng, models, opts)
-    return models["maml"], models["pretrained"]
+    pretrained = models.pop("pretrained")
+    return models, pretrained
 
 
 SINE_EVAL_STEPS = (0, 1, 5, 10)
 # The MAML paper, appendix C, Table 2 (5-shot): MSE after 1, 5, 10 gradient steps.
-SINE_PAPER_5SHOT = {"maml": {"1": 0.67, "5": 0.38, "10": 0.35}, "pretrained": {"1": 2.41, "5": 2.23, "10": 2.19}}
+# Meta-SGD's (Li et al. 2017, Table 1, 5-shot, one step; its MAML row there is 1.13).
+SINE_PAPER_5SHOT = {"maml": {"1": 0.67, "5": 0.38, "10": 0.35}, "pretrained": {"1": 2.41, "5": 2.23, "10": 2.19},
+                    "meta-sgd": {"1": 0.90}}
+SINE_NAMES = {"maml": "MAML", "meta-sgd": "Meta-SGD", "lstm": "LSTM"}
 
 
 # The pretrained baseline fine-tunes with the best of these step sizes, chosen on
 # validation tasks (the paper tuned its step size too); MAML uses inner_lr.
 SINE_BASELINE_LRS = (0.001, 0.002, 0.005, 0.01, 0.02)
+SINE_LSTM_CHUNK = 100  # held-out tasks the LSTM adapts at once
 
 
-def sine_evaluate(params, config, rng, inner_lr, n_tasks):
-    """MSE on fresh query points of n_tasks new tasks after 0, 1, 5 and 10 SGD steps on K points.
+def sine_evaluate(params, config, rng, inner_lr, n_tasks, lstm=None):
+    """MSE on fresh query points of n_tasks new tasks after 0, 1, 5 and 10 steps on K points.
 
-      params: the network; config: its shots and eval_points; rng: the tasks' and points' draws
-      inner_lr: the steps' size
+      params: the network (the start theta_0); config: its shots and eval_points; rng: the tasks'
+        and points' draws; inner_lr: the SGD steps' size, or Meta-SGD's list of rates
+      lstm: the meta-learner LSTM's params, whose steps are taken instead (inner_lr unused)
     Returns {"0": (mean, ci95), "1": ..., "5": ..., "10": ...}."""
     amplitude, phase = sample_sine_tasks(rng, n_tasks)
     support = sample_sine_points(rng, amplitude, phase, config.shots)
     query = sample_sine_points(rng, amplitude, phase, config.eval_points)
-    thetas = adapt(params, support, "mse", inner_lr, max(SINE_EVAL_STEPS), "relu").thetas
-    return {str(s): mean_ci95(loss_and_grad(thetas[s], query, "mse", "relu")[0]) for s in SINE_EVAL_STEPS}
+    if lstm is None:
+        thetas = adapt(params, support, "mse", inner_lr, max(SINE_EVAL_STEPS), "relu").thetas
+        return {str(s): mean_ci95(loss_and_grad(thetas[s], query, "mse", "relu")[0]) for s in SINE_EVAL_STEPS}
+    losses = {s: [] for s in SINE_EVAL_STEPS}
+    for at in range(0, n_tasks, SINE_LSTM_CHUNK):  # the LSTM's state is (tasks, coordinates, H): a chunk at a time
+        part = lambda batch: tuple(u[at:at + SINE_LSTM_CHUNK] for u in batch)
+        run = None
+        for s in range(max(SINE_EVAL_STEPS) + 1):
+            if s in losses:
+                losses[s].append(loss_and_grad(params if run is None else run.params, part(query), "mse", "relu")[0])
+            if s < max(SINE_EVAL_STEPS):
+                run = lstm_adapt(lstm, params, part(support), "mse", 1, "relu", start=run, record=False)
+    return {str(s): mean_ci95(xp.concatenate(v)) for s, v in losses.items()}
 
 
 @dataclasses.dataclass
-class SineConfig:
-    """Sinusoid regression, as in the MAML paper (sec. 5.1 and appendix C)."""
+class SineConfig(LSTMSettings):
+    """Sinusoid regression, as in the MAML paper (sec. 5.1 and appendix C), by MAML, Meta-SGD or the
+    meta-learner LSTM."""
     command: ClassVar[str] = "sine"  # the command of these settings, recorded in its checkpoints
+    algorithm: str = hparam("maml", "the meta-learner: maml, meta-sgd (a learned step size per parameter, Li et "
+                            "al. 2017) or lstm (a learned optimiser, Ravi & Larochelle 2017)",
+                            choices=("maml", "meta-sgd", "lstm"))
+    lstm_hidden: int = hparam(4, "units of the meta-learner's first LSTM layer (the paper's 20 takes 23 ms an "
+                              "iteration here, 4 takes 5 ms)", 1, only=("lstm",))
     shots: int = hparam(5, "K: points per task in the support set (the query set has K too)", 1)
     iterations: int = hparam(70000, "meta-training iterations (the total, also when resuming)", 1)
     meta_batch: int = hparam(25, "tasks per meta-iteration", 1)
-    inner_lr: float = hparam(0.01, "alpha: inner-loop SGD step size", 0.0)
-    inner_steps: int = hparam(1, "inner SGD steps during meta-training", 0, 20)
+    inner_lr: float = hparam(0.01, "alpha: inner-loop SGD step size (meta-sgd: every rate's start; lstm: the input "
+                             "gate's start, in (0, 1))", 0.0)
+    inner_steps: int = hparam(1, "inner steps during meta-training", 0, 20)
     meta_lr: float = hparam(1e-3, "beta: Adam step size of the outer loop", 0.0)
     hidden: int = hparam(40, "units in each of the two hidden ReLU layers", 1)
-    first_order: bool = hparam(False, "first-order MAML: drop the second-order term")
+    first_order: bool = hparam(False, "drop the second-order term (lstm: the paper's, the learner's gradient taken "
+                               "as an input that does not depend on its params)")
     eval_tasks: int = hparam(600, "held-out tasks for the final evaluation", 2)
     eval_points: int = hparam(100, "fresh query points per held-out task", 1)
     seed: int = hparam(0, "seed of every random draw", 0)
@@ -3042,26 +3450,31 @@ class SineConfig:
 
 def run_sine(config, json_path=None, save=None, load=None):
     check_config(config)
+    if config.algorithm == "lstm":
+        _check_lstm_config(config)
     t0 = time.perf_counter()
-    print(f"sine: {config.shots}-shot sinusoid regression, MAML {'first' if config.first_order else 'second'}"
+    name = SINE_NAMES[config.algorithm]
+    print(f"sine: {config.shots}-shot sinusoid regression, {name} {'first' if config.first_order else 'second'}"
           f"-order, {config.iterations} iterations x {config.meta_batch} tasks, seed {config.seed}")
-    maml, pretrained = sine_train(config, save, load)
+    models, pretrained = sine_train(config, save, load)
     # Evaluation streams of their own: resuming cannot change them; both models see the same tasks.
     # The baseline's step size: the lowest MSE (mean over 1, 5, 10 steps) on 100 validation tasks.
     baseline_lr = best_step_size(lambda lr, rng: np.mean([m for s, (m, _) in sine_evaluate(
         pretrained, config, rng, lr, 100).items() if s != "0"]), SINE_BASELINE_LRS,
         stream(config.seed, VALIDATION_TASKS))
-    ours = sine_evaluate(maml, config, stream(config.seed, HELD_OUT_TASKS), config.inner_lr, config.eval_tasks)
+    ours = sine_evaluate(models["meta"], config, stream(config.seed, HELD_OUT_TASKS),
+                         models.get("inner_lrs", config.inner_lr), config.eval_tasks, models.get("lstm"))
     base = sine_evaluate(pretrained, config, stream(config.seed, HELD_OUT_TASKS), baseline_lr, config.eval_tasks)
     seconds = time.perf_counter() - t0
-    paper = SINE_PAPER_5SHOT if config.shots == 5 else None
+    paper = SINE_PAPER_5SHOT if config.shots == 5 else {}
     print(f"\n{config.shots}-shot sinusoid, MSE on {config.eval_tasks} held-out tasks (mean +- 95% CI), "
           f"{config.iterations} iterations, seed {config.seed}")
-    print(f"{'steps':>5}  {'MAML (ours)':>17}  {'pretrained (ours)':>17}  {'MAML (paper)':>12}  {'pretr. (paper)':>14}")
+    print(f"{'steps':>5}  {name + ' (ours)':>17}  {'pretrained (ours)':>17}  {name + ' (paper)':>16}  "
+          f"{'pretr. (paper)':>14}")
     for s in map(str, SINE_EVAL_STEPS):
-        cite = (f"{paper['maml'][s]:12.2f}  {paper['pretrained'][s]:14.2f}" if paper and s in paper["maml"]
-                else f"{'-':>12}  {'-':>14}")
-        print(f"{s:>5}  {ours[s][0]:9.3f} +- {ours[s][1]:5.3f}  {base[s][0]:9.3f} +- {base[s][1]:5.3f}  {cite}")
+        cite = lambda row: f"{paper[row][s]:.2f}" if s in paper.get(row, {}) else "-"
+        print(f"{s:>5}  {ours[s][0]:9.3f} +- {ours[s][1]:5.3f}  {base[s][0]:9.3f} +- {base[s][1]:5.3f}  "
+              f"{cite(config.algorithm):>16}  {cite('pretrained'):>14}")
     print(f"(pretrained baseline fine-tuned with step size {baseline_lr}, the best of {SINE_BASELINE_LRS} "
           f"on validation tasks; {seconds:.0f} s)")
     result = {"shots": config.shots}
@@ -3081,12 +3494,13 @@ def run_sine(config, json_path=None, save=None, load=None):
 # III.1 The commands' settings: cartpole takes every family's flags.
 # ----------------------------------------------------------------------------
 @dataclasses.dataclass
-class CartPoleConfig(ESConfig, RL2Config):
+class CartPoleConfig(ESConfig, RL2Config, LSTMConfig):
     """Meta-RL on CartPole tasks, half with the actuator reversed (cartpole.py's "reversed" family)."""
     command: ClassVar[str] = "cartpole"
     algorithm: str = hparam("maml", "the meta-learner: gradient-based (maml, reptile, on the same rollouts), memory-"
-                            "based (rl2: a GRU, nothing learned at test time) or evolutionary (es: ES-MAML)",
-                            choices=("maml", "reptile", "rl2", "es"))
+                            "based (rl2: a GRU, nothing learned at test time), evolutionary (es: ES-MAML) or "
+                            "model-based (lstm: an LSTM that takes the inner steps)",
+                            choices=("maml", "reptile", "rl2", "es", "lstm"))
 
 
 @dataclasses.dataclass
@@ -3116,24 +3530,31 @@ class Nav2DConfig(MetaRLConfig):
     log_every: int = hparam(10, "iterations between progress lines and checkpoints", 1)
 
 
-def run_memory_or_evolution(family, config, json_path=None, save=None, load=None):
-    """--algorithm rl2 or es: training on a TaskFamily, then the same held-out tasks as MAML's evaluation
-    (the same stream), beside the same model at its random initialisation; a table and the JSON."""
+# The other families' trainers, each with its evaluation and its model at random initialisation.
+FAMILY_RUNS = {"rl2": ("RL^2", rl2_train, rl2_evaluate, rl2_init), "es": ("ES-MAML", es_train, es_evaluate, es_init),
+               "lstm": ("LSTM", lstm_rl_train, lstm_rl_evaluate, lstm_init)}
+
+
+def run_family(family, config, json_path=None, save=None, load=None):
+    """--algorithm rl2, es or lstm: training on a TaskFamily, then the same held-out tasks as MAML's
+    evaluation (the same stream), beside the same model at its random initialisation; a table and the JSON."""
     t0 = time.perf_counter()
-    rl2 = config.algorithm == "rl2"
-    name = "RL^2" if rl2 else f"ES-MAML ({'hill climbing' if config.es_adaptation == 'hill' else 'policy gradient'})"
-    print(f"{family.name}: {name}, {config.iterations} iterations x {config.meta_batch if rl2 else config.es_tasks} "
-          f"tasks, seed {config.seed}")
-    params, extra = (rl2_train if rl2 else es_train)(family, config, save, load)
-    evaluate = rl2_evaluate if rl2 else es_evaluate
+    name, train, evaluate, init = FAMILY_RUNS[config.algorithm]
+    if config.algorithm == "es":
+        name += f" ({'hill climbing' if config.es_adaptation == 'hill' else 'policy gradient'})"
+    if config.algorithm == "lstm":
+        name += f" ({'first' if config.first_order else 'second'}-order)"
+    tasks_per_iteration = config.es_tasks if config.algorithm == "es" else config.meta_batch
+    print(f"{family.name}: {name}, {config.iterations} iterations x {tasks_per_iteration} tasks, seed {config.seed}")
+    params, extra = train(family, config, save, load)
     tasks = family.sample_tasks(stream(config.seed, HELD_OUT_TASKS), config.eval_tasks)
-    init = stream(config.seed, RANDOM_INIT)
-    random_init = (rl2_init if rl2 else es_init)(family, config, init)
+    random_init = init(family, config, stream(config.seed, RANDOM_INIT))
     draws = lambda: stream(config.seed, HELD_OUT_DRAWS)  # both models on the same draws
     results = {label: {s: mean_ci95(r) for s, r in evaluate(p, family, config, tasks, draws()).items()}
                for label, p in ((name, params), ("random init", random_init))}
     seconds = time.perf_counter() - t0
-    what = "episode k + 1 of a trial (nothing learned at test time)" if rl2 else "k adaptation steps"
+    what = {"rl2": "episode k + 1 of a trial (nothing learned at test time)", "es": "k adaptation steps",
+            "lstm": "k inner steps taken by the LSTM"}[config.algorithm]
     print(f"\n{family.name}: mean return on {config.eval_tasks} held-out tasks (+- 95% CI) after {what}; "
           f"seed {config.seed}")
     print(f"{'k':>5}" + "".join(f"  {label:>26}" for label in results))
@@ -3144,9 +3565,9 @@ def run_memory_or_evolution(family, config, json_path=None, save=None, load=None
     result = {}
     result["return"], result["return_ci95"] = means_and_cis(results[name])
     result["random_init_return"], result["random_init_return_ci95"] = means_and_cis(results["random init"])
-    adaptation = "in-context" if rl2 else {"hill": "zero-order (hill climbing)", "pg": "policy-gradient step"}[
-        config.es_adaptation]
-    result.update(adaptation=adaptation, env_steps=extra["env_steps"], seconds=seconds,
+    adaptation = {"rl2": "in-context", "lstm": "learned optimiser (LSTM)",
+                  "es": {"hill": "zero-order (hill climbing)", "pg": "policy-gradient step"}[config.es_adaptation]}
+    result.update(adaptation=adaptation[config.algorithm], env_steps=extra["env_steps"], seconds=seconds,
                   config=dataclasses.asdict(config))
     if json_path:
         write_json(json_path, result)
@@ -3154,13 +3575,13 @@ def run_memory_or_evolution(family, config, json_path=None, save=None, load=None
 
 
 def run_cartpole(config, json_path=None, save=None, load=None, plot=None):
-    """The cartpole command: --algorithm maml or reptile (run_meta_rl), rl2 or es (run_memory_or_evolution)."""
+    """The cartpole command: --algorithm maml or reptile (run_meta_rl), rl2, es or lstm (run_family)."""
     family = cartpole_family("reversed")
-    if config.algorithm in ("rl2", "es"):
+    if config.algorithm in FAMILY_RUNS:
         _check_meta_rl_config(config)
         if plot is not None:
             raise ValueError("--plot draws MAML's and Reptile's curves: it needs --algorithm maml or reptile")
-        return run_memory_or_evolution(family, config, json_path, save, load)
+        return run_family(family, config, json_path, save, load)
     return run_meta_rl(family, config, json_path, save, load, plot)
 
 

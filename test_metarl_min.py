@@ -887,6 +887,7 @@ def _cli(*args):
 
 
 class TestSine(unittest.TestCase):
+    KEYS = ("shots", "mse", "mse_ci95", "pretrained_mse", "pretrained_mse_ci95", "pretrained_lr", "seconds", "config")
     SHORT = ["sine", "--iterations", "300", "--log-every", "100", "--eval-tasks", "50", "--eval-points", "20",
              "--meta-lr", "0.005"]
 
@@ -899,8 +900,7 @@ class TestSine(unittest.TestCase):
             self.assertIn("ETA", out)
             result = _read_json(path)
         self.assertEqual(set(result["mse"]), {"0", "1", "5", "10"})
-        self.assertEqual(set(result), {"shots", "mse", "mse_ci95", "pretrained_mse", "pretrained_mse_ci95",
-                                       "pretrained_lr", "seconds", "config"})
+        self.assertEqual(set(result), set(self.KEYS))
         self.assertLess(result["mse"]["10"], 0.8 * result["mse"]["0"])
         self.assertLess(result["mse"]["1"], result["pretrained_mse"]["1"])
 
@@ -970,6 +970,147 @@ class TestSine(unittest.TestCase):
         self.assertEqual(proc.returncode, 0)
         self.assertIn("on the GPU too.", " ".join(proc.stdout.split()))
         self.assertIn("With no COMMAND, or flags alone, it runs cartpole", " ".join(proc.stdout.split()))
+
+
+class TestMetaLearnerLSTM(unittest.TestCase):
+    """The model-based family: the meta-learner LSTM's steps and meta-gradients, in float64."""
+
+    def setUp(self):
+        self.rng = np.random.default_rng(0)
+        self.params = mm.init_mlp((2, 4, 3), self.rng, "tanh", np.float64)
+        lstm = mm.init_meta_lstm(3, 0.1, self.rng, forget_bias=1.0, dtype=np.float64)
+        lstm[2], lstm[4] = self.rng.normal(0.0, 0.5, (2, 5))  # gates that read h, theta and their last value
+        self.lstm = lstm
+
+    def _supports(self, loss):
+        return [_batch(self.rng, loss, 3, 4, 2, 3) for _ in range(2)], _batch(self.rng, loss, 3, 5, 2, 3)
+
+    def test_exact_meta_gradient_against_finite_differences(self):
+        n = len(self.params)
+        for loss in ("mse", "pg"):
+            supports, query = self._supports(loss)
+            for support in (supports, supports[0]):  # a batch per step, or one for both steps
+                with self.subTest(loss=loss, per_step=support is supports):
+                    meta = lambda ps: mm.lstm_meta_grad(ps[n:], ps[:n], support, query, loss, 2, False, "tanh")[0]
+                    _, grads, lstm_grads = mm.lstm_meta_grad(self.lstm, self.params, support, query, loss, 2, False,
+                                                             "tanh")
+                    numeric = _fd_grad(meta, [p.copy() for p in self.params + self.lstm], eps=1e-7)
+                    self.assertLess(_rel_err(grads + lstm_grads, numeric), 1e-6)
+
+    def test_first_order_is_the_gradient_with_the_learners_inputs_held(self):
+        """The paper's gradient: g_t and L_t as inputs fixed at their values, through the rest exactly."""
+        n, H = len(self.params), 3
+        supports, query = self._supports("mse")
+        run = mm.lstm_adapt(self.lstm, self.params, supports, "mse", 2, "tanh")
+        shapes = [p.shape for p in self.params]
+        held = [(step.grad, mm.loss_and_grad(mm.unflatten_params(step.before.theta, shapes), batch, "mse",
+                                             "tanh")[0]) for step, batch in zip(run.steps, supports)]
+
+        def meta(ps):
+            state = mm.lstm_start(ps[:n], 3, H)
+            for grad, loss in held:
+                state = mm.lstm_step(ps[n:], state, grad, loss)[0]
+            return float(mm.loss_and_grad(mm.unflatten_params(state.theta, shapes), query, "mse", "tanh")[0].mean())
+
+        _, grads, lstm_grads = mm.lstm_meta_grad(self.lstm, self.params, supports, query, "mse", 2, True, "tanh")
+        numeric = _fd_grad(meta, [p.copy() for p in self.params + self.lstm], eps=1e-7)
+        self.assertLess(_rel_err(grads + lstm_grads, numeric), 1e-6)
+        exact = mm.lstm_meta_grad(self.lstm, self.params, supports, query, "mse", 2, False, "tanh")[1]
+        self.assertGreater(_rel_err(grads, exact), 1e-3)  # the dropped term matters
+
+    def test_with_f_1_and_i_alpha_it_is_mamls_inner_step(self):
+        alpha = 0.1
+        lstm = [p.copy() for p in self.lstm]
+        lstm[2][:], lstm[4][:] = 0.0, 0.0  # gates that read nothing
+        lstm[3][:], lstm[5][:] = math.log(alpha / (1 - alpha)), 40.0  # i = alpha, f = 1 (sigmoid(40) is 1.0)
+        supports, query = self._supports("mse")
+        ours = mm.lstm_adapt(lstm, self.params, supports, "mse", 2, "tanh").params
+        maml = mm.adapt(self.params, supports, "mse", alpha, 2, "tanh").params
+        self.assertLess(_rel_err(ours, maml), 1e-12)
+        for first_order in (False, True):
+            loss, grads, _ = mm.lstm_meta_grad(lstm, self.params, supports, query, "mse", 2, first_order, "tanh")
+            maml_loss, maml_grads = mm.maml_grad(self.params, supports, query, "mse", alpha, 2, first_order, "tanh")
+            self.assertAlmostEqual(loss, maml_loss, places=12)
+            self.assertLess(_rel_err(grads, maml_grads), 1e-10, f"first_order={first_order}")
+
+    def test_it_starts_as_sgd_with_a_small_step(self):
+        lstm = mm.init_meta_lstm(20, 0.01, np.random.default_rng(1))
+        self.assertEqual([p.shape for p in lstm], [(24, 80), (80,), (22,), (1,), (22,), (1,)])
+        self.assertAlmostEqual(float(mm.sigmoid(lstm[3][0])), 0.01, places=6)
+        self.assertGreater(float(mm.sigmoid(lstm[5][0])), 0.99)
+
+    def test_preprocessing(self):
+        z = np.array([-3.0, 2e-4, 1e-6, 0.0, 5.0])
+        value, slope = mm.lstm_preprocess(z)
+        np.testing.assert_allclose(value, [[math.log(3) / 10, math.log(2e-4) / 10, -1, -1, math.log(5) / 10],
+                                           [-1, 1, math.exp(10) * 1e-6, 0, 1]])
+        eps = 1e-9
+        numeric = (mm.lstm_preprocess(z + eps)[0] - mm.lstm_preprocess(z - eps)[0]) / (2 * eps)
+        np.testing.assert_allclose(slope[:, [0, 1, 2, 4]], numeric[:, [0, 1, 2, 4]], rtol=1e-5)
+
+    def test_nothing_passed_in_is_modified_and_errors_are_clear(self):
+        supports, query = self._supports("mse")
+        before = [p.copy() for p in self.params + self.lstm]
+        mm.lstm_meta_grad(self.lstm, self.params, supports, query, "mse", 2)
+        for a, b in zip(before, self.params + self.lstm):
+            np.testing.assert_array_equal(a, b)
+        with self.assertRaisesRegex(ValueError, r"inner_lr must be in \(0, 1\)"):
+            mm.init_meta_lstm(4, 1.0, self.rng)
+        bad = list(self.lstm)
+        bad[2] = np.zeros(4)
+        with self.assertRaisesRegex(ValueError, r"lstm's w_i must have shape \(5,\)"):
+            mm.lstm_meta_grad(bad, self.params, supports, query, "mse", 2)
+        with self.assertRaisesRegex(TypeError, "init_meta_lstm's list"):
+            mm.lstm_meta_grad(self.lstm[:5], self.params, supports, query, "mse", 2)
+
+    SHORT = ["sine", "--iterations", "300", "--log-every", "100", "--eval-tasks", "120", "--eval-points", "20",
+             "--meta-lr", "0.005", "--hidden", "20"]
+
+    def test_sine_by_each_algorithm_resumes_exactly(self):
+        with tempfile.TemporaryDirectory() as d:
+            for algorithm in ("lstm", "meta-sgd"):
+                with self.subTest(algorithm=algorithm):
+                    ck, a, b = (os.path.join(d, f"{algorithm}.{n}") for n in ("npz", "a.json", "b.json"))
+                    flags = self.SHORT + ["--algorithm", algorithm]
+                    short = [x if x != "300" else "200" for x in flags]
+                    self.assertEqual(_run_main(flags + ["--json", a])[0], 0)
+                    self.assertEqual(_run_main(short + ["--save", ck])[0], 0)
+                    self.assertEqual(_run_main(flags + ["--load", ck, "--json", b])[0], 0)
+                    ra, rb = _read_json(a), _read_json(b)
+                    self.assertEqual(set(ra), set(TestSine.KEYS))
+                    self.assertEqual(ra["mse"], rb["mse"])
+                    self.assertLess(ra["mse"]["1"], ra["mse"]["0"])  # it learned to adapt
+            # The pretrained baseline trains on the same tasks whatever the algorithm.
+            self.assertEqual(_read_json(os.path.join(d, "lstm.a.json"))["pretrained_mse"],
+                             _read_json(os.path.join(d, "meta-sgd.a.json"))["pretrained_mse"])
+
+    def test_cartpole_by_the_lstm_resumes_exactly(self):
+        flags = ["cartpole", "--algorithm", "lstm", "--log-every", "2", "--meta-batch", "4", "--fast-batch", "4",
+                 "--hidden", "8", "--lstm-hidden", "4", "--eval-tasks", "4", "--eval-batch", "3", "--iterations"]
+        with tempfile.TemporaryDirectory() as d:
+            ck, a, b = (os.path.join(d, n) for n in ("ck.npz", "a.json", "b.json"))
+            status, out, err = _run_main(flags + ["4", "--json", a])
+            self.assertEqual(status, 0, err)
+            self.assertIn("k inner steps taken by the LSTM", out)
+            self.assertEqual(_run_main(flags + ["2", "--save", ck])[0], 0)
+            self.assertEqual(_run_main(flags + ["4", "--load", ck, "--json", b])[0], 0)
+            ra, rb = _read_json(a), _read_json(b)
+        self.assertEqual(ra["return"], rb["return"])
+        self.assertEqual(ra["adaptation"], "learned optimiser (LSTM)")
+        self.assertEqual(set(ra["return"]), {"0", "1", "2", "3"})
+
+    def test_bad_settings_give_one_line(self):
+        cases = [(["sine", "--lstm-hidden", "3"], "--lstm-hidden is read only by --algorithm lstm"),
+                 (["sine", "--algorithm", "lstm", "--inner-lr", "1.5"], "--inner-lr must be in (0, 1)"),
+                 (["cartpole", "--algorithm", "lstm", "--inner-lr", "1"], "--inner-lr must be in (0, 1)"),
+                 (["cartpole", "--algorithm", "lstm", "--lvc"], "--lvc is read only by --algorithm maml"),
+                 (["sine", "--algorithm", "protonet"], "invalid choice")]
+        for args, message in cases:
+            with self.subTest(args=args):
+                status, _, err = _run_main(args)
+                self.assertEqual(status, 2)
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
+                self.assertIn(message, err)
 
 
 # ----------------------------------------------------------------------------
@@ -2045,7 +2186,7 @@ class TestBook(unittest.TestCase):
 
     def test_each_family_in_one_chapter(self):
         heads = {k: next(i for i, l in enumerate(self.lines) if l.startswith(k)) for k in
-                 ("# II.1 ", "# II.2 ", "# II.3 ", "# II.4 ", "# II.5 ", "# PART III")}
+                 ("# II.1 ", "# II.2 ", "# II.3 ", "# II.4 ", "# II.5 ", "# II.6 ", "# PART III")}
         order = list(heads.values())
         self.assertEqual(order, sorted(order))
         defined = self._top_level()
@@ -2054,7 +2195,9 @@ class TestBook(unittest.TestCase):
                                 "rl2_evaluate", "RL2Config"),
                     "# II.3 ": ("es_gradient", "hill_climb", "es_train", "es_evaluate", "ESConfig"),
                     "# II.4 ": ("poly_features", "q_learn", "QLearnConfig", "run_qlearn"),
-                    "# II.5 ": ("sample_sine_tasks", "sine_train", "sine_evaluate", "SineConfig", "run_sine")}
+                    "# II.5 ": ("init_meta_lstm", "lstm_step", "lstm_step_backward", "lstm_meta_grad", "lstm_rl_train",
+                                "lstm_rl_evaluate", "LSTMConfig"),
+                    "# II.6 ": ("sample_sine_tasks", "sine_train", "sine_evaluate", "SineConfig", "run_sine")}
         keys = list(heads)
         for head, names in chapters.items():
             start, end = heads[head], heads[keys[keys.index(head) + 1]]
