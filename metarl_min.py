@@ -36,7 +36,10 @@ equations, the functions, the training loop, the evaluation, the settings.
   II.5 model-based: an LSTM that learns how to update the learner (Ravi &
        Larochelle 2017), its meta-gradient first-order and exact;
   II.6 few-shot regression: the sinusoid of the MAML paper, by MAML, Meta-SGD
-       and the LSTM.
+       and the LSTM;
+  II.7 metric-based: Prototypical Networks (Snell et al. 2017), on a few-shot
+       benchmark with an oracle, and for meta-RL, a policy that reads the
+       task's prototype of the transitions it has seen.
 
 Part III, the harness: the commands' settings, the backend switch
 (``use_device("gpu")`` computes with CuPy, here and in cartpole.py) with
@@ -959,7 +962,8 @@ def _check_meta_args(params, support, query, loss, inner_steps, activation, inne
 # task families. Then gradient-based meta-RL (II.1, MAML-TRPO and Reptile),
 # memory (II.2, RL^2), evolution (II.3, ES-MAML), value-based learning with a
 # meta-learned start (II.4, Q-learning), a learned optimiser (II.5, the
-# meta-learner LSTM), and few-shot regression (II.6, the sinusoid).
+# meta-learner LSTM), few-shot regression (II.6, the sinusoid), and metric-based
+# meta-learning (II.7, Prototypical Networks).
 # ============================================================================
 # ----------------------------------------------------------------------------
 # II.0.1 The run's machinery: the backend's arrays, settings, progress, random
@@ -977,11 +981,12 @@ def device_rng(rng):
     return rng if xp is np else xp.random.default_rng(int(rng.integers(2 ** 63)))
 
 
-def hparam(default, help, low=None, high=None, choices=None, above=None, only=None):
+def hparam(default, help, low=None, high=None, choices=None, above=None, only=None, per_algorithm=None):
     """A hyperparameter: its default, meaning and allowed values (low <= value <= high, value > above,
-    or one of choices), for the dataclass and its flag; only: the algorithms that read it (None: all)."""
+    or one of choices), for the dataclass and its flag; only: the algorithms that read it (None: all);
+    per_algorithm: {algorithm: its own default}, which the command line takes where the flag is not given."""
     return dataclasses.field(default=default, metadata=dict(help=help, low=low, high=high, choices=choices,
-                                                            above=above, only=only))
+                                                            above=above, only=only, per_algorithm=per_algorithm))
 
 
 def check_config(config):
@@ -1921,8 +1926,9 @@ def meta_rl_evaluate(params, family, config, tasks, rng, inner_lr, later_lr=None
 class MetaRLConfig:
     """Gradient-based meta-RL's settings, for any TaskFamily; the defaults are CartPole's."""
     command: ClassVar[str] = "meta-rl"
-    iterations: int = hparam(100, "meta-training iterations (the total, also when resuming)", 1)
-    meta_batch: int = hparam(20, "tasks per meta-iteration", 1, only=("maml", "reptile", "rl2", "lstm"))
+    iterations: int = hparam(100, "meta-training iterations (the total, also when resuming; --algorithm protonet: "
+                             "200)", 1, per_algorithm={"protonet": 200})
+    meta_batch: int = hparam(20, "tasks per meta-iteration", 1, only=("maml", "reptile", "rl2", "lstm", "protonet"))
     fast_batch: int = hparam(20, "episodes per task for each inner step and for the outer step", 1,
                              only=("maml", "reptile", "lstm"))
     inner_lr: float = hparam(0.5, "alpha: step size of the inner policy-gradient step (lstm: the input gate's "
@@ -2147,41 +2153,59 @@ def rl2_inputs(obs, prev_action, prev_reward, done, n_actions):
     return xp.concatenate([obs, one_hot, prev_reward[:, None], done[:, None]], axis=1)
 
 
-def rollout_trials(params, env, rng, episodes, max_steps, obs_scale=1.0, n_actions=None):
-    """One trial of `episodes` episodes in each of env's N environments, by a GRU policy.
+def run_trials(env, rng, episodes, max_steps, act, dtype=np.float32):
+    """One trial of `episodes` episodes in each of env's N environments, by any learner that acts.
 
-      params: [Wx, Wh, b, Wo, bo] (init_gru); env: the batched API of cartpole.VecCartPole, one
-        trial per env; rng: a numpy.random.Generator; max_steps: ValueError past this many steps
-      obs_scale: the observations enter divided by it (a number, or one per variable)
-      n_actions: the first n_actions outputs are the action logits (None: all of them; a task
-        logit may come after them)
-    Returns {"x" (N, K, in), "actions" (N, K), "rewards" (N, K), "episode" (N, K): the episode of
-    the trial each step belongs to, "mask" (N, K): the steps inside the trial}, K the longest
-    trial's steps."""
+      env: the batched API of cartpole.VecCartPole, one trial per env; rng: a numpy.random.Generator;
+        max_steps: ValueError past this many steps
+      act(obs, prev_action, prev_reward, done, draws) -> (record, action): the learner's step in every
+        env, given the observation (N, obs_dim), the previous action and reward (0 where the trial
+        starts) and done (True where a new episode of the trial starts: obs is its first); record, a
+        tuple of (N, ...) arrays the learner keeps of the step; draws, the actions' random stream
+    Returns (the records, each stacked to (N, K, ...); {"actions" (N, K), "rewards" (N, K),
+    "episode" (N, K): the episode of the trial each step belongs to, "mask" (N, K): the steps inside
+    the trial}), K the longest trial's steps."""
     _check_rng(rng)
     _check_int_at_least("episodes", episodes, 1)
-    Wx, Wh, b, Wo, bo = params
-    N, H = env.num_envs, Wh.shape[0]
-    n_actions = n_actions or bo.shape[-1]
-    dtype = Wx.dtype
+    N = env.num_envs
     obs, _ = env.reset(seed=int(rng.integers(2 ** 63)))
     draws = device_rng(rng)
-    h, action, reward = xp.zeros((N, H), dtype), xp.zeros(N, dtype=np.int64), xp.zeros(N, dtype)
+    action, reward = xp.zeros(N, dtype=np.int64), xp.zeros(N, dtype)
     done, finished = xp.zeros(N, dtype=bool), xp.zeros(N, dtype=np.int64)  # episodes each env has finished
-    scale, steps = xp.asarray(obs_scale), []
+    steps = []
     while (finished < episodes).any():
         if len(steps) == max_steps:
             raise ValueError(f"a trial of {episodes} episodes ran past max_steps ({max_steps})")
-        x = rl2_inputs(obs / scale, action, reward, done, n_actions).astype(dtype)
-        h, _ = gru_step(params, x @ Wx + b, h)
-        action = sample_actions((h @ Wo + bo)[:, :n_actions], draws)  # (N,)
+        record, action = act(obs, action, reward, done, draws)
         obs, reward, terminated, truncated, _ = env.step(action)
         reward, done = reward.astype(dtype), terminated | truncated
-        steps.append((x, action, reward, finished))
+        steps.append(record + (action, reward, finished))
         finished = finished + done
-    x, actions, rewards, episode = (xp.stack(a, axis=1) for a in zip(*steps))
+    *records, actions, rewards, episode = (xp.stack(a, axis=1) for a in zip(*steps))
     mask = episode < episodes
-    return {"x": x, "actions": actions, "rewards": rewards * mask, "episode": episode, "mask": mask}
+    return records, {"actions": actions, "rewards": rewards * mask, "episode": episode, "mask": mask}
+
+
+def rollout_trials(params, env, rng, episodes, max_steps, obs_scale=1.0, n_actions=None):
+    """One trial of `episodes` episodes in each of env's N environments, by a GRU policy (run_trials).
+
+      params: [Wx, Wh, b, Wo, bo] (init_gru); env, rng, episodes, max_steps: as run_trials's
+      obs_scale: the observations enter divided by it (a number, or one per variable)
+      n_actions: the first n_actions outputs are the action logits (None: all of them; a task
+        logit may come after them)
+    Returns {"x" (N, K, in): the GRU's inputs, and run_trials's "actions", "rewards", "episode",
+    "mask"}, K the longest trial's steps."""
+    Wx, Wh, b, Wo, bo = params
+    n_actions, scale = n_actions or bo.shape[-1], xp.asarray(obs_scale)
+    h = [xp.zeros((env.num_envs, Wh.shape[0]), Wx.dtype)]  # the hidden state, carried across the trial
+
+    def act(obs, action, reward, done, draws):
+        x = rl2_inputs(obs / scale, action, reward, done, n_actions).astype(Wx.dtype)
+        h[0], _ = gru_step(params, x @ Wx + b, h[0])
+        return (x,), sample_actions((h[0] @ Wo + bo)[:, :n_actions], draws)  # (N,)
+
+    (x,), trials = run_trials(env, rng, episodes, max_steps, act, Wx.dtype)
+    return {"x": x, **trials}
 
 
 def trial_returns(trials, episodes):
@@ -2236,44 +2260,68 @@ class PPO:
     entropy: float = 0.0  # the weight of the policy's entropy
     max_norm: Optional[float] = None  # the gradient's norm clipped to this (None or 0: no clip)
     task_loss: float = 0.0  # the weight of the task-inference loss (rl2_loss)
+    trial_mean: bool = False  # the loss a mean over trials of each trial's mean over its steps (ppo_weights)
 
 
-def rl2_step(params, state, trials, ppo, rng, task_labels=None):
-    """PPO on a batch of trials: the RL^2 update of the GRU.
+def ppo_weights(mask, trial_mean=False):
+    """The weight of each step of a group of trials (n, K) in PPO's loss, summing to 1: the mean over
+    all the group's steps or, with trial_mean, the mean over trials of each trial's mean over its
+    steps (a trial weighs the same however long its episodes ran)."""
+    if trial_mean:
+        return mask / (mask.sum(axis=1, keepdims=True) * mask.shape[0])
+    return mask / mask.sum()
 
-      params: [Wx, Wh, b, Wo, bo]; state: their Adam state; trials: rollout_trials's dict
-      ppo: a PPO of settings; rng: the minibatches' draws
-      task_labels (N,): each trial's task label, whose logit is the GRU's last output (rl2_loss)
+
+def ppo_step(params, state, trials, obs, ppo, rng, forward, backward, task_labels=None):
+    """PPO on a batch of trials, for any policy network: RL^2's GRU, or an MLP.
+
+      params: the network's; state: their Adam state; trials: {"x" (N, K, in), the network's
+        inputs, and run_trials's "actions", "rewards", "mask"}; obs (N, K, obs_dim): the observations
+        within x, the baseline's features; ppo: a PPO of settings; rng: the minibatches' draws
+      forward(params, x) -> (out (n, K, n_out), cache); backward(params, x, cache, d_out) -> grads
+      task_labels (N,): each trial's task label, whose logit is the network's last output (rl2_loss)
     Advantages by GAE(lam) over each whole trial (its episodes are steps of one meta-episode), from
     the linear feature baseline fit to all trials, then normalised; then `epochs` passes over the
-    trials in `minibatches` random groups, an Adam step on rl2_loss for each, a forward pass and
-    BPTT over the group's trials.
-    Returns (new params, new Adam state). Duan et al. 2016, sec. 3; Schulman et al. 2017, eq. 7."""
+    trials in `minibatches` random groups, an Adam step on rl2_loss for each.
+    Returns (new params, new Adam state). Schulman et al. 2017, eq. 7 and Algorithm 1."""
     x, mask, rewards = trials["x"], trials["mask"], trials["rewards"]
-    Wx, Wh, b, Wo, bo = params
-    n_actions = bo.shape[-1] - (task_labels is not None)
-    obs = x[..., :x.shape[-1] - n_actions - 2][None]  # (1, N, K, obs): one pooled fit, trials its episodes
-    returns = discounted_returns(rewards[None], ppo.gamma)
-    adv = advantages(rewards[None], fit_baseline(obs, returns, mask[None]), mask[None], ppo.gamma, ppo.lam)[0]
+    n_actions = params[-1].shape[-1] - (task_labels is not None)
+    returns = discounted_returns(rewards[None], ppo.gamma)  # (1, N, K): one pooled fit, trials its episodes
+    adv = advantages(rewards[None], fit_baseline(obs[None], returns, mask[None]), mask[None], ppo.gamma, ppo.lam)[0]
     n = mask.sum()
     mean = (adv * mask).sum() / n
     adv = (adv - mean) / (xp.sqrt((((adv - mean) * mask) ** 2).sum() / n) + 1e-8)
     adv, N = adv.astype(x.dtype), x.shape[0]
-    h0 = xp.zeros((N, Wh.shape[0]), x.dtype)
-    old_logp = categorical_logp(gru_forward(params, x, h0)[0][..., :n_actions], trials["actions"])
+    old_logp = categorical_logp(forward(params, x)[0][..., :n_actions], trials["actions"])
     for _ in range(ppo.epochs):
         for group in np.array_split(rng.permutation(N), ppo.minibatches):
             g = xp.asarray(group)
-            weights = (mask[g] / mask[g].sum()).astype(x.dtype)  # the mean over the group's steps
-            out, cache = gru_forward(params, x[g], h0[g])
+            weights = ppo_weights(mask[g], ppo.trial_mean).astype(x.dtype)
+            out, cache = forward(params, x[g])
             _, d_out = rl2_loss(out, trials["actions"][g], adv[g], old_logp[g], weights, ppo.clip, ppo.entropy,
                                 None if task_labels is None else task_labels[g], ppo.task_loss)
-            grads = gru_backward(params, x[g], cache, d_out.astype(x.dtype))[0]
+            grads = backward(params, x[g], cache, d_out.astype(x.dtype))
             if ppo.max_norm:  # the gradient's norm clipped, as PPO implementations do
                 norm = math.sqrt(_dot(grads, grads))
                 grads = [gi * min(1.0, ppo.max_norm / (norm + 1e-12)) for gi in grads]
             params, state = adam_step(params, grads, state, ppo.lr)
     return params, state
+
+
+def rl2_step(params, state, trials, ppo, rng, task_labels=None):
+    """PPO on a batch of trials (ppo_step): the RL^2 update of the GRU, a forward pass and BPTT over
+    each group's trials from a zero hidden state.
+
+      params: [Wx, Wh, b, Wo, bo]; state: their Adam state; trials: rollout_trials's dict
+      ppo: a PPO of settings; rng: the minibatches' draws
+      task_labels (N,): each trial's task label, whose logit is the GRU's last output (rl2_loss)
+    Returns (new params, new Adam state). Duan et al. 2016, sec. 3; Schulman et al. 2017, eq. 7."""
+    x, H = trials["x"], params[1].shape[0]
+    n_actions = params[-1].shape[-1] - (task_labels is not None)
+    obs = x[..., :x.shape[-1] - n_actions - 2]  # the observations within [obs, action one-hot, reward, done]
+    forward = lambda p, xs: gru_forward(p, xs, xp.zeros((xs.shape[0], H), xs.dtype))
+    backward = lambda p, xs, cache, d_out: gru_backward(p, xs, cache, d_out)[0]
+    return ppo_step(params, state, trials, obs, ppo, rng, forward, backward, task_labels)
 
 
 def rl2_task_loss(family, config):
@@ -2288,9 +2336,9 @@ def rl2_init(family, config, rng):
     return init_gru(n_in, config.hidden, family.n_actions + (rl2_task_loss(family, config) > 0), rng)
 
 
-def _check_rl2_family(family):
+def _check_rl2_family(family, name="RL^2"):
     if family.n_actions is None:
-        raise ValueError(f"RL^2 here has a categorical policy: the family {family.name!r} has continuous actions "
+        raise ValueError(f"{name} here has a categorical policy: the family {family.name!r} has continuous actions "
                          f"(action_dim={family.action_dim}), and needs n_actions")
 
 
@@ -2360,20 +2408,26 @@ class RL2Config(MetaRLConfig):
     """RL^2's settings, for any TaskFamily with n_actions: MetaRLConfig's shared ones (iterations,
     meta_batch, hidden, gamma, the evaluation's), and PPO's."""
     command: ClassVar[str] = "rl2"
-    trial_episodes: int = hparam(2, "RL^2 only: episodes per trial in training, the GRU's hidden state carried across "
-                                 "them (evaluation: trials of max(4, this))", 1, 10, only=("rl2",))
-    rl2_trials: int = hparam(5, "RL^2 only: trials per task in each iteration", 1, only=("rl2",))
-    rl2_lr: float = hparam(2e-3, "RL^2 only: Adam step size of PPO", above=0.0, only=("rl2",))
+    trial_episodes: int = hparam(2, "RL^2 and protonet: episodes per trial in training, the memory (GRU's hidden "
+                                 "state, running prototype) carried across them (evaluation: trials of max(4, "
+                                 "this))", 1, 10, only=("rl2", "protonet"))
+    rl2_trials: int = hparam(5, "RL^2 and protonet: trials per task in each iteration", 1, only=("rl2", "protonet"))
+    rl2_lr: float = hparam(2e-3, "RL^2 and protonet: Adam step size of PPO", above=0.0, only=("rl2", "protonet"))
     rl2_task_loss: float = hparam(1.0, "RL^2 only: weight of the task-inference loss, a GRU output trained to tell "
                                   "whether the actuator is reversed, so that the memory finds it out in the first "
                                   "episode (the label is used in training only; 0: plain RL^2)", 0.0, only=("rl2",))
-    ppo_epochs: int = hparam(4, "RL^2 only: PPO's passes over each batch of trials", 1, only=("rl2",))
-    ppo_minibatches: int = hparam(4, "RL^2 only: groups of trials per pass, an Adam step each", 1, only=("rl2",))
-    ppo_clip: float = hparam(0.2, "RL^2 only: PPO's clip of the probability ratio", 0.0, 1.0, only=("rl2",))
-    ppo_lambda: float = hparam(0.95, "RL^2 only: GAE lambda over each whole trial", 0.0, 1.0, only=("rl2",))
-    ppo_entropy: float = hparam(0.01, "RL^2 only: weight of the policy's entropy in PPO's loss", 0.0, only=("rl2",))
-    ppo_max_norm: float = hparam(0.5, "RL^2 only: the gradient's norm is clipped to this (0: no clip)", 0.0,
-                                 only=("rl2",))
+    ppo_epochs: int = hparam(4, "RL^2 and protonet: PPO's passes over each batch of trials", 1,
+                             only=("rl2", "protonet"))
+    ppo_minibatches: int = hparam(4, "RL^2 and protonet: groups of trials per pass, an Adam step each", 1,
+                                  only=("rl2", "protonet"))
+    ppo_clip: float = hparam(0.2, "RL^2 and protonet: PPO's clip of the probability ratio", 0.0, 1.0,
+                             only=("rl2", "protonet"))
+    ppo_lambda: float = hparam(0.95, "RL^2 and protonet: GAE lambda over each whole trial", 0.0, 1.0,
+                               only=("rl2", "protonet"))
+    ppo_entropy: float = hparam(0.01, "RL^2 and protonet: weight of the policy's entropy in PPO's loss", 0.0,
+                                only=("rl2", "protonet"))
+    ppo_max_norm: float = hparam(0.5, "RL^2 and protonet: the gradient's norm is clipped to this (0: no clip)", 0.0,
+                                 only=("rl2", "protonet"))
 
 
 # ============================================================================
@@ -3487,6 +3541,438 @@ def run_sine(config, json_path=None, save=None, load=None):
 
 
 # ============================================================================
+# II.7 Metric-based meta-learning: Prototypical Networks (Snell et al. 2017,
+#      "Prototypical networks for few-shot learning"). An embedding in which
+#      a class is the mean of its few examples: a new point belongs to the
+#      nearest mean. What is meta-learned is the embedding; at test time
+#      nothing is learned but the means.
+# ============================================================================
+# An episode: N classes (ways), K support points of each, M queries with their labels y.
+#   c_k = (1/K) sum_j f(x_kj)                       the prototype of class k                  (eq. 1)
+#   p(y = k | x) = softmax_k(-d(f(x), c_k)),   d(z, c) = ||z - c||^2                           (eq. 2)
+# d is the squared distance, a Bregman divergence (sec. 2.3), for which the class means are the
+# right prototypes; -d is then linear in f(x) up to a term the same for every class (sec. 2.4):
+#   -||z - c_k||^2 = -||z||^2 + w_k . z + b_k,   w_k = 2 c_k,   b_k = -||c_k||^2.
+# The loss, averaged over the T episodes of a batch:  L = -(1/T M) sum_t sum_q log p(y_q | x_q).
+# Its gradient. With G = dL/d logits = (p - onehot(y)) / (T M)  (T, M, N), whose rows sum to 0:
+#   dL/dz_q = sum_k G_qk * -2 (z_q - c_k) = 2 (G c)_q                    (the sum of a row of G is 0)
+#   dL/dc_k = sum_q G_qk * 2 (z_q - c_k) = 2 (G^T z)_k - 2 (sum_q G_qk) c_k
+#   dL/df(x_kj) = dL/dc_k / K                     every support point, through its class's mean
+# then the embedding network's backward pass (mlp_backward) from these.
+class Episodes(NamedTuple):
+    """A batch of T few-shot episodes."""
+    support: object  # (T, N, K, in): K examples of each of N classes
+    query: object  # (T, M, in)
+    labels: object  # (T, M) ints in [0, N): each query's class
+
+
+def prototypes(z_support):
+    """c_k, the mean of each class's support embeddings: (T, N, K, m) -> (T, N, m). Snell et al. eq. 1."""
+    return z_support.mean(axis=2)
+
+
+def proto_logits(z_query, c):
+    """-||z_q - c_k||^2, each query's logit of each class: (T, M, m), (T, N, m) -> (T, M, N). Eq. 2."""
+    diff = z_query[:, :, None, :] - c[:, None, :, :]  # (T, M, N, m)
+    return -(diff * diff).sum(axis=-1)
+
+
+def nearest_prototype(support, query):
+    """The class of the nearest prototype (squared distance), for points in any space: the learned
+    embedding's, the raw inputs' or the latent one's. support (T, N, K, m), query (T, M, m) -> (T, M)."""
+    return proto_logits(query, prototypes(support)).argmax(axis=-1)
+
+
+def _embed_episodes(params, episodes, activation):
+    """The support and query embeddings of a batch of episodes, one forward pass, and its cache."""
+    T, N, K, n_in = episodes.support.shape
+    x = xp.concatenate([episodes.support.reshape(T, N * K, n_in), episodes.query], axis=1)  # (T, N K + M, in)
+    out, hs = mlp_forward(params, x, activation)
+    return out[:, :N * K].reshape(T, N, K, -1), out[:, N * K:], hs
+
+
+def protonet_grad(params, episodes, activation="relu"):
+    """The prototypical loss of an embedding network on a batch of episodes, and its gradient.
+
+      params: the embedding MLP [W1, b1, ...], shared by the episodes; episodes: an Episodes
+      activation: the MLP's
+    Returns (loss, the mean over episodes and queries of -log p(y | x); grads shaped as params;
+    accuracy (T,), each episode's fraction of queries whose nearest prototype is their class).
+    Snell et al. 2017, eqs. 1-2 and Algorithm 1, batched over episodes."""
+    _check_episodes(params, episodes)
+    z_s, z_q, hs = _embed_episodes(params, episodes, activation)
+    T, N, K, m = z_s.shape
+    M = z_q.shape[1]
+    c = prototypes(z_s)  # (T, N, m)
+    logp = log_softmax(proto_logits(z_q, c))  # (T, M, N)
+    one_hot = episodes.labels[..., None] == xp.arange(N)  # (T, M, N)
+    loss = -float((logp * one_hot).sum()) / (T * M)
+    G = (xp.exp(logp) - one_hot) / (T * M)  # dL/d logits
+    d_zq = 2.0 * G @ c  # (T, M, m)
+    d_c = 2.0 * (_T(G) @ z_q - G.sum(axis=1)[..., None] * c)  # (T, N, m)
+    d_zs = xp.broadcast_to(d_c[:, :, None, :] / K, z_s.shape).reshape(T, N * K, m)
+    grads, _ = mlp_backward(params, hs, xp.concatenate([d_zs, d_zq], axis=1).astype(z_q.dtype), activation)
+    accuracy = (logp.argmax(axis=-1) == episodes.labels).mean(axis=1)
+    return loss, _sum_tasks(grads, params), accuracy
+
+
+def _check_episodes(params, episodes):
+    _check_params(params)
+    if not isinstance(episodes, Episodes):
+        raise TypeError(f"episodes must be an Episodes(support, query, labels), got {type(episodes).__name__}")
+    support, query, labels = episodes
+    if support.ndim != 4 or query.ndim != 3 or labels.shape != query.shape[:2]:
+        raise ValueError(f"episodes: support must be (T, N, K, in), query (T, M, in) and labels (T, M); got "
+                         f"{support.shape}, {query.shape} and {labels.shape}")
+    if support.shape[0] != query.shape[0] or not support.shape[-1] == query.shape[-1] == params[0].shape[0]:
+        raise ValueError(f"episodes: support {support.shape} and query {query.shape} must have the same T and the "
+                         f"network's input width {params[0].shape[0]}")
+    if min(support.shape[:3]) < 1 or query.shape[1] < 1:
+        raise ValueError(f"episodes: every axis of support {support.shape} and query {query.shape} must be non-empty")
+    N = support.shape[1]
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= N:
+        raise ValueError(f"episodes: labels must be integers in [0, {N}), the {N} classes of the support")
+
+
+# The few-shot benchmark, with an oracle. Each class is a Gaussian cluster in a latent space of
+# PROTO_LATENT dimensions, its mean mu ~ N(0, I) new in every episode, its points u ~ N(mu, s^2 I).
+# The learner sees x = [tanh(u A + a), n]: a fixed nonlinear map into PROTO_SIGNAL dimensions
+# (A, a drawn once, the same in every run), beside PROTO_NUISANCE dimensions of noise n ~ N(0, 1)
+# that carry nothing of the class. The oracle sees u and takes the nearest prototype there: for
+# clusters of equal, isotropic spread whose means it does not know, the rule a learned embedding
+# can at best recover (the Bayes rule shrinks the means towards the prior's 0 by K / (K + s^2),
+# bayes_accuracy). Nearest prototype on the raw x is the baseline without learning.
+PROTO_LATENT = 4  # dimensions of the latent space
+PROTO_SPREAD = 0.5  # s: the spread of a class around its mean
+PROTO_SIGNAL = 16  # dimensions of x that the map fills
+PROTO_NUISANCE = 16  # dimensions of x that are noise
+PROTO_WORLD = 2017  # the seed of the map, the benchmark's own: the same in every run
+
+
+def proto_world():
+    """The fixed map of the benchmark: A (latent, signal) ~ N(0, 1 / latent), a ~ U[-0.5, 0.5]."""
+    rng = np.random.default_rng(PROTO_WORLD)
+    return rng.standard_normal((PROTO_LATENT, PROTO_SIGNAL)) / math.sqrt(PROTO_LATENT), \
+        rng.uniform(-0.5, 0.5, PROTO_SIGNAL)
+
+
+class FewShot(NamedTuple):
+    """Episodes of the benchmark, as the learner sees them and in the latent space."""
+    episodes: Episodes  # x: (T, N, K, in) and (T, N Q, in), in = PROTO_SIGNAL + PROTO_NUISANCE
+    latent: Episodes  # the same points' u: (T, N, K, PROTO_LATENT) and (T, N Q, PROTO_LATENT)
+
+
+def sample_few_shot(rng, n, ways, shots, queries, world, dtype=np.float32):
+    """n episodes of the benchmark: ways new classes each, shots support points and queries queries
+    of each class (queries in class order). world: proto_world()'s map."""
+    A, a = world
+    mu = rng.standard_normal((n, ways, 1, PROTO_LATENT))
+    u = mu + PROTO_SPREAD * rng.standard_normal((n, ways, shots + queries, PROTO_LATENT))  # (n, N, K + Q, latent)
+    x = np.concatenate([np.tanh(u @ A + a), rng.standard_normal(u.shape[:3] + (PROTO_NUISANCE,))], axis=-1)
+    labels = xp.asarray(np.repeat(np.arange(ways), queries)[None].repeat(n, axis=0))  # (n, N Q)
+    split = lambda v: Episodes(xp.asarray(v[:, :, :shots]), xp.asarray(v[:, :, shots:].reshape(n, ways * queries, -1)),
+                               labels)
+    return FewShot(split(x.astype(dtype)), split(u))
+
+
+def protonet_train(config, save=None, load=None):
+    """Meta-train the embedding on the benchmark: each iteration, meta_batch new episodes of
+    config.ways classes, train_shots support points and config.queries queries of each, and an
+    Adam step on the prototypical loss.
+
+      config: a ProtoNetConfig; save, load: checkpoint paths (None: none)
+    Returns the embedding's params. Snell et al. 2017, Algorithm 1."""
+    world = proto_world()
+    if load:
+        start, rng, models, opts, _ = load_checkpoint(load, config)
+    else:
+        start, rng = 0, np.random.default_rng(config.seed)
+        models = {"embedding": init_mlp((PROTO_SIGNAL + PROTO_NUISANCE, config.hidden, config.hidden,
+                                         config.embedding_dim), rng, config.activation)}
+        opts = {"embedding": adam_init(models["embedding"])}
+    progress, window = Progress(config.iterations, start), []
+    for it in range(start, config.iterations):
+        batch = sample_few_shot(rng, config.meta_batch, config.ways, config.train_shots, config.queries, world)
+        loss, grads, accuracy = protonet_grad(models["embedding"], batch.episodes, config.activation)
+        models["embedding"], opts["embedding"] = adam_step(models["embedding"], grads, opts["embedding"],
+                                                           config.meta_lr)
+        window.append((loss, float(accuracy.mean())))
+        if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
+            loss, accuracy = np.mean(window, axis=0)
+            progress(it + 1, loss=loss, train_accuracy=accuracy)
+            window = []
+            if save:
+                save_checkpoint(save, config, it + 1, rng, models, opts)
+    return models["embedding"]
+
+
+PROTO_EVAL_SHOTS = (1, 5)
+
+
+def protonet_evaluate(params, config, rng):
+    """Accuracy on config.eval_episodes held-out episodes of config.ways new classes, at 1 and 5
+    shots: the learned embedding's nearest prototype, the oracle's in the latent space, the Bayes
+    rule's there, and the nearest prototype on the raw inputs, all on the same episodes.
+    Returns {"accuracy": {"1": (mean, ci95), "5": ...}, "oracle_accuracy": ..., "bayes_accuracy": ...,
+    "raw_accuracy": ...}, each a mean over episodes."""
+    world, results = proto_world(), {k: {} for k in ("accuracy", "oracle_accuracy", "bayes_accuracy",
+                                                     "raw_accuracy")}
+    for shots in PROTO_EVAL_SHOTS:
+        batch = sample_few_shot(rng, config.eval_episodes, config.ways, shots, config.queries, world)
+        x, u = batch.episodes, batch.latent
+        z_s, z_q, _ = _embed_episodes(params, x, config.activation)
+        shrink = shots / (shots + PROTO_SPREAD ** 2)  # the posterior mean of mu, under its N(0, I) prior
+        predictions = {"accuracy": nearest_prototype(z_s, z_q),
+                       "oracle_accuracy": nearest_prototype(u.support, u.query),
+                       "bayes_accuracy": proto_logits(u.query, shrink * prototypes(u.support)).argmax(axis=-1),
+                       "raw_accuracy": nearest_prototype(x.support, x.query)}
+        for key, predicted in predictions.items():
+            results[key][str(shots)] = mean_ci95((predicted == x.labels).mean(axis=1))
+    return results
+
+
+@dataclasses.dataclass
+class ProtoNetConfig:
+    """Few-shot classification by Prototypical Networks (Snell et al. 2017), beside an oracle that sees
+    the classes' latent space."""
+    command: ClassVar[str] = "protonet"
+    ways: int = hparam(5, "N: classes per episode, in training and at test", 2)
+    train_shots: int = hparam(5, "K: support points of each class in training (the test takes 1 and 5)", 1)
+    queries: int = hparam(15, "query points of each class per episode (the paper's 15)", 1)
+    iterations: int = hparam(3000, "meta-training iterations (the total, also when resuming)", 1)
+    meta_batch: int = hparam(16, "episodes per iteration", 1)
+    hidden: int = hparam(64, "units in each of the embedding's two hidden layers", 1)
+    embedding_dim: int = hparam(16, "the embedding's width", 1)
+    activation: str = hparam("relu", "the embedding's hidden layers' activation", choices=tuple(ACTIVATIONS))
+    meta_lr: float = hparam(1e-3, "Adam step size (the paper's)", above=0.0)
+    eval_episodes: int = hparam(600, "held-out episodes at each number of shots (the paper's 600)", 2)
+    seed: int = hparam(0, "seed of every random draw", 0)
+    log_every: int = hparam(250, "iterations between progress lines and checkpoints", 1)
+
+
+def run_protonet(config, json_path=None, save=None, load=None):
+    """The protonet command: meta-train the embedding, then the held-out table and the JSON."""
+    check_config(config)
+    t0 = time.perf_counter()
+    print(f"protonet: {config.ways}-way few-shot classification, {config.iterations} iterations x "
+          f"{config.meta_batch} episodes, seed {config.seed}")
+    params = protonet_train(config, save, load)
+    results = protonet_evaluate(params, config, stream(config.seed, HELD_OUT_TASKS))
+    seconds = time.perf_counter() - t0
+    print(f"\n{config.ways}-way accuracy on {config.eval_episodes} held-out episodes (mean +- 95% CI), seed "
+          f"{config.seed}")
+    names = {"accuracy": "ProtoNet", "oracle_accuracy": "oracle (latent)", "bayes_accuracy": "Bayes (latent)",
+             "raw_accuracy": "raw inputs"}
+    print(f"{'shots':>5}" + "".join(f"  {name:>17}" for name in names.values()))
+    for shots in map(str, PROTO_EVAL_SHOTS):
+        print(f"{shots:>5}" + "".join(f"  {results[k][shots][0]:9.3f} +- {results[k][shots][1]:.3f}" for k in names))
+    print(f"({seconds:.0f} s)")
+    result = {}
+    for key, stats in results.items():
+        result[key], result[key + "_ci95"] = means_and_cis(stats)
+    result.update(ways=config.ways, seconds=seconds, config=dataclasses.asdict(config))
+    if json_path:
+        write_json(json_path, result)
+    return result
+
+
+# Metric-based meta-RL. A task is a class, and its examples are the transitions (s, a, s' - s)
+# seen in it. An encoder e, trained by the prototypical loss with the tasks of a batch as the
+# classes, puts the transitions of one task close together; the policy pi(a | s, c_t) reads the
+# task's running prototype, the mean embedding of the transitions of its trial so far:
+#   c_t = (1 / n_t) sum_{i < t} e(s_i, a_i, s_{i+1} - s_i)    (c_0 = 0; n_t counts the transitions,
+#                                                                 none across an episode's end)
+# The policy is trained across tasks by PPO on trials, as RL^2's GRU (ppo_step), the encoder by
+# the prototypical loss alone, on the transitions of the same trials. In PPO's loss each trial
+# weighs the same (ppo_weights): by steps, the tasks whose episodes already run long (here, those
+# whose actuator is not reversed) outweigh the others fifty to one, and the policy learns them
+# alone (docs/results.md). At test time it adapts by what it sees: no gradient step, as RL^2,
+# with a memory that is a mean instead of a GRU.
+def transition_inputs(obs, action, next_obs, n_actions):
+    """The encoder's input for a transition, [s, one-hot a, s' - s], the observations scaled:
+    (N, 2 obs_dim + n_actions)."""
+    one_hot = (action[:, None] == xp.arange(n_actions)).astype(obs.dtype)
+    return xp.concatenate([obs, one_hot, next_obs - obs], axis=1)
+
+
+def proto_rl_init(family, config, rng):
+    """(policy, encoder) for a family with n_actions, before meta-training: the policy an MLP of
+    [observation, prototype] (init_policy's layers, its last scaled by init_out_scale), the encoder
+    an MLP of transition_inputs with ReLU layers of proto_hidden units."""
+    _check_rl2_family(family, "ProtoNet")
+    n_in, m = 2 * family.obs_dim + family.n_actions, config.proto_embedding
+    policy = init_mlp((family.obs_dim + m, config.hidden, config.hidden, family.n_actions), rng, config.activation)
+    policy[-2] = policy[-2] * config.init_out_scale
+    return policy, init_mlp((n_in, config.proto_hidden, config.proto_hidden, m), rng, "relu")
+
+
+def rollout_proto_trials(learner, env, rng, episodes, max_steps, family, activation="tanh"):
+    """One trial of `episodes` episodes in each of env's N environments, by the policy that reads
+    the trial's running prototype (run_trials).
+
+      learner: (policy, encoder), proto_rl_init's; env, rng, episodes, max_steps: as run_trials's
+      family: the TaskFamily (its obs_scale and n_actions); activation: the policy's
+    Returns {"x" (N, K, obs_dim + m): the policy's inputs [s, c_t]; "transitions" (N, K, in): each
+    step's transition into it, and "seen" (N, K): where that is one (not at the trial's start or an
+    episode's); and run_trials's "actions", "rewards", "episode", "mask"}."""
+    policy, encoder = learner
+    dtype, scale, N = policy[0].dtype, xp.asarray(family.obs_scale), env.num_envs
+    memory = {"sum": xp.zeros((N, encoder[-1].shape[-1]), dtype), "count": xp.zeros((N, 1), dtype), "last": None}
+
+    def act(obs, action, reward, done, draws):
+        s = (obs / scale).astype(dtype)
+        last = s if memory["last"] is None else memory["last"]
+        t = transition_inputs(last, action, s, family.n_actions)  # (N, in)
+        seen = ~done & (memory["last"] is not None)  # obs follows last in one episode
+        memory["sum"] = memory["sum"] + mlp_forward(encoder, t[None], "relu")[0][0] * seen[:, None]
+        memory["count"] = memory["count"] + seen[:, None]
+        memory["last"] = s
+        x = xp.concatenate([s, memory["sum"] / xp.maximum(memory["count"], 1.0)], axis=1)  # [s, c_t]
+        return (x, t, seen), sample_actions(mlp_forward(policy, x[None], activation)[0][0], draws)
+
+    (x, transitions, seen), trials = run_trials(env, rng, episodes, max_steps, act, dtype)
+    return {"x": x, "transitions": transitions, "seen": seen & trials["mask"], **trials}
+
+
+def transition_episodes(trials, trials_per_task, rng, ways, shots, queries, n):
+    """n few-shot episodes of task identification from trials' transitions: in each, `ways` tasks
+    drawn without replacement, `shots` support and `queries` query transitions of each, drawn
+    without replacement from all of the task's seen transitions (in run_trials's layout, trial i
+    is of task i // trials_per_task). Returns an Episodes, queries in class order."""
+    seen = to_host(trials["seen"]).reshape(-1, trials_per_task * trials["seen"].shape[1])  # (tasks, steps)
+    flat = trials["transitions"].reshape(seen.size, -1)
+    at = [np.flatnonzero(row) + i * seen.shape[1] for i, row in enumerate(seen)]
+    if min(len(a) for a in at) < shots + queries:
+        raise ValueError(f"a task has {min(len(a) for a in at)} transitions, fewer than shots + queries "
+                         f"({shots + queries})")
+    picks = np.stack([np.stack([rng.choice(at[task], shots + queries, replace=False)
+                                for task in rng.choice(len(at), ways, replace=False)]) for _ in range(n)])
+    x = flat[xp.asarray(picks)]  # (n, ways, shots + queries, in)
+    labels = xp.asarray(np.repeat(np.arange(ways), queries)[None].repeat(n, axis=0))
+    return Episodes(x[:, :, :shots], x[:, :, shots:].reshape(n, ways * queries, -1), labels)
+
+
+def _check_proto_rl_config(config):
+    for name in ("meta_batch", "eval_tasks"):
+        if config.proto_ways > getattr(config, name):
+            raise ValueError(f"--proto-ways ({config.proto_ways}) must be at most --{name.replace('_', '-')} "
+                             f"({getattr(config, name)}): each episode tells that many tasks apart")
+
+
+def proto_rl_train(family, config, save=None, load=None):
+    """Meta-train the prototype-reading policy and the transition encoder on a task family with n_actions.
+
+      family: a TaskFamily; config: a ProtoRLConfig; save, load: checkpoint paths (None: none)
+    Each iteration: rl2_trials trials of trial_episodes episodes on each of meta_batch new tasks;
+    then encoder_steps Adam steps of the encoder on the prototypical loss, each on encoder_episodes
+    episodes of proto_ways tasks, proto_shots and proto_queries transitions of each; then PPO on
+    the policy (ppo_step), its inputs as the trials recorded them.
+    Returns ((policy, encoder), extra): extra["env_steps"], and extra["curve"], rows [iteration,
+    mean return of the trials' first episode, of their second, the encoder's training accuracy].
+    Snell et al. 2017, Algorithm 1, on tasks as classes; Schulman et al. 2017."""
+    check_config(config)
+    _check_proto_rl_config(config)
+    if load:
+        start, rng, models, opts, extra = load_checkpoint(load, config)
+    else:
+        start, rng = 0, np.random.default_rng(config.seed)
+        models = dict(zip(("policy", "encoder"), proto_rl_init(family, config, rng)))
+        opts, extra = {k: adam_init(p) for k, p in models.items()}, {"env_steps": 0, "curve": []}
+    ppo = PPO(config.rl2_lr, config.gamma, config.ppo_lambda, config.ppo_clip, config.ppo_epochs,
+              config.ppo_minibatches, config.ppo_entropy, config.ppo_max_norm, trial_mean=True)
+    act = config.activation
+    forward = lambda p, xs: mlp_forward(p, xs, act)  # the trials as a task axis of the MLP's batch
+    backward = lambda p, xs, hs, d_out: _sum_tasks(mlp_backward(p, hs, d_out, act)[0], p)
+    progress, window = Progress(config.iterations, start), []
+    for it in range(start, config.iterations):
+        tasks = family.sample_tasks(rng, config.meta_batch)
+        trials = rollout_proto_trials((models["policy"], models["encoder"]), family.make_env(tasks, config.rl2_trials),
+                                      rng, config.trial_episodes, family.horizon * config.trial_episodes, family, act)
+        accuracy = []
+        for _ in range(config.encoder_steps):
+            episodes = transition_episodes(trials, config.rl2_trials, rng, config.proto_ways, config.proto_shots,
+                                           config.proto_queries, config.encoder_episodes)
+            _, grads, right = protonet_grad(models["encoder"], episodes, "relu")
+            models["encoder"], opts["encoder"] = adam_step(models["encoder"], grads, opts["encoder"], config.encoder_lr)
+            accuracy.append(float(right.mean()))
+        with _diverging(it + 1, "--rl2-lr"):
+            models["policy"], opts["policy"] = ppo_step(models["policy"], opts["policy"], trials,
+                                                        trials["x"][..., :family.obs_dim], ppo, rng, forward, backward)
+        _check_finite_policy(models["policy"], it + 1, "--rl2-lr")
+        _check_finite_policy(models["encoder"], it + 1, "--encoder-lr")
+        extra["env_steps"] += int(trials["mask"].sum())
+        returns = to_host(trial_returns(trials, config.trial_episodes).mean(axis=0))
+        window.append((returns[0], returns[1] if config.trial_episodes > 1 else np.nan, np.mean(accuracy)))
+        if (it + 1) % config.log_every == 0 or it + 1 == config.iterations:
+            first, second, accuracy = np.mean(window, axis=0)
+            progress(it + 1, episode_1_return=first, episode_2_return=second, identification=accuracy)
+            extra["curve"].append([it + 1, float(first), float(second), float(accuracy)])
+            window = []
+            if save:
+                save_checkpoint(save, config, it + 1, rng, models, opts, extra)
+    return (models["policy"], models["encoder"]), extra
+
+
+def proto_rl_evaluate(learner, family, config, tasks, rng):
+    """Each task's mean return in episodes 1-4 of its trials: nothing is learned at test time.
+
+      learner: (policy, encoder); family: a TaskFamily; config: its eval_batch (trials per task)
+        and trial_episodes (the trials hold max(4, trial_episodes) episodes); tasks: the family's
+    Returns {"0": (n_tasks,), ..., "3": (n_tasks,)}, "k" the (k + 1)-th episode, whose prototype
+    has seen k."""
+    episodes = max(4, config.trial_episodes)
+    trials = rollout_proto_trials(learner, family.make_env(tasks, config.eval_batch), rng, episodes,
+                                  family.horizon * episodes, family, config.activation)
+    returns = trial_returns(trials, episodes).reshape(-1, config.eval_batch, episodes).mean(axis=1)
+    return {str(k): returns[:, k] for k in RL_EVAL_STEPS}
+
+
+def proto_identification(learner, family, config, tasks, rng):
+    """How well the encoder tells held-out tasks apart from their transitions: the accuracy of the
+    nearest prototype on eval_episodes episodes of proto_ways tasks, at 1 and 5 shots (transitions
+    of each task), proto_queries queries, the transitions from one trial of one episode per
+    eval_batch envs of each task. Returns {"1": (mean, ci95), "5": ...}."""
+    policy, encoder = learner
+    trials = rollout_proto_trials(learner, family.make_env(tasks, config.eval_batch), rng, 1, family.horizon, family,
+                                  config.activation)
+    result = {}
+    for shots in PROTO_EVAL_SHOTS:
+        episodes = transition_episodes(trials, config.eval_batch, rng, config.proto_ways, shots, config.proto_queries,
+                                       config.eval_episodes)
+        z_s, z_q, _ = _embed_episodes(encoder, episodes, "relu")
+        result[str(shots)] = mean_ci95((nearest_prototype(z_s, z_q) == episodes.labels).mean(axis=1))
+    return result
+
+
+@dataclasses.dataclass
+class ProtoRLSettings:
+    """The prototype-reading policy's own settings, for every task family."""
+    proto_embedding: int = hparam(8, "protonet only: the width of a transition's embedding", 1, only=("protonet",))
+    proto_hidden: int = hparam(32, "protonet only: units in each of the encoder's two hidden ReLU layers", 1,
+                               only=("protonet",))
+    encoder_lr: float = hparam(1e-3, "protonet only: Adam step size of the encoder", above=0.0, only=("protonet",))
+    encoder_steps: int = hparam(4, "protonet only: the encoder's Adam steps in each iteration", 1, only=("protonet",))
+    encoder_episodes: int = hparam(16, "protonet only: identification episodes in each of the encoder's steps", 1,
+                                   only=("protonet",))
+    proto_ways: int = hparam(5, "protonet only: tasks told apart in each identification episode", 2,
+                             only=("protonet",))
+    proto_shots: int = hparam(5, "protonet only: support transitions of each task in training (the test takes 1 "
+                              "and 5)", 1, only=("protonet",))
+    proto_queries: int = hparam(5, "protonet only: query transitions of each task per episode", 1, only=("protonet",))
+    eval_episodes: int = hparam(600, "protonet only: held-out identification episodes at each number of shots", 2,
+                                only=("protonet",))
+
+
+@dataclasses.dataclass
+class ProtoRLConfig(ProtoRLSettings, RL2Config):
+    """The prototype-reading policy on any TaskFamily with n_actions: RL2Config's trials and PPO
+    settings (rl2_trials, trial_episodes, rl2_lr and the ppo_ ones; not its task-inference loss),
+    and the encoder's own."""
+    command: ClassVar[str] = "protonet-rl"
+    algorithm: str = hparam("protonet", "the meta-learner", choices=("protonet",))
+
+
+# ============================================================================
 # PART III. THE HARNESS: the commands (their settings and what each prints),
 # the backend switch with CuPy's fast paths, bench, and the command line.
 # ============================================================================
@@ -3494,13 +3980,14 @@ def run_sine(config, json_path=None, save=None, load=None):
 # III.1 The commands' settings: cartpole takes every family's flags.
 # ----------------------------------------------------------------------------
 @dataclasses.dataclass
-class CartPoleConfig(ESConfig, RL2Config, LSTMConfig):
+class CartPoleConfig(ProtoRLSettings, ESConfig, RL2Config, LSTMConfig):
     """Meta-RL on CartPole tasks, half with the actuator reversed (cartpole.py's "reversed" family)."""
     command: ClassVar[str] = "cartpole"
     algorithm: str = hparam("maml", "the meta-learner: gradient-based (maml, reptile, on the same rollouts), memory-"
                             "based (rl2: a GRU, nothing learned at test time), evolutionary (es: ES-MAML) or "
-                            "model-based (lstm: an LSTM that takes the inner steps)",
-                            choices=("maml", "reptile", "rl2", "es", "lstm"))
+                            "model-based (lstm: an LSTM that takes the inner steps) or metric-based (protonet: a "
+                            "policy that reads the prototype of the transitions it has seen)",
+                            choices=("maml", "reptile", "rl2", "es", "lstm", "protonet"))
 
 
 @dataclasses.dataclass
@@ -3532,11 +4019,12 @@ class Nav2DConfig(MetaRLConfig):
 
 # The other families' trainers, each with its evaluation and its model at random initialisation.
 FAMILY_RUNS = {"rl2": ("RL^2", rl2_train, rl2_evaluate, rl2_init), "es": ("ES-MAML", es_train, es_evaluate, es_init),
-               "lstm": ("LSTM", lstm_rl_train, lstm_rl_evaluate, lstm_init)}
+               "lstm": ("LSTM", lstm_rl_train, lstm_rl_evaluate, lstm_init),
+               "protonet": ("ProtoNet", proto_rl_train, proto_rl_evaluate, proto_rl_init)}
 
 
 def run_family(family, config, json_path=None, save=None, load=None):
-    """--algorithm rl2, es or lstm: training on a TaskFamily, then the same held-out tasks as MAML's
+    """--algorithm rl2, es, lstm or protonet: training on a TaskFamily, then the same held-out tasks as MAML's
     evaluation (the same stream), beside the same model at its random initialisation; a table and the JSON."""
     t0 = time.perf_counter()
     name, train, evaluate, init = FAMILY_RUNS[config.algorithm]
@@ -3553,7 +4041,8 @@ def run_family(family, config, json_path=None, save=None, load=None):
     results = {label: {s: mean_ci95(r) for s, r in evaluate(p, family, config, tasks, draws()).items()}
                for label, p in ((name, params), ("random init", random_init))}
     seconds = time.perf_counter() - t0
-    what = {"rl2": "episode k + 1 of a trial (nothing learned at test time)", "es": "k adaptation steps",
+    in_context = "episode k + 1 of a trial (nothing learned at test time)"
+    what = {"rl2": in_context, "protonet": in_context, "es": "k adaptation steps",
             "lstm": "k inner steps taken by the LSTM"}[config.algorithm]
     print(f"\n{family.name}: mean return on {config.eval_tasks} held-out tasks (+- 95% CI) after {what}; "
           f"seed {config.seed}")
@@ -3561,11 +4050,19 @@ def run_family(family, config, json_path=None, save=None, load=None):
     for s in map(str, RL_EVAL_STEPS):
         print(f"{s:>5}" + "".join(f"  {results[label][s][0]:16.2f} +- {results[label][s][1]:6.2f}"
                                   for label in results))
-    print(f"({extra['env_steps']:,} training env steps; {seconds:.0f} s)")
     result = {}
+    if config.algorithm == "protonet":  # and how well the encoder tells the held-out tasks apart
+        for label, key, p in ((name, "identification_accuracy", params),
+                              ("random init", "random_init_identification_accuracy", random_init)):
+            found = proto_identification(p, family, config, tasks, stream(config.seed, HELD_OUT_DRAWS))
+            result[key], result[key + "_ci95"] = means_and_cis(found)
+            print(f"{label}: {config.proto_ways}-way identification of held-out tasks from transitions, "
+                  + ", ".join(f"{s}-shot {m:.3f} +- {c:.3f}" for s, (m, c) in found.items()))
+        seconds = time.perf_counter() - t0
+    print(f"({extra['env_steps']:,} training env steps; {seconds:.0f} s)")
     result["return"], result["return_ci95"] = means_and_cis(results[name])
     result["random_init_return"], result["random_init_return_ci95"] = means_and_cis(results["random init"])
-    adaptation = {"rl2": "in-context", "lstm": "learned optimiser (LSTM)",
+    adaptation = {"rl2": "in-context", "protonet": "in-context (prototype)", "lstm": "learned optimiser (LSTM)",
                   "es": {"hill": "zero-order (hill climbing)", "pg": "policy-gradient step"}[config.es_adaptation]}
     result.update(adaptation=adaptation[config.algorithm], env_steps=extra["env_steps"], seconds=seconds,
                   config=dataclasses.asdict(config))
@@ -3575,7 +4072,7 @@ def run_family(family, config, json_path=None, save=None, load=None):
 
 
 def run_cartpole(config, json_path=None, save=None, load=None, plot=None):
-    """The cartpole command: --algorithm maml or reptile (run_meta_rl), rl2, es or lstm (run_family)."""
+    """The cartpole command: --algorithm maml or reptile (run_meta_rl), rl2, es, lstm or protonet (run_family)."""
     family = cartpole_family("reversed")
     if config.algorithm in FAMILY_RUNS:
         _check_meta_rl_config(config)
@@ -4031,8 +4528,8 @@ def _add_config_flags(parser, cls):
 
 EXPERIMENTS = {"cartpole": (CartPoleConfig, run_cartpole), "nav2d": (Nav2DConfig, run_nav2d),
                "qlearn": (QLearnConfig, run_qlearn), "sine": (SineConfig, run_sine),
-               "bench": (BenchConfig, run_bench)}
-TRAINED = ("cartpole", "nav2d", "qlearn", "sine")  # the commands with checkpoints
+               "protonet": (ProtoNetConfig, run_protonet), "bench": (BenchConfig, run_bench)}
+TRAINED = ("cartpole", "nav2d", "qlearn", "sine", "protonet")  # the commands with checkpoints
 PLOTTED = ("cartpole", "nav2d")  # the commands with --plot
 DEFAULT_COMMAND = "cartpole"  # what plain `python metarl_min.py [flags]` runs
 EXAMPLES = {  # one command of each, and its time on a 2-core x86-64 CPU, one BLAS thread
@@ -4040,6 +4537,7 @@ EXAMPLES = {  # one command of each, and its time on a 2-core x86-64 CPU, one BL
     "nav2d": "python metarl_min.py nav2d --seed 1 --json nav.json      # 165-227 s",
     "qlearn": "python metarl_min.py qlearn --seed 1                      # about 120 s",
     "sine": "python metarl_min.py sine --seed 1 --json sine.json        # 53-95 s",
+    "protonet": "python metarl_min.py protonet --seed 1                    # about 15 s",
     "bench": "python metarl_min.py bench --quick                         # a few seconds"}
 
 
@@ -4073,6 +4571,14 @@ def _typed_flags(argv):
     """The names of the flags typed on the command line (--no-x counts as x)."""
     names = {token[2:].split("=")[0] for token in argv if token.startswith("--")}
     return {n[3:] if n.startswith("no-") else n for n in names}
+
+
+def _algorithm_defaults(config, typed):
+    """config with the chosen algorithm's own defaults (hparam's per_algorithm) for the flags not typed."""
+    algorithm = getattr(config, "algorithm", None)
+    return dataclasses.replace(config, **{
+        f.name: f.metadata["per_algorithm"][algorithm] for f in dataclasses.fields(config)
+        if algorithm in (f.metadata.get("per_algorithm") or {}) and f.name.replace("_", "-") not in typed})
 
 
 def _check_flags(config, typed):
@@ -4229,6 +4735,12 @@ def _needed_memory(command, config):
                      + c.meta_batch * 2 * c.shots * c.hidden * 12)
         evaluate = 4 * max(c.eval_tasks, 100) * (n_params * (max(SINE_EVAL_STEPS) + 2) + c.eval_points * c.hidden * 6)
         return max(train, evaluate), "--hidden, --meta-batch, --shots, --eval-tasks, --eval-points"
+    if command == "protonet":  # the activations of a batch of episodes; the evaluation's distances
+        points = c.ways * (max(c.train_shots, max(PROTO_EVAL_SHOTS)) + c.queries)
+        train = 4 * c.meta_batch * points * (PROTO_SIGNAL + PROTO_NUISANCE + 6 * c.hidden + 4 * c.embedding_dim)
+        evaluate = 8 * c.eval_episodes * points * (2 * PROTO_SIGNAL + 2 * PROTO_NUISANCE + 4 * c.hidden
+                                                  + c.ways * (PROTO_SIGNAL + PROTO_NUISANCE + c.embedding_dim))
+        return max(train, evaluate), "--ways, --queries, --meta-batch, --hidden, --embedding-dim, --eval-episodes"
     if command == "qlearn":
         bins = _parse_bins(c.bins)
         features = math.prod(bins) + math.comb(4 + c.degree, 4) + c.rbf_per_dim ** 4
@@ -4237,7 +4749,7 @@ def _needed_memory(command, config):
                                                                "--eval-tasks, --seeds"
     horizon = 100 if command == "nav2d" else 500  # the families' horizons, without importing cartpole.py
     per_step = 4 * 10 * c.hidden + 8 * 16  # a step's activations in the meta-gradient, its returns and features
-    if command == "cartpole" and c.algorithm == "rl2":
+    if command == "cartpole" and c.algorithm in ("rl2", "protonet"):
         trials = c.meta_batch * c.rl2_trials * c.trial_episodes * horizon
         test = c.eval_tasks * c.eval_batch * max(4, c.trial_episodes) * horizon
         return per_step * max(trials, test), "--meta-batch, --rl2-trials, --trial-episodes, --hidden, --eval-tasks, " \
@@ -4282,6 +4794,7 @@ def main(argv=None):
         device = args.device or os.environ.get("METARL_DEVICE", "cpu")
         if device not in DEVICES:
             raise ValueError(f"METARL_DEVICE must be one of {', '.join(DEVICES)}; got {device!r}")
+        config = _algorithm_defaults(config, _typed_flags(argv[1:]))
         check_config(config)
         _check_flags(config, _typed_flags(argv[1:]))
         files = dict(save=args.save, load=args.load) if command in TRAINED else {}

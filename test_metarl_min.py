@@ -852,6 +852,7 @@ import contextlib  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import pathlib  # noqa: E402
 import re  # noqa: E402
 import shlex  # noqa: E402
 import stat  # noqa: E402
@@ -1111,6 +1112,212 @@ class TestMetaLearnerLSTM(unittest.TestCase):
                 self.assertEqual(status, 2)
                 self.assertEqual(len(err.strip().splitlines()), 1, err)
                 self.assertIn(message, err)
+
+
+class TestPrototypicalNetworks(unittest.TestCase):
+    """The metric-based family: the prototypical loss, its gradient in float64, and the protonet command."""
+    SHORT = ["protonet", "--iterations", "200", "--log-every", "100", "--eval-episodes", "100", "--hidden", "32"]
+    KEYS = {"accuracy", "accuracy_ci95", "oracle_accuracy", "oracle_accuracy_ci95", "bayes_accuracy",
+            "bayes_accuracy_ci95", "raw_accuracy", "raw_accuracy_ci95", "ways", "seconds", "config"}
+
+    def _episodes(self, rng, T=2, N=3, K=2, M=5, n_in=3):
+        return mm.Episodes(rng.normal(size=(T, N, K, n_in)), rng.normal(size=(T, M, n_in)),
+                           rng.integers(0, N, (T, M)))
+
+    def test_gradient_against_finite_differences(self):
+        rng = np.random.default_rng(0)
+        params = mm.init_mlp((3, 5, 4), rng, "tanh", np.float64)
+        for K in (1, 3):
+            with self.subTest(shots=K):
+                episodes = self._episodes(rng, K=K)
+                loss, grads, accuracy = mm.protonet_grad(params, episodes, "tanh")
+                numeric = _fd_grad(lambda ps: mm.protonet_grad(ps, episodes, "tanh")[0], [p.copy() for p in params],
+                                   eps=1e-5)
+                self.assertLess(_rel_err(grads, numeric), 1e-8)
+                # A shift of every embedding moves no distance: the last bias has no gradient.
+                self.assertLess(np.abs(grads[-1]).max(), 1e-15)
+                self.assertEqual([g.shape for g in grads], [p.shape for p in params])
+                # The loss and accuracy, one query at a time, by the paper's eqs. 1-2.
+                z_s = mm.mlp_forward(params, episodes.support.reshape(2, -1, 3), "tanh")[0].reshape(2, 3, K, 4)
+                z_q = mm.mlp_forward(params, episodes.query, "tanh")[0]
+                total, right = 0.0, np.zeros(2)
+                for t in range(2):
+                    for q in range(5):
+                        d = np.array([np.sum((z_q[t, q] - z_s[t, k].mean(axis=0)) ** 2) for k in range(3)])
+                        total -= -d[episodes.labels[t, q]] - np.log(np.exp(-d).sum())
+                        right[t] += d.argmin() == episodes.labels[t, q]
+                self.assertAlmostEqual(loss, total / 10, places=12)
+                np.testing.assert_array_equal(accuracy, right / 5)
+
+    def test_the_squared_distance_is_a_linear_classifier(self):
+        # Snell et al. sec. 2.4: softmax(-||z - c_k||^2) = softmax(w_k . z + b_k), w_k = 2 c_k, b_k = -||c_k||^2.
+        rng = np.random.default_rng(1)
+        z, c = rng.normal(size=(3, 7, 4)), rng.normal(size=(3, 5, 4))
+        linear = z @ np.swapaxes(2 * c, 1, 2) - (c * c).sum(-1)[:, None, :]
+        np.testing.assert_allclose(mm.log_softmax(mm.proto_logits(z, c)), mm.log_softmax(linear), atol=1e-12)
+        np.testing.assert_array_equal(mm.nearest_prototype(rng.normal(size=(3, 5, 2, 4)) * 0 + c[:, :, None], z),
+                                      linear.argmax(-1))
+
+    def test_the_benchmark_and_its_oracle(self):
+        rng = np.random.default_rng(2)
+        world = mm.proto_world()
+        np.testing.assert_array_equal(world[0], mm.proto_world()[0])  # the map is the benchmark's, fixed
+        batch = mm.sample_few_shot(rng, 50, 5, 3, 4, world)
+        x, u = batch.episodes, batch.latent
+        self.assertEqual(x.support.shape, (50, 5, 3, mm.PROTO_SIGNAL + mm.PROTO_NUISANCE))
+        self.assertEqual(u.query.shape, (50, 20, mm.PROTO_LATENT))
+        np.testing.assert_array_equal(x.labels[0], np.repeat(np.arange(5), 4))
+        np.testing.assert_allclose(x.support[..., :mm.PROTO_SIGNAL], np.tanh(u.support @ world[0] + world[1]),
+                                   rtol=1e-6, atol=1e-6)
+        # The learner sees the class through the map: the oracle knows the latent means better than raw x.
+        oracle = (mm.nearest_prototype(u.support, u.query) == x.labels).mean()
+        raw = (mm.nearest_prototype(x.support, x.query) == x.labels).mean()
+        self.assertGreater(oracle, raw + 0.15)
+
+    def test_short_run_learns_resumes_and_fails_clearly(self):
+        with tempfile.TemporaryDirectory() as d:
+            ck, a, b = (os.path.join(d, n) for n in ("ck.npz", "a.json", "b.json"))
+            status, out, err = _run_main(self.SHORT + ["--json", a])
+            self.assertEqual(status, 0, err)
+            self.assertIn("ETA", out)
+            self.assertEqual(_run_main([x if x != "200" else "100" for x in self.SHORT] + ["--save", ck])[0], 0)
+            self.assertEqual(_run_main(self.SHORT + ["--load", ck, "--json", b])[0], 0)
+            ra, rb = _read_json(a), _read_json(b)
+        self.assertEqual(set(ra), self.KEYS)
+        self.assertEqual(ra["accuracy"], rb["accuracy"])
+        for key in ("accuracy", "oracle_accuracy", "raw_accuracy", "bayes_accuracy"):
+            self.assertEqual(set(ra[key]), {"1", "5"})
+        for shots in ("1", "5"):
+            self.assertGreater(ra["accuracy"][shots], ra["raw_accuracy"][shots] + 0.1)
+            self.assertLessEqual(ra["accuracy"][shots], ra["oracle_accuracy"][shots] + 3 * ra["accuracy_ci95"][shots])
+        cases = [(["protonet", "--ways", "1"], "--ways must be >= 2"),
+                 (["protonet", "--meta-lr", "0"], "--meta-lr must be > 0"),
+                 (["protonet", "--inner-lr", "0.1"], "unrecognized arguments")]
+        for args, message in cases:
+            with self.subTest(args=args):
+                status, _, err = _run_main(args)
+                self.assertEqual(status, 2)
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
+                self.assertIn(message, err)
+
+    def test_bad_episodes_are_refused_by_name(self):
+        rng = np.random.default_rng(3)
+        params = mm.init_mlp((3, 4, 2), rng, "relu", np.float64)
+        good = self._episodes(rng)
+        cases = [(good._replace(labels=good.labels + 3), "labels must be integers in [0, 3)"),
+                 (good._replace(labels=good.labels.astype(float)), "labels must be integers"),
+                 (good._replace(query=good.query[..., :2]), "the network's input width 3"),
+                 (good._replace(support=good.support[0]), "support must be (T, N, K, in)"),
+                 ((good.support, good.query, good.labels), "must be an Episodes")]
+        for episodes, message in cases:
+            with self.subTest(message=message):
+                with self.assertRaises((ValueError, TypeError)) as caught:
+                    mm.protonet_grad(params, episodes)
+                self.assertIn(message, str(caught.exception))
+        before = [p.copy() for p in params]
+        mm.protonet_grad(params, good)
+        for p, q in zip(params, before):
+            np.testing.assert_array_equal(p, q)
+
+    # Metric-based meta-RL: the running prototype, the identification episodes, the cartpole command.
+    def _countdown_family(self):
+        lengths = np.array([3, 2, 4])
+        return mm.TaskFamily("countdown", sample_tasks=lambda rng, n: {"length": lengths[:n]},
+                             make_env=lambda tasks, episodes: _CountdownEnv(np.repeat(tasks["length"], episodes)),
+                             obs_dim=1, horizon=10, n_actions=2, obs_scale=2.0)
+
+    def test_the_running_prototype_by_hand(self):
+        rng = np.random.default_rng(4)
+        family = self._countdown_family()
+        policy = mm.init_mlp((1 + 3, 5, 2), rng, "tanh", np.float64)
+        encoder = mm.init_mlp((2 + 2, 6, 3), rng, "relu", np.float64)
+        env = family.make_env(family.sample_tasks(rng, 3), 1)
+        trials = mm.rollout_proto_trials((policy, encoder), env, rng, 2, 20, family)
+        lengths = [3, 2, 4]
+        for n, length in enumerate(lengths):
+            s = np.concatenate([np.arange(length)] * 2) / 2.0  # the trial's observations, scaled
+            steps = 2 * length
+            np.testing.assert_array_equal(trials["mask"][n], np.arange(trials["mask"].shape[1]) < steps)
+            total, count = np.zeros(3), 0
+            for k in range(steps):
+                seen = k > 0 and k != length  # no transition into the trial's first step or an episode's
+                self.assertEqual(bool(trials["seen"][n, k]), seen)
+                if seen:
+                    a = trials["actions"][n, k - 1]
+                    t = np.array([s[k - 1], a == 0, a == 1, s[k] - s[k - 1]], float)
+                    np.testing.assert_array_equal(trials["transitions"][n, k], t)
+                    total, count = total + mm.mlp_forward(encoder, t[None, None], "relu")[0][0, 0], count + 1
+                c = total / max(count, 1)  # the mean embedding of the transitions seen so far
+                np.testing.assert_allclose(trials["x"][n, k], np.concatenate([[s[k]], c]), atol=1e-12)
+        # The policy's actions are drawn from its output on [s, c_t]: with all logits on one action, that one.
+        sure = [p.copy() for p in policy]
+        sure[-2][:], sure[-1][:] = 0.0, [0.0, 50.0]
+        again = mm.rollout_proto_trials((sure, encoder), family.make_env(family.sample_tasks(rng, 3), 1), rng, 2, 20,
+                                        family)
+        self.assertTrue((again["actions"][again["mask"]] == 1).all())
+
+    def test_identification_episodes_are_tasks_as_classes(self):
+        rng = np.random.default_rng(5)
+        tasks, per_task, K = 6, 3, 7
+        seen = rng.random((tasks * per_task, K)) < 0.7
+        task_of = np.repeat(np.arange(tasks), per_task)[:, None] * np.ones((1, K))
+        transitions = np.stack([task_of, rng.normal(size=task_of.shape)], axis=-1)  # [the trial's task, noise]
+        transitions[~seen] = -1.0  # where there is no transition
+        trials = {"seen": seen, "transitions": transitions}
+        episodes = mm.transition_episodes(trials, per_task, rng, 4, 2, 3, 50)
+        self.assertEqual(episodes.support.shape, (50, 4, 2, 2))
+        self.assertEqual(episodes.query.shape, (50, 12, 2))
+        for e in range(50):
+            support_tasks = episodes.support[e, :, :, 0]  # (ways, shots)
+            self.assertTrue((support_tasks >= 0).all())  # only transitions that were seen
+            self.assertTrue((support_tasks == support_tasks[:, :1]).all())  # one task per class
+            self.assertEqual(len(set(support_tasks[:, 0])), 4)  # four different tasks
+            np.testing.assert_array_equal(episodes.query[e, :, 0], support_tasks[episodes.labels[e], 0])
+            drawn = np.concatenate([episodes.support[e, k, :, 1] for k in range(4)] + [episodes.query[e, :, 1]])
+            self.assertEqual(len(set(drawn)), len(drawn))  # no transition twice in an episode
+        with self.assertRaisesRegex(ValueError, "fewer than shots \\+ queries"):
+            mm.transition_episodes(trials, per_task, rng, 4, 10, 10, 1)
+
+    def test_ppo_weights(self):
+        mask = np.array([[1, 1, 0, 0], [1, 1, 1, 1]], bool)
+        np.testing.assert_allclose(mm.ppo_weights(mask), mask / 6)
+        np.testing.assert_allclose(mm.ppo_weights(mask, trial_mean=True), [[0.25, 0.25, 0, 0], [0.125] * 4])
+
+    def test_cartpole_by_protonet_resumes_exactly_and_fails_clearly(self):
+        flags = ["cartpole", "--algorithm", "protonet", "--log-every", "1", "--meta-batch", "5", "--rl2-trials", "2",
+                 "--hidden", "8", "--proto-hidden", "8", "--eval-tasks", "5", "--eval-batch", "2", "--eval-episodes",
+                 "20", "--encoder-steps", "2", "--iterations"]
+        with tempfile.TemporaryDirectory() as d:
+            ck, a, b = (os.path.join(d, n) for n in ("ck.npz", "a.json", "b.json"))
+            status, out, err = _run_main(flags + ["2", "--json", a])
+            self.assertEqual(status, 0, err)
+            self.assertIn("identification", out)
+            self.assertEqual(_run_main(flags + ["1", "--save", ck])[0], 0)
+            self.assertEqual(_run_main(flags + ["2", "--load", ck, "--json", b])[0], 0)
+            ra, rb = _read_json(a), _read_json(b)
+        self.assertEqual(ra["return"], rb["return"])
+        self.assertEqual(ra["identification_accuracy"], rb["identification_accuracy"])
+        self.assertEqual(set(ra["identification_accuracy"]), {"1", "5"})
+        self.assertEqual(set(ra["return"]), {"0", "1", "2", "3"})
+        self.assertEqual(ra["adaptation"], "in-context (prototype)")
+        # protonet's own default of --iterations, where the flag is not given
+        config = mm.CartPoleConfig(algorithm="protonet")
+        self.assertEqual(mm._algorithm_defaults(config, set()).iterations, 200)
+        self.assertEqual(mm._algorithm_defaults(config, {"iterations"}).iterations, 100)
+        self.assertEqual(mm._algorithm_defaults(mm.CartPoleConfig(), set()).iterations, 100)
+        cases = [(["--proto-ways", "6"], "--proto-ways (6) must be at most --meta-batch (5)"),
+                 (["--rl2-task-loss", "1"], "--rl2-task-loss is read only by --algorithm rl2"),
+                 (["--encoder-lr", "0"], "--encoder-lr must be > 0")]
+        for extra, message in cases:
+            with self.subTest(extra=extra):
+                status, _, err = _run_main(flags + ["1"] + extra)
+                self.assertEqual(status, 2)
+                self.assertEqual(len(err.strip().splitlines()), 1, err)
+                self.assertIn(message, err)
+        status, _, err = _run_main(["cartpole", "--algorithm", "maml", "--proto-ways", "3"])
+        self.assertIn("--proto-ways is read only by --algorithm protonet", err)
+        with self.assertRaisesRegex(ValueError, "ProtoNet here has a categorical policy"):
+            mm.proto_rl_init(mm.nav2d_family(), mm.ProtoRLConfig(), np.random.default_rng(0))
 
 
 # ----------------------------------------------------------------------------
@@ -2186,7 +2393,7 @@ class TestBook(unittest.TestCase):
 
     def test_each_family_in_one_chapter(self):
         heads = {k: next(i for i, l in enumerate(self.lines) if l.startswith(k)) for k in
-                 ("# II.1 ", "# II.2 ", "# II.3 ", "# II.4 ", "# II.5 ", "# II.6 ", "# PART III")}
+                 ("# II.1 ", "# II.2 ", "# II.3 ", "# II.4 ", "# II.5 ", "# II.6 ", "# II.7 ", "# PART III")}
         order = list(heads.values())
         self.assertEqual(order, sorted(order))
         defined = self._top_level()
@@ -2197,7 +2404,10 @@ class TestBook(unittest.TestCase):
                     "# II.4 ": ("poly_features", "q_learn", "QLearnConfig", "run_qlearn"),
                     "# II.5 ": ("init_meta_lstm", "lstm_step", "lstm_step_backward", "lstm_meta_grad", "lstm_rl_train",
                                 "lstm_rl_evaluate", "LSTMConfig"),
-                    "# II.6 ": ("sample_sine_tasks", "sine_train", "sine_evaluate", "SineConfig", "run_sine")}
+                    "# II.6 ": ("sample_sine_tasks", "sine_train", "sine_evaluate", "SineConfig", "run_sine"),
+                    "# II.7 ": ("prototypes", "protonet_grad", "sample_few_shot", "protonet_train", "protonet_evaluate",
+                                "ProtoNetConfig", "run_protonet", "rollout_proto_trials", "transition_episodes",
+                                "proto_rl_train", "proto_rl_evaluate", "proto_identification", "ProtoRLConfig")}
         keys = list(heads)
         for head, names in chapters.items():
             start, end = heads[head], heads[keys[keys.index(head) + 1]]
@@ -2255,13 +2465,13 @@ class TestNothingLost(unittest.TestCase):
             with open(x) as f:
                 self.assertEqual(f.read(), "keep me")
             self.assertEqual(_run_main(_TINY_SINE + ["--save", ck])[0], 0)
-            before = open(ck, "rb").read()
+            before = pathlib.Path(ck).read_bytes()
             status, _, err = _run_main(_TINY_SINE + ["--load", ck, "--json", ck])
             _one_line(self, status, err)
             self.assertIn("the same file as --load", err)
             status, _, err = _run_main(_TINY_SINE + ["--load", ck, "--save", ck])
             _one_line(self, status, err)
-            self.assertEqual(open(ck, "rb").read(), before)
+            self.assertEqual(pathlib.Path(ck).read_bytes(), before)
             fifo = os.path.join(d, "fifo")
             os.mkfifo(fifo)
             for path in (fifo, os.devnull):
