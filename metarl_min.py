@@ -3487,7 +3487,8 @@ class SineConfig(LSTMSettings):
     lstm_hidden: int = hparam(4, "units of the meta-learner's first LSTM layer (the paper's 20 takes 23 ms an "
                               "iteration here, 4 takes 5 ms)", 1, only=("lstm",))
     shots: int = hparam(5, "K: points per task in the support set (the query set has K too)", 1)
-    iterations: int = hparam(70000, "meta-training iterations (the total, also when resuming)", 1)
+    iterations: int = hparam(70000, "meta-training iterations (the total, also when resuming; --algorithm lstm: "
+                             "30000)", 1, per_algorithm={"lstm": 30000})
     meta_batch: int = hparam(25, "tasks per meta-iteration", 1)
     inner_lr: float = hparam(0.01, "alpha: inner-loop SGD step size (meta-sgd: every rate's start; lstm: the input "
                              "gate's start, in (0, 1))", 0.0)

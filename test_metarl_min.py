@@ -881,6 +881,27 @@ def _read_json(path):
         return json.load(f)
 
 
+def _straight_and_resumed(test, flags, total, part):
+    """flags + [total], run straight and run as flags + [part] then resumed to total: (JSON, JSON, the straight
+    run's output). flags end with the flag of the iterations."""
+    with tempfile.TemporaryDirectory() as d:
+        ck, a, b = (os.path.join(d, n) for n in ("ck.npz", "a.json", "b.json"))
+        status, out, err = _run_main(flags + [total, "--json", a])
+        test.assertEqual(status, 0, err)
+        test.assertEqual(_run_main(flags + [part, "--save", ck])[0], 0)
+        test.assertEqual(_run_main(flags + [total, "--load", ck, "--json", b])[0], 0)
+        return _read_json(a), _read_json(b), out
+
+
+def _refused(test, cases):
+    """Each (argv, message) of cases refused in one line on stderr that holds message, exit status 2."""
+    for args, message in cases:
+        with test.subTest(args=args):
+            status, _, err = _run_main(args)
+            _one_line(test, status, err)
+            test.assertIn(message, err)
+
+
 def _cli(*args):
     """Run the command line in a fresh process."""
     return subprocess.run([sys.executable, os.path.join(HERE, "metarl_min.py"), *args], capture_output=True,
@@ -1088,14 +1109,8 @@ class TestMetaLearnerLSTM(unittest.TestCase):
     def test_cartpole_by_the_lstm_resumes_exactly(self):
         flags = ["cartpole", "--algorithm", "lstm", "--log-every", "2", "--meta-batch", "4", "--fast-batch", "4",
                  "--hidden", "8", "--lstm-hidden", "4", "--eval-tasks", "4", "--eval-batch", "3", "--iterations"]
-        with tempfile.TemporaryDirectory() as d:
-            ck, a, b = (os.path.join(d, n) for n in ("ck.npz", "a.json", "b.json"))
-            status, out, err = _run_main(flags + ["4", "--json", a])
-            self.assertEqual(status, 0, err)
-            self.assertIn("k inner steps taken by the LSTM", out)
-            self.assertEqual(_run_main(flags + ["2", "--save", ck])[0], 0)
-            self.assertEqual(_run_main(flags + ["4", "--load", ck, "--json", b])[0], 0)
-            ra, rb = _read_json(a), _read_json(b)
+        ra, rb, out = _straight_and_resumed(self, flags, "4", "2")
+        self.assertIn("k inner steps taken by the LSTM", out)
         self.assertEqual(ra["return"], rb["return"])
         self.assertEqual(ra["adaptation"], "learned optimiser (LSTM)")
         self.assertEqual(set(ra["return"]), {"0", "1", "2", "3"})
@@ -1106,12 +1121,7 @@ class TestMetaLearnerLSTM(unittest.TestCase):
                  (["cartpole", "--algorithm", "lstm", "--inner-lr", "1"], "--inner-lr must be in (0, 1)"),
                  (["cartpole", "--algorithm", "lstm", "--lvc"], "--lvc is read only by --algorithm maml"),
                  (["sine", "--algorithm", "protonet"], "invalid choice")]
-        for args, message in cases:
-            with self.subTest(args=args):
-                status, _, err = _run_main(args)
-                self.assertEqual(status, 2)
-                self.assertEqual(len(err.strip().splitlines()), 1, err)
-                self.assertIn(message, err)
+        _refused(self, cases)
 
 
 class TestPrototypicalNetworks(unittest.TestCase):
@@ -1193,12 +1203,7 @@ class TestPrototypicalNetworks(unittest.TestCase):
         cases = [(["protonet", "--ways", "1"], "--ways must be >= 2"),
                  (["protonet", "--meta-lr", "0"], "--meta-lr must be > 0"),
                  (["protonet", "--inner-lr", "0.1"], "unrecognized arguments")]
-        for args, message in cases:
-            with self.subTest(args=args):
-                status, _, err = _run_main(args)
-                self.assertEqual(status, 2)
-                self.assertEqual(len(err.strip().splitlines()), 1, err)
-                self.assertIn(message, err)
+        _refused(self, cases)
 
     def test_bad_episodes_are_refused_by_name(self):
         rng = np.random.default_rng(3)
@@ -1287,14 +1292,8 @@ class TestPrototypicalNetworks(unittest.TestCase):
         flags = ["cartpole", "--algorithm", "protonet", "--log-every", "1", "--meta-batch", "5", "--rl2-trials", "2",
                  "--hidden", "8", "--proto-hidden", "8", "--eval-tasks", "5", "--eval-batch", "2", "--eval-episodes",
                  "20", "--encoder-steps", "2", "--iterations"]
-        with tempfile.TemporaryDirectory() as d:
-            ck, a, b = (os.path.join(d, n) for n in ("ck.npz", "a.json", "b.json"))
-            status, out, err = _run_main(flags + ["2", "--json", a])
-            self.assertEqual(status, 0, err)
-            self.assertIn("identification", out)
-            self.assertEqual(_run_main(flags + ["1", "--save", ck])[0], 0)
-            self.assertEqual(_run_main(flags + ["2", "--load", ck, "--json", b])[0], 0)
-            ra, rb = _read_json(a), _read_json(b)
+        ra, rb, out = _straight_and_resumed(self, flags, "2", "1")
+        self.assertIn("identification", out)
         self.assertEqual(ra["return"], rb["return"])
         self.assertEqual(ra["identification_accuracy"], rb["identification_accuracy"])
         self.assertEqual(set(ra["identification_accuracy"]), {"1", "5"})
@@ -1305,15 +1304,12 @@ class TestPrototypicalNetworks(unittest.TestCase):
         self.assertEqual(mm._algorithm_defaults(config, set()).iterations, 200)
         self.assertEqual(mm._algorithm_defaults(config, {"iterations"}).iterations, 100)
         self.assertEqual(mm._algorithm_defaults(mm.CartPoleConfig(), set()).iterations, 100)
+        self.assertEqual(mm._algorithm_defaults(mm.SineConfig(algorithm="lstm"), set()).iterations, 30000)
+        self.assertEqual(mm._algorithm_defaults(mm.SineConfig(algorithm="meta-sgd"), set()).iterations, 70000)
         cases = [(["--proto-ways", "6"], "--proto-ways (6) must be at most --meta-batch (5)"),
                  (["--rl2-task-loss", "1"], "--rl2-task-loss is read only by --algorithm rl2"),
                  (["--encoder-lr", "0"], "--encoder-lr must be > 0")]
-        for extra, message in cases:
-            with self.subTest(extra=extra):
-                status, _, err = _run_main(flags + ["1"] + extra)
-                self.assertEqual(status, 2)
-                self.assertEqual(len(err.strip().splitlines()), 1, err)
-                self.assertIn(message, err)
+        _refused(self, [(flags + ["1"] + extra, message) for extra, message in cases])
         status, _, err = _run_main(["cartpole", "--algorithm", "maml", "--proto-ways", "3"])
         self.assertIn("--proto-ways is read only by --algorithm protonet", err)
         with self.assertRaisesRegex(ValueError, "ProtoNet here has a categorical policy"):
