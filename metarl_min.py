@@ -4538,7 +4538,7 @@ EXAMPLES = {  # one command of each, and its time on a 2-core x86-64 CPU, one BL
     "nav2d": "python metarl_min.py nav2d --seed 1 --json nav.json      # 165-227 s",
     "qlearn": "python metarl_min.py qlearn --seed 1                      # about 120 s",
     "sine": "python metarl_min.py sine --seed 1 --json sine.json        # 53-95 s",
-    "protonet": "python metarl_min.py protonet --seed 1                    # about 15 s",
+    "protonet": "python metarl_min.py protonet --seed 1                    # 7-8 s",
     "bench": "python metarl_min.py bench --quick                         # a few seconds"}
 
 
