@@ -3157,7 +3157,7 @@ def lstm_step_backward(lstm, step, bar):
     gate_grads = []
     for d, prev in ((d_i, before.i), (d_f, before.f)):
         w_grad = xp.concatenate([_units(after.h) @ d.reshape(-1), xp.stack([(d * before.theta).sum(), (d * prev).sum()])])
-        gate_grads += [w_grad, d.sum().reshape(1)]
+        gate_grads += [w_grad, d.sum(keepdims=True).reshape(1)]
     bar_theta = bar.theta * after.f + d_i * w_i[H] + d_f * w_f[H]
     bar_h = bar.h + w_i[:H, None, None] * d_i + w_f[:H, None, None] * d_f  # (H, T, P)
     # the first layer: h = o tanh(c), c = f_1 c_prev + i_1 candidate

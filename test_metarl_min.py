@@ -2916,16 +2916,26 @@ class TestBackend(unittest.TestCase):
                                             "--outer", "trpo"])
             self.assertEqual(status, 0, err)
             self.assertEqual(set(_read_json(path)["return"]), {"0", "1", "2", "3"})
-            # RL^2 and ES-MAML, training and evaluation, every array on the device.
-            for algorithm in ("rl2", "es"):
-                own = (["--meta-batch", "2", "--rl2-trials", "2"] if algorithm == "rl2" else
-                       ["--es-population", "2", "--es-tasks", "2", "--es-perturbations", "2"])
+            # RL^2, ES-MAML, the meta-learner LSTM and ProtoNet, training and evaluation, every array on the device.
+            own_flags = {"rl2": ["--meta-batch", "2", "--rl2-trials", "2"],
+                         "es": ["--es-population", "2", "--es-tasks", "2", "--es-perturbations", "2"],
+                         "lstm": ["--meta-batch", "2", "--fast-batch", "2", "--lstm-hidden", "3"],
+                         "protonet": ["--meta-batch", "2", "--rl2-trials", "2", "--proto-ways", "2", "--eval-episodes",
+                                      "4", "--encoder-episodes", "2"]}
+            for algorithm, own in own_flags.items():
                 with unittest.mock.patch.object(mm, "use_device", lambda device: None):
                     status, _, err = _run_main(["cartpole", "--algorithm", algorithm, "--iterations", "1",
                                                 "--hidden", "8", "--eval-tasks", "2", "--eval-batch", "2",
                                                 "--json", path] + own)
                 self.assertEqual(status, 0, err)
                 self.assertEqual(set(_read_json(path)["return"]), {"0", "1", "2", "3"})
+            # The sinusoid by the LSTM and by Meta-SGD, and the protonet command.
+            for args in (["sine", "--algorithm", "lstm", "--eval-tasks", "3"], ["sine", "--algorithm", "meta-sgd"],
+                         ["protonet", "--eval-episodes", "4"]):
+                with unittest.mock.patch.object(mm, "use_device", lambda device: None):
+                    status, _, err = _run_main(args + ["--iterations", "2", "--log-every", "1", "--json", path])
+                self.assertEqual(status, 0, err)
+                self.assertIn("mse" if args[0] == "sine" else "accuracy", _read_json(path))
             # The qlearn command, evaluation included, on episodes cut at 10 steps.
             make_envs = mm.cartpole_envs
 
