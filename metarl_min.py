@@ -3640,9 +3640,9 @@ def _check_episodes(params, episodes):
 # The learner sees x = [tanh(u A + a), n]: a fixed nonlinear map into PROTO_SIGNAL dimensions
 # (A, a drawn once, the same in every run), beside PROTO_NUISANCE dimensions of noise n ~ N(0, 1)
 # that carry nothing of the class. The oracle sees u and takes the nearest prototype there: for
-# clusters of equal, isotropic spread whose means it does not know, the rule a learned embedding
-# can at best recover (the Bayes rule shrinks the means towards the prior's 0 by K / (K + s^2),
-# bayes_accuracy). Nearest prototype on the raw x is the baseline without learning.
+# clusters of equal, isotropic spread whose means it does not know, what an embedding that maps x
+# back to u recovers (the Bayes rule, under the means' N(0, I) prior, also shrinks them towards 0
+# by K / (K + s^2): bayes_accuracy). Nearest prototype on the raw x is the baseline without learning.
 PROTO_LATENT = 4  # dimensions of the latent space
 PROTO_SPREAD = 0.5  # s: the spread of a class around its mean
 PROTO_SIGNAL = 16  # dimensions of x that the map fills
