@@ -4055,7 +4055,7 @@ def run_family(family, config, json_path=None, save=None, load=None):
     if config.algorithm == "protonet":  # and how well the encoder tells the held-out tasks apart
         for label, key, p in ((name, "identification_accuracy", params),
                               ("random init", "random_init_identification_accuracy", random_init)):
-            found = proto_identification(p, family, config, tasks, stream(config.seed, HELD_OUT_DRAWS))
+            found = proto_identification(p, family, config, tasks, draws())
             result[key], result[key + "_ci95"] = means_and_cis(found)
             print(f"{label}: {config.proto_ways}-way identification of held-out tasks from transitions, "
                   + ", ".join(f"{s}-shot {m:.3f} +- {c:.3f}" for s, (m, c) in found.items()))
