@@ -3261,6 +3261,15 @@ def lstm_init(family, config, rng):
         config.seed, LEARNER_INIT), config.lstm_forget_bias)
 
 
+def clip_norm(grads, max_norm):
+    """grads (a list of lists of arrays) scaled together so that their joint norm is at most max_norm
+    (0 or None: as they are), as the meta-learner LSTM's authors clip its meta-gradient."""
+    if not max_norm:
+        return grads
+    norm = math.sqrt(sum(_dot(g, g) for g in grads))
+    return [[gi * min(1.0, max_norm / (norm + 1e-12)) for gi in g] for g in grads]
+
+
 def _check_lstm_config(config):
     if not 0.0 < config.inner_lr < 1.0:
         raise ValueError(f"--inner-lr must be in (0, 1) with --algorithm lstm: it is the input gate's first value, "
@@ -3301,6 +3310,7 @@ def lstm_rl_train(family, config, save=None, load=None):
         post = roll(run.params, env)
         _, grads, lstm_grads = lstm_meta_grad(models["lstm"], models["meta"], supports, batch(post), loss,
                                               first_order=config.first_order, activation=act)
+        grads, lstm_grads = clip_norm([grads, lstm_grads], config.lstm_max_norm)
         for name, g in (("meta", grads), ("lstm", lstm_grads)):
             models[name], opts[name] = adam_step(models[name], g, opts[name], config.meta_lr)
             _check_finite_policy(models[name], it + 1, "--meta-lr")
@@ -3344,6 +3354,8 @@ class LSTMSettings:
     lstm_forget_bias: float = hparam(5.0, "the forget gate's bias at the start: f = sigmoid(5) = 0.9933, near "
                                      "plain SGD (the paper draws it in [4, 6]); the input gate's starts at "
                                      "logit(inner_lr)", only=("lstm",))
+    lstm_max_norm: float = hparam(0.25, "the meta-gradient's norm, the learner's start and the LSTM together, "
+                                  "clipped to this (the authors' 0.25; 0: no clip)", 0.0, only=("lstm",))
 
 
 @dataclasses.dataclass
@@ -3420,6 +3432,7 @@ def sine_train(config, save=None, load=None):
         else:
             meta_loss, grads, lstm_grads = lstm_meta_grad(models["lstm"], models["meta"], support, query, "mse",
                                                           *steps_and_order)
+            grads, lstm_grads = clip_norm([grads, lstm_grads], config.lstm_max_norm)
             adam("lstm", lstm_grads)
         adam("meta", grads)
         # The baseline sees the same points, support and query alike, with no inner step.

@@ -1061,6 +1061,15 @@ class TestMetaLearnerLSTM(unittest.TestCase):
         self.assertAlmostEqual(float(mm.sigmoid(lstm[3][0])), 0.01, places=6)
         self.assertGreater(float(mm.sigmoid(lstm[5][0])), 0.99)
 
+    def test_the_meta_gradient_clipped_by_its_joint_norm(self):
+        grads, lstm_grads = [np.array([3.0, 0.0])], [np.array([[0.0], [4.0]])]  # a joint norm of 5
+        (g,), (h,) = mm.clip_norm([grads, lstm_grads], 1.0)
+        np.testing.assert_allclose(g, [0.6, 0.0])
+        np.testing.assert_allclose(h, [[0.0], [0.8]])
+        self.assertIs(mm.clip_norm([grads, lstm_grads], 0.0)[0], grads)  # 0: as they are
+        np.testing.assert_allclose(mm.clip_norm([grads, lstm_grads], 10.0)[0][0], [3.0, 0.0])  # under the bound
+        np.testing.assert_array_equal(grads[0], [3.0, 0.0])  # nothing passed in is modified
+
     def test_preprocessing(self):
         z = np.array([-3.0, 2e-4, 1e-6, 0.0, 5.0])
         value, slope = mm.lstm_preprocess(z)
