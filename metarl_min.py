@@ -1269,12 +1269,12 @@ def tile_tasks(tasks, copies):
     return {k: np.tile(v, (copies,) + (1,) * (np.ndim(v) - 1)) for k, v in tasks.items()}
 
 
-def init_policy(family, config, rng):
-    """The policy network of a family: (obs_dim, hidden, hidden, n_out) with config.activation, its
-    last-layer weights scaled by config.init_out_scale, a Gaussian policy's log-std starting at
-    config.init_log_std."""
-    params = init_mlp((family.obs_dim, config.hidden, config.hidden, family.n_out), rng, config.activation,
-                      bias_outputs=family.bias_outputs)
+def init_policy(family, config, rng, extra_inputs=0):
+    """The policy network of a family: (obs_dim + extra_inputs, hidden, hidden, n_out) with
+    config.activation, its last-layer weights scaled by config.init_out_scale, a Gaussian policy's
+    log-std starting at config.init_log_std. extra_inputs: what it reads beside the observation."""
+    params = init_mlp((family.obs_dim + extra_inputs, config.hidden, config.hidden, family.n_out), rng,
+                      config.activation, bias_outputs=family.bias_outputs)
     params[-2] = params[-2] * config.init_out_scale
     if family.bias_outputs:
         params[-1][-family.bias_outputs:] = config.init_log_std
@@ -1526,6 +1526,16 @@ POLICY_KL = {"categorical": (categorical_kl, categorical_fisher), "gaussian": (g
 def _dot(u, w):
     """The inner product of two directions, lists of arrays shaped as params: sum_i <u_i, w_i>."""
     return sum(float((ui * wi).sum()) for ui, wi in zip(u, w))
+
+
+def clip_norm(grads, max_norm):
+    """grads (a list of lists of arrays) scaled together so that their joint norm is at most max_norm
+    (0 or None: as they are), as PPO's implementations clip theirs and the meta-learner LSTM's
+    authors its meta-gradient."""
+    if not max_norm:
+        return grads
+    norm = math.sqrt(sum(_dot(g, g) for g in grads))
+    return [[gi * min(1.0, max_norm / (norm + 1e-12)) for gi in g] for g in grads]
 
 
 def conjugate_gradient(matvec, b, iters=10, tol=1e-10):
@@ -2300,10 +2310,7 @@ def ppo_step(params, state, trials, obs, ppo, rng, forward, backward, task_label
             out, cache = forward(params, x[g])
             _, d_out = rl2_loss(out, trials["actions"][g], adv[g], old_logp[g], weights, ppo.clip, ppo.entropy,
                                 None if task_labels is None else task_labels[g], ppo.task_loss)
-            grads = backward(params, x[g], cache, d_out.astype(x.dtype))
-            if ppo.max_norm:  # the gradient's norm clipped, as PPO implementations do
-                norm = math.sqrt(_dot(grads, grads))
-                grads = [gi * min(1.0, ppo.max_norm / (norm + 1e-12)) for gi in grads]
+            grads = clip_norm([backward(params, x[g], cache, d_out.astype(x.dtype))], ppo.max_norm)[0]
             params, state = adam_step(params, grads, state, ppo.lr)
     return params, state
 
@@ -3253,21 +3260,18 @@ def _check_lstm(lstm):
     _check_finite([(p, "lstm") for p in lstm])
 
 
+def lstm_of(config):
+    """The meta-learner LSTM a run starts from: config's lstm_hidden, inner_lr and lstm_forget_bias,
+    drawn from a stream of its own (the same whatever else the seed draws)."""
+    return init_meta_lstm(config.lstm_hidden, config.inner_lr, stream(config.seed, LEARNER_INIT),
+                          config.lstm_forget_bias)
+
+
 # The meta-learner on a task family: the inner policy-gradient steps taken by the LSTM.
 def lstm_init(family, config, rng):
     """(the policy's start, the meta-learner LSTM) for a family, before meta-training: the policy
-    drawn from rng, the LSTM from a stream of its own (the same for every policy of a seed)."""
-    return init_policy(family, config, rng), init_meta_lstm(config.lstm_hidden, config.inner_lr, stream(
-        config.seed, LEARNER_INIT), config.lstm_forget_bias)
-
-
-def clip_norm(grads, max_norm):
-    """grads (a list of lists of arrays) scaled together so that their joint norm is at most max_norm
-    (0 or None: as they are), as the meta-learner LSTM's authors clip its meta-gradient."""
-    if not max_norm:
-        return grads
-    norm = math.sqrt(sum(_dot(g, g) for g in grads))
-    return [[gi * min(1.0, max_norm / (norm + 1e-12)) for gi in g] for g in grads]
+    drawn from rng, the LSTM from its own stream (lstm_of)."""
+    return init_policy(family, config, rng), lstm_of(config)
 
 
 def _check_lstm_config(config):
@@ -3409,8 +3413,7 @@ def sine_train(config, save=None, load=None):
         if config.algorithm == "meta-sgd":  # every rate starts at inner_lr
             models["inner_lrs"] = [xp.full_like(p, config.inner_lr) for p in init]
         if config.algorithm == "lstm":
-            models["lstm"] = init_meta_lstm(config.lstm_hidden, config.inner_lr, stream(config.seed, LEARNER_INIT),
-                                            config.lstm_forget_bias)
+            models["lstm"] = lstm_of(config)
         opts = {k: adam_init(p) for k, p in models.items()}
     progress = Progress(config.iterations, start)
 
@@ -3591,6 +3594,11 @@ def proto_logits(z_query, c):
     return -(diff * diff).sum(axis=-1)
 
 
+def class_order_labels(n, ways, queries):
+    """The labels of n episodes' queries laid out class by class, queries of each: (n, ways queries)."""
+    return xp.asarray(np.repeat(np.arange(ways), queries)[None].repeat(n, axis=0))
+
+
 def nearest_prototype(support, query):
     """The class of the nearest prototype (squared distance), for points in any space: the learned
     embedding's, the raw inputs' or the latent one's. support (T, N, K, m), query (T, M, m) -> (T, M)."""
@@ -3683,7 +3691,7 @@ def sample_few_shot(rng, n, ways, shots, queries, world, dtype=np.float32):
     mu = rng.standard_normal((n, ways, 1, PROTO_LATENT))
     u = mu + PROTO_SPREAD * rng.standard_normal((n, ways, shots + queries, PROTO_LATENT))  # (n, N, K + Q, latent)
     x = np.concatenate([np.tanh(u @ A + a), rng.standard_normal(u.shape[:3] + (PROTO_NUISANCE,))], axis=-1)
-    labels = xp.asarray(np.repeat(np.arange(ways), queries)[None].repeat(n, axis=0))  # (n, N Q)
+    labels = class_order_labels(n, ways, queries)  # (n, N Q)
     split = lambda v: Episodes(xp.asarray(v[:, :, :shots]), xp.asarray(v[:, :, shots:].reshape(n, ways * queries, -1)),
                                labels)
     return FewShot(split(x.astype(dtype)), split(u))
@@ -3810,13 +3818,12 @@ def transition_inputs(obs, action, next_obs, n_actions):
 
 
 def proto_rl_init(family, config, rng):
-    """(policy, encoder) for a family with n_actions, before meta-training: the policy an MLP of
-    [observation, prototype] (init_policy's layers, its last scaled by init_out_scale), the encoder
-    an MLP of transition_inputs with ReLU layers of proto_hidden units."""
+    """(policy, encoder) for a family with n_actions, before meta-training: the policy init_policy's
+    of [observation, prototype], the encoder an MLP of transition_inputs with ReLU layers of
+    proto_hidden units."""
     _check_rl2_family(family, "ProtoNet")
     n_in, m = 2 * family.obs_dim + family.n_actions, config.proto_embedding
-    policy = init_mlp((family.obs_dim + m, config.hidden, config.hidden, family.n_actions), rng, config.activation)
-    policy[-2] = policy[-2] * config.init_out_scale
+    policy = init_policy(family, config, rng, extra_inputs=m)
     return policy, init_mlp((n_in, config.proto_hidden, config.proto_hidden, m), rng, "relu")
 
 
@@ -3862,8 +3869,8 @@ def transition_episodes(trials, trials_per_task, rng, ways, shots, queries, n):
     picks = np.stack([np.stack([rng.choice(at[task], shots + queries, replace=False)
                                 for task in rng.choice(len(at), ways, replace=False)]) for _ in range(n)])
     x = flat[xp.asarray(picks)]  # (n, ways, shots + queries, in)
-    labels = xp.asarray(np.repeat(np.arange(ways), queries)[None].repeat(n, axis=0))
-    return Episodes(x[:, :, :shots], x[:, :, shots:].reshape(n, ways * queries, -1), labels)
+    return Episodes(x[:, :, :shots], x[:, :, shots:].reshape(n, ways * queries, -1),
+                    class_order_labels(n, ways, queries))
 
 
 def _check_proto_rl_config(config):
@@ -3946,7 +3953,7 @@ def proto_identification(learner, family, config, tasks, rng):
     nearest prototype on eval_episodes episodes of proto_ways tasks, at 1 and 5 shots (transitions
     of each task), proto_queries queries, the transitions from one trial of one episode per
     eval_batch envs of each task. Returns {"1": (mean, ci95), "5": ...}."""
-    policy, encoder = learner
+    encoder = learner[1]
     trials = rollout_proto_trials(learner, family.make_env(tasks, config.eval_batch), rng, 1, family.horizon, family,
                                   config.activation)
     result = {}
@@ -4808,9 +4815,10 @@ def main(argv=None):
         device = args.device or os.environ.get("METARL_DEVICE", "cpu")
         if device not in DEVICES:
             raise ValueError(f"METARL_DEVICE must be one of {', '.join(DEVICES)}; got {device!r}")
-        config = _algorithm_defaults(config, _typed_flags(argv[1:]))
+        typed = _typed_flags(argv[1:])
+        config = _algorithm_defaults(config, typed)
         check_config(config)
-        _check_flags(config, _typed_flags(argv[1:]))
+        _check_flags(config, typed)
         files = dict(save=args.save, load=args.load) if command in TRAINED else {}
         if command in PLOTTED:
             files["plot"] = args.plot
