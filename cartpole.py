@@ -346,6 +346,9 @@ def cartpole_dynamics(s, force, p, work=None, m=np):
         theta += m.multiply(theta_dot, p.tau, out=step)
 
 
+AUTORESET_MODES = ("SameStep", "NextStep")  # Gymnasium's AutoresetMode values VecCartPole offers
+
+
 def _terminated(x, theta, m=np):
     """|x| > 2.4 or |theta| > 12 degrees."""
     return (m.abs(x) > X_THRESHOLD) | (m.abs(theta) > THETA_THRESHOLD_RADIANS)
@@ -360,13 +363,21 @@ class VecCartPole(_Physics):
     Each physics keyword (as ``CartPoleEnv``'s) is a scalar or an array of
     shape ``(num_envs,)``. ``.state`` has shape ``(num_envs, 4)``, float64.
 
-    Autoreset (Gymnasium's "same-step" mode): when an environment terminates
-    or is truncated, ``step`` returns its reward, ``terminated`` and
-    ``truncated`` for that last step, but the observation of the *new*
-    episode, drawn at once from this env's RNG. The last observation of the
-    ended episode is in ``info["final_obs"]`` (shape (num_envs, 4); rows where
-    ``info["_final_obs"]`` is False equal the returned observation). So every
-    ``step`` is a real environment step and no action is ever ignored.
+    Autoreset, in one of Gymnasium's two modes (``autoreset_mode``, also in
+    ``metadata["autoreset_mode"]``):
+      * "SameStep" (the default): when an environment terminates or is
+        truncated, ``step`` returns its reward, ``terminated`` and ``truncated``
+        for that last step, but the observation of the *new* episode, drawn at
+        once from this env's RNG. The last observation of the ended episode is
+        in ``info["final_obs"]`` (shape (num_envs, 4); rows where
+        ``info["_final_obs"]`` is False equal the returned observation). So
+        every ``step`` is a real environment step and no action is ever ignored.
+      * "NextStep" (Gymnasium's vector envs' default, and what its vector
+        observation wrappers take): the ended episode's last observation is
+        returned, and the *next* ``step`` resets that environment, ignoring its
+        action: the new episode's first observation, reward 0, ``terminated``
+        and ``truncated`` False; ``info`` is empty. The reset draws come from
+        the RNG in the same order in both modes.
 
     Reward: +1 every step (the terminating step included); with
     ``sutton_barto_reward``, -1 on the terminating step and 0 otherwise.
@@ -376,10 +387,13 @@ class VecCartPole(_Physics):
 
     def __init__(self, num_envs, gravity=GRAVITY, masscart=MASSCART, masspole=MASSPOLE, length=LENGTH,
                  force_mag=FORCE_MAG, tau=TAU, kinematics_integrator="euler", max_episode_steps=MAX_EPISODE_STEPS,
-                 sutton_barto_reward=False):
+                 sutton_barto_reward=False, autoreset_mode="SameStep"):
         if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be an integer >= 1, got {num_envs!r}")
+        if autoreset_mode not in AUTORESET_MODES:
+            raise ValueError(f"autoreset_mode must be one of {AUTORESET_MODES}, got {autoreset_mode!r}")
         self.num_envs = int(num_envs)
+        self.metadata = {"autoreset_mode": autoreset_mode}
         self._init_physics(self.num_envs, kinematics_integrator, max_episode_steps, sutton_barto_reward,
                            gravity=gravity, masscart=masscart, masspole=masspole, length=length, force_mag=force_mag,
                            tau=tau)
@@ -391,6 +405,7 @@ class VecCartPole(_Physics):
         self.np_random = None
         self._s = None  # (4, N): rows x, x_dot, theta, theta_dot, each contiguous
         self.steps = xp.zeros(self.num_envs, dtype=np.int64)  # steps in the current episode
+        self._ended = xp.zeros(self.num_envs, dtype=bool)  # next-step mode: the envs the next step resets
         self._low, self._high = RESET_LOW, RESET_HIGH
         self._work = self._force = None  # scratch of the unfused step, made at its first call
         # On CuPy, step in one fused kernel (set False for separate CuPy operations, as bench compares).
@@ -414,13 +429,18 @@ class VecCartPole(_Physics):
         self._low, self._high = _reset_bounds(options)
         self._s = self.np_random.uniform(low=self._low, high=self._high, size=(4, self.num_envs))
         self.steps[:] = 0
+        self._ended[:] = False
         return self._s.T.astype(np.float32), {}
+
+    @property
+    def autoreset_mode(self):
+        return self.metadata["autoreset_mode"]
 
     def step(self, actions):
         """Step every env. actions: (N,) integers in {0, 1}.
 
         Returns obs (N, 4) float32, reward (N,) float32, terminated (N,) bool,
-        truncated (N,) bool, info {"final_obs", "_final_obs"}."""
+        truncated (N,) bool, info {"final_obs", "_final_obs"} (next-step mode: {})."""
         actions = xp.asarray(actions)
         if actions.shape != (self.num_envs,):
             raise ValueError(f"actions must have shape ({self.num_envs},), got {actions.shape}")
@@ -450,6 +470,8 @@ class VecCartPole(_Physics):
             truncated = self.steps >= self.max_episode_steps
             obs = s.T.astype(np.float32)  # (N, 4), Fortran-ordered as Gymnasium's: no transposing copy
         reward = -terminated.astype(np.float32) if self.sutton_barto_reward else xp.ones(self.num_envs, np.float32)
+        if self.autoreset_mode == "NextStep":
+            return self._next_step_reset(obs, reward, terminated, truncated)
 
         done = terminated | truncated
         final_obs = obs  # after an autoreset, obs is made anew and this keeps the ended episodes' last observations
@@ -463,6 +485,19 @@ class VecCartPole(_Physics):
             obs = s.T.astype(np.float32)
             self.steps[idx] = 0
         return obs, reward, terminated, truncated, {"final_obs": final_obs, "_final_obs": done}
+
+    def _next_step_reset(self, obs, reward, terminated, truncated):
+        """Next-step autoreset, as Gymnasium's CartPoleVectorEnv: the envs that ended at the last step
+        start anew now (their step above is discarded), the others' ended episodes wait for the next."""
+        s, idx = self._s, xp.nonzero(self._ended)[0]
+        if idx.size:
+            s[:, idx] = self.np_random.uniform(low=self._low, high=self._high, size=(4, idx.size))
+            self.steps[idx] = 0
+            reward[idx] = 0.0
+            terminated[idx] = truncated[idx] = False
+            obs = s.T.astype(np.float32)
+        self._ended = terminated | truncated
+        return obs, reward, terminated, truncated, {}
 
 
 # ----------------------------------------------------------------------------
@@ -530,12 +565,14 @@ def gymnasium_env(render_mode=None, **physics):
     return _gymnasium_classes()[0](render_mode, **physics)
 
 
-def gymnasium_vector_env(num_envs, render_mode=None, **physics):
+def gymnasium_vector_env(num_envs, render_mode=None, autoreset_mode="SameStep", **physics):
     """A ``gymnasium.vector.VectorEnv`` around ``VecCartPole(num_envs, **physics)``, each physics
-    parameter a scalar or a (num_envs,) array: batched spaces, and Gymnasium 1.x's same-step
-    autoreset declared in ``metadata["autoreset_mode"]``, with the ended episodes' last
-    observations in ``info["final_obs"]``. NumPy arrays only (the CPU backend)."""
-    return _gymnasium_classes()[1](num_envs, render_mode, **physics)
+    parameter a scalar or a (num_envs,) array: batched spaces, and the autoreset mode declared in
+    ``metadata["autoreset_mode"]``: same-step (the default), with the ended episodes' last
+    observations in ``info["final_obs"]``, or next-step (``gymnasium.vector.AutoresetMode.NEXT_STEP``
+    or "NextStep"), which Gymnasium's vector observation wrappers (NormalizeObservation and the
+    others) require. NumPy arrays only (the CPU backend)."""
+    return _gymnasium_classes()[1](num_envs, render_mode, autoreset_mode, **physics)
 
 
 def register(env_id=GYMNASIUM_ID):
@@ -588,9 +625,15 @@ def _gymnasium_classes():
     class GymnasiumVecCartPole(VectorEnv):
         metadata = {"render_modes": [], "render_fps": 50, "autoreset_mode": AutoresetMode.SAME_STEP}
 
-        def __init__(self, num_envs, render_mode=None, **physics):
+        def __init__(self, num_envs, render_mode=None, autoreset_mode=AutoresetMode.SAME_STEP, **physics):
             no_render(render_mode)
-            self.cartpoles = VecCartPole(num_envs, **physics)
+            modes = [AutoresetMode(m) for m in AUTORESET_MODES]
+            if autoreset_mode not in modes + list(AUTORESET_MODES):
+                raise ValueError(f"autoreset_mode must be one of {', '.join(map(str, modes))} (or their values "
+                                 f"{AUTORESET_MODES}), got {autoreset_mode!r}")
+            mode = AutoresetMode(autoreset_mode)
+            self.metadata = {**self.metadata, "autoreset_mode": mode}
+            self.cartpoles = VecCartPole(num_envs, autoreset_mode=mode.value, **physics)
             self.num_envs = self.cartpoles.num_envs
             self.single_observation_space = gym.spaces.Box(-_OBS_HIGH, _OBS_HIGH, dtype=np.float32)
             self.single_action_space = gym.spaces.Discrete(2)
@@ -604,6 +647,8 @@ def _gymnasium_classes():
 
         def step(self, actions):
             obs, reward, terminated, truncated, info = self.cartpoles.step(actions)
+            if self.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP:
+                return obs, reward, terminated, truncated, info
             # Same-step autoreset's keys, as Gymnasium's vector envs give them (CartPole's infos are empty).
             return obs, reward, terminated, truncated, {**info, "final_info": {}, "_final_info": info["_final_obs"]}
 

@@ -1331,13 +1331,15 @@ def rollout(params, env, n_tasks, rng, horizon, policy="categorical", activation
       params: the policy network, shared or per task (a leading axis T)
       env: the batched Gymnasium API of cartpole.VecCartPole (reset(seed=), step(actions) -> obs,
         reward, terminated, truncated, info), restarting an env in the step that ends its episode
-        (same-step autoreset); env i belongs to task i // E
+        (same-step autoreset; next-step also serves, as each env's first episode alone is kept;
+        _check_autoreset reads the mode an env declares); env i belongs to task i // E
       rng: a numpy.random.Generator; horizon: the most steps of an episode
       policy: a key of POLICIES; activation: the network's
     Returns {"obs" (T, E, H, in), "actions" (T, E, H) or (T, E, H, d), "rewards" (T, E, H),
     "mask" (T, E, H)}, H the longest episode: each runs until it ends or `horizon` steps, and
     the steps after its end are masked out."""
     _check_rollout_args(env, n_tasks, rng, horizon, policy)
+    _check_autoreset(env, "rollout", ("SameStep", "NextStep"))  # it keeps each env's first episode alone
     steps, ended = [], xp.zeros((n_tasks, env.num_envs // n_tasks), dtype=bool)
     for step in _run_envs(params, env, n_tasks, rng, policy, activation):
         steps.append(step)
@@ -1358,6 +1360,7 @@ def rollout_min_steps(params, env, n_tasks, rng, min_steps, horizon, policy="cat
     Returns rollout's dict, a task's episodes along the E axis, env after env: E is the most
     episodes any task finished, and the rows a task leaves empty are masked out."""
     _check_rollout_args(env, n_tasks, rng, horizon, policy)
+    _check_autoreset(env, "rollout_min_steps")
     _check_int_at_least("min_steps", min_steps, 1)
     steps, starts = [], []
     start = xp.zeros((n_tasks, env.num_envs // n_tasks), dtype=np.int64)  # the step each env's episode began at
@@ -1387,6 +1390,26 @@ def rollout_min_steps(params, env, n_tasks, rng, min_steps, horizon, policy="cat
         return out
     return {"obs": place(obs), "actions": place(actions), "rewards": place(rewards),
             "mask": place(xp.ones(done.shape, dtype=bool))}
+
+
+# What each reader of a batched env records wrongly in the other autoreset modes of Gymnasium's vector envs.
+AUTORESET_MISREAD = {
+    "NextStep": "next-step autoreset would record each env's reset step, its action ignored and its reward 0, as a "
+                "step of the next episode",
+    "Disabled": "with autoreset disabled an env stops at its first episode's end"}
+
+
+def _check_autoreset(env, caller, allowed=("SameStep",)):
+    """Refuse an env whose declared autoreset mode (Gymnasium's metadata["autoreset_mode"], an
+    AutoresetMode or its value) `caller` would mis-record; an env that declares none is taken to be
+    same-step, as TaskFamily's make_env and this file's envs are."""
+    metadata = getattr(env, "metadata", None)
+    mode = metadata.get("autoreset_mode") if isinstance(metadata, dict) else None
+    mode = getattr(mode, "value", mode)
+    if mode is not None and mode not in allowed:
+        why = AUTORESET_MISREAD.get(mode, "it is none of Gymnasium's modes")
+        raise ValueError(f"{caller} needs a vector env with {' or '.join(allowed)} autoreset; this one declares "
+                         f"{mode!r}: {why} (make it with autoreset_mode=gymnasium.vector.AutoresetMode.SAME_STEP)")
 
 
 def _check_rollout_args(env, n_tasks, rng, horizon, policy):
@@ -1672,6 +1695,174 @@ def nav_envs(tasks, episodes):
 def nav2d_family():
     """The MAML paper's 2D navigation: a Gaussian policy of 2D velocities, episodes of 100 steps."""
     return TaskFamily("nav2d", sample_nav_tasks, nav_envs, obs_dim=2, horizon=NAV_MAX_EPISODE_STEPS, action_dim=2)
+
+
+# ----------------------------------------------------------------------------
+# II.0.5 Gymnasium's own environments as task families: any registered env, its
+#        per-task settings given to gymnasium.make or set on the env after it.
+#        Gymnasium is imported only here, when one is made.
+# ----------------------------------------------------------------------------
+def _import_gymnasium():
+    try:
+        import gymnasium
+    except ImportError:
+        raise ImportError("this needs Gymnasium, which is not installed: pip install gymnasium") from None
+    return gymnasium
+
+
+def _task_value(v):  # task i's value of one key: a Python scalar where it is one, as gymnasium.make's kwargs
+    return v.item() if np.ndim(v) == 0 else v
+
+
+def gymnasium_family(env_id, sample_tasks, horizon=None, attributes=()):
+    """A TaskFamily over a registered Gymnasium env.
+
+      env_id: what gymnasium.make takes, e.g. "Pendulum-v1"
+      sample_tasks(rng, n): n tasks, a dict of per-task arrays (TaskFamily's); task i's values are
+        gymnasium.make's keyword arguments, except the keys named in `attributes`, which are set on
+        the unwrapped env after it is made (physics Gymnasium exposes only so, as Pendulum's m and l)
+      horizon: the most steps of an episode (None: the env's registered max_episode_steps)
+    make_env(tasks, episodes) is Gymnasium's SyncVectorEnv of one gymnasium.make per episode slot,
+    with same-step autoreset. A Discrete action space gives a categorical policy, a 1-D Box a
+    Gaussian one (its actions clipped to the box, as CleanRL's ClipAction: the policy gradient is
+    that of the unclipped sample). Other spaces, an unknown env_id, a key the env does not take:
+    one clear error. obs_scale 1 and no task label: dataclasses.replace(family, ...) sets them."""
+    gym = _import_gymnasium()
+    from gymnasium.vector import AutoresetMode, SyncVectorEnv
+    if not isinstance(env_id, str):
+        raise TypeError(f"env_id must be a registered Gymnasium id (a str), got {type(env_id).__name__}")
+    if env_id not in gym.registry:
+        raise ValueError(f"env_id {env_id!r} is not registered with Gymnasium (gymnasium.pprint_registry() lists "
+                         "those that are)")
+    if not callable(sample_tasks):
+        raise TypeError("sample_tasks must be callable: sample_tasks(rng, n) -> dict of per-task arrays")
+    if isinstance(attributes, str) or not all(isinstance(a, str) for a in attributes):
+        raise TypeError(f"attributes must be a sequence of key names (str), got {attributes!r}")
+    attributes = tuple(attributes)
+    horizon = gym.spec(env_id).max_episode_steps if horizon is None else horizon
+    if horizon is None:
+        raise ValueError(f"{env_id} registers no max_episode_steps: give horizon=, the most steps of an episode")
+    _check_int_at_least("horizon", horizon, 1)
+
+    def make(task):  # one env of one task: make's keyword arguments, then the attributes
+        kwargs = {k: _task_value(v) for k, v in task.items() if k not in attributes}
+        try:
+            env = gym.make(env_id, max_episode_steps=horizon, **kwargs)
+        except TypeError as e:
+            raise ValueError(f"gymnasium.make({env_id!r}) does not take the task's keys {sorted(kwargs)} ({e}); "
+                             "name those set on the env after it in attributes=") from None
+        for name in attributes:
+            if not hasattr(env.unwrapped, name):
+                raise ValueError(f"{env_id} has no attribute {name!r} to set (attributes=)")
+            setattr(env.unwrapped, name, _task_value(task[name]))
+        if isinstance(env.action_space, gym.spaces.Box):
+            env = gym.wrappers.ClipAction(env)
+        return env
+
+    def make_env(tasks, episodes):
+        if xp is not np:
+            raise ValueError(f"{env_id} is a Gymnasium env, stepped with NumPy: it needs the CPU backend (--device cpu)")
+        slots = repeat_tasks(tasks, episodes)
+        makers = [functools.partial(make, {k: v[i] for k, v in slots.items()}) for i in range(task_count(slots))]
+        env = SyncVectorEnv(makers, autoreset_mode=AutoresetMode.SAME_STEP)
+        _check_autoreset(env, f"gymnasium_family({env_id!r})")
+        return env
+
+    probe = make({k: np.asarray(v)[0] for k, v in sample_tasks(np.random.default_rng(0), 1).items()})
+    obs_space, action_space = probe.observation_space, probe.action_space
+    probe.close()
+    if not isinstance(obs_space, gym.spaces.Box):
+        raise TypeError(f"{env_id}'s observation space {obs_space} is not a Box: the policy reads a vector")
+    if isinstance(action_space, gym.spaces.Discrete):
+        if action_space.start != 0:
+            raise TypeError(f"{env_id}'s action space {action_space} starts at {action_space.start}: the "
+                            "categorical policy's actions are 0, ..., n - 1")
+        space = dict(n_actions=int(action_space.n))
+    elif isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1:
+        space = dict(action_dim=int(action_space.shape[0]))
+    else:
+        raise TypeError(f"{env_id}'s action space {action_space} is neither Discrete (a categorical policy) nor "
+                        "a 1-D Box (a Gaussian one)")
+    return TaskFamily(f"gymnasium {env_id}", sample_tasks, make_env, obs_dim=int(np.prod(obs_space.shape)),
+                      horizon=int(horizon), **space)
+
+
+def mirrored_action(action, space):
+    """The action that pushes the other way: a Discrete action a becomes start + n - 1 - (a - start),
+    a Box action its mirror low + high - a (-a in a symmetric box)."""
+    if hasattr(space, "n"):
+        return space.start + space.n - 1 - (action - space.start)
+    return space.low + space.high - action
+
+
+def reversible_env(base_id, reversed=False, render_mode=None, **kwargs):
+    """Gymnasium's base_id (its bare env, without make's wrappers), its actuator mirrored where
+    `reversed` (mirrored_action): what register_reversible registers."""
+    gym = _import_gymnasium()
+    env = gym.make(base_id, render_mode=render_mode, disable_env_checker=True, **kwargs).unwrapped
+    if not reversed:
+        return env
+    return gym.wrappers.TransformAction(env, lambda a: mirrored_action(a, env.action_space), env.action_space)
+
+
+def register_reversible(base_id):
+    """Register "reversible/" + base_id, whose keyword argument reversed=True mirrors the actuator of
+    Gymnasium's base_id (the rest go to base_id), with base_id's time limit; returns the new id."""
+    gym = _import_gymnasium()
+    env_id = "reversible/" + base_id
+    if env_id not in gym.registry:
+        spec = gym.spec(base_id)
+        gym.register(env_id, entry_point=functools.partial(reversible_env, base_id),
+                     max_episode_steps=spec.max_episode_steps, reward_threshold=spec.reward_threshold)
+    return env_id
+
+
+# CartPole's physics, which Gymnasium's CartPoleEnv takes only as attributes (its step reads the two sums too).
+GYMNASIUM_CARTPOLE_ATTRIBUTES = ("gravity", "masscart", "masspole", "length", "force_mag", "tau", "total_mass",
+                                 "polemass_length")
+
+
+def sample_gymnasium_cartpole_tasks(rng, n):
+    """cartpole.sample_tasks's reversed tasks (the same draws), for Gymnasium's own CartPole-v1: the
+    actuator's sign as reversed=, force_mag its size, and the sums CartPoleEnv computes at __init__."""
+    tasks = _import_cartpole().sample_tasks(rng, n, "reversed")
+    tasks["reversed"] = tasks["force_mag"] < 0
+    tasks["force_mag"] = np.abs(tasks["force_mag"])
+    tasks["total_mass"] = tasks["masspole"] + tasks["masscart"]  # Gymnasium's order of the operands
+    tasks["polemass_length"] = tasks["masspole"] * tasks["length"]
+    return tasks
+
+
+def gymnasium_cartpole_family():
+    """The reversed CartPole family on Gymnasium's own CartPole-v1 (the actuator reversed by a
+    wrapper, the physics set as attributes): the cross-check of cartpole_family("reversed")."""
+    family = gymnasium_family(register_reversible("CartPole-v1"), sample_gymnasium_cartpole_tasks,
+                              attributes=GYMNASIUM_CARTPOLE_ATTRIBUTES)
+    return dataclasses.replace(family, name="gymnasium CartPole-v1", task_label=lambda tasks: tasks["reversed"],
+                               obs_scale=CARTPOLE_OBS_SCALE)
+
+
+# Pendulum-v1 (swing-up: obs [cos, sin, thetadot], torque in [-2, 2], reward -(theta^2 + 0.1 thetadot^2
+# + 0.001 u^2)) with per-task mass, length and gravity, and on half the tasks the torque reversed.
+PENDULUM_RANGES = {"m": (0.5, 1.5), "l": (0.5, 1.5), "g": (8.0, 12.0)}
+PENDULUM_HORIZON = 100
+
+
+def sample_pendulum_tasks(rng, n, reverse_prob=0.5):
+    """n Pendulum tasks: {"m", "l", "g", "reversed"} (n,) each; g goes to make, m and l are attributes."""
+    _check_rng(rng)
+    _check_int_at_least("n", n, 1)
+    tasks = {k: rng.uniform(low, high, size=n) for k, (low, high) in PENDULUM_RANGES.items()}
+    tasks["reversed"] = rng.random(n) < reverse_prob
+    return tasks
+
+
+def pendulum_family(horizon=PENDULUM_HORIZON):
+    """Gymnasium's Pendulum-v1 as a meta-RL family: a Gaussian policy of the torque, whose sign the
+    agent must find out (a fixed policy that swings one half up swings the other half down)."""
+    family = gymnasium_family(register_reversible("Pendulum-v1"), sample_pendulum_tasks, horizon, ("m", "l"))
+    return dataclasses.replace(family, name="gymnasium Pendulum-v1", task_label=lambda tasks: tasks["reversed"],
+                               obs_scale=np.array([1.0, 1.0, 8.0]))
 
 
 # ============================================================================
@@ -2177,6 +2368,7 @@ def run_trials(env, rng, episodes, max_steps, act, dtype=np.float32):
     the trial}), K the longest trial's steps."""
     _check_rng(rng)
     _check_int_at_least("episodes", episodes, 1)
+    _check_autoreset(env, "a trial (run_trials)")
     N = env.num_envs
     obs, _ = env.reset(seed=int(rng.integers(2 ** 63)))
     draws = device_rng(rng)
@@ -4009,6 +4201,9 @@ class CartPoleConfig(ProtoRLSettings, ESConfig, RL2Config, LSTMConfig):
                             "model-based (lstm: an LSTM that takes the inner steps) or metric-based (protonet: a "
                             "policy that reads the prototype of the transitions it has seen)",
                             choices=("maml", "reptile", "rl2", "es", "lstm", "protonet"))
+    env: str = hparam("cartpole", "the env: cartpole.py's VecCartPole (cartpole), or Gymnasium's own CartPole-v1, one "
+                      "gymnasium.make per episode slot, through gymnasium_family (gymnasium: the cross-check; needs "
+                      "Gymnasium)", choices=("cartpole", "gymnasium"))
 
 
 @dataclasses.dataclass
@@ -4035,6 +4230,26 @@ class Nav2DConfig(MetaRLConfig):
                                  "them (rllab's sampler): the eval_batch envs restart until the finished episodes "
                                  "hold this many, and the return is their mean, in which short episodes count more "
                                  "often; 0: exactly eval_batch episodes", 0, only=("maml", "reptile"))
+    log_every: int = hparam(10, "iterations between progress lines and checkpoints", 1)
+
+
+@dataclasses.dataclass
+class PendulumConfig(MetaRLConfig):
+    """Meta-RL on Gymnasium's Pendulum-v1: per-task mass, length and gravity, the torque reversed on half the tasks
+    (a Gaussian policy, MAML-TRPO; needs Gymnasium)."""
+    command: ClassVar[str] = "pendulum"
+    iterations: int = hparam(150, "meta-training iterations (the total, also when resuming)", 1)
+    inner_lr: float = hparam(0.1, "alpha: step size of the inner policy-gradient step", 0.0,
+                             only=("maml", "reptile"))
+    hidden: int = hparam(64, "units in each of the two hidden ReLU layers", 1)
+    activation: str = hparam("relu", "the policy's hidden layers' activation", choices=tuple(ACTIVATIONS))
+    init_out_scale: float = hparam(0.01, "factor on the policy's last-layer weights at initialisation: small, the "
+                                   "initial torque's mean is near 0 everywhere", 0.0, 1.0)
+    init_log_std: float = hparam(-0.5, "log-std of the Gaussian policy's torque at initialisation", -5.0, 2.0)
+    outer: str = hparam("trpo", "MAML's outer step: TRPO on the meta-objective (max_kl), as in the MAML paper, or "
+                        "Adam on the meta-gradient (meta_lr); the pretrained baseline takes the same",
+                        choices=("trpo", "adam"), only=("maml",))
+    horizon: int = hparam(PENDULUM_HORIZON, "steps of an episode (Pendulum-v1 registers 200)", 1)
     log_every: int = hparam(10, "iterations between progress lines and checkpoints", 1)
 
 
@@ -4094,7 +4309,7 @@ def run_family(family, config, json_path=None, save=None, load=None):
 
 def run_cartpole(config, json_path=None, save=None, load=None, plot=None):
     """The cartpole command: --algorithm maml or reptile (run_meta_rl), rl2, es, lstm or protonet (run_family)."""
-    family = cartpole_family("reversed")
+    family = gymnasium_cartpole_family() if config.env == "gymnasium" else cartpole_family("reversed")
     if config.algorithm in FAMILY_RUNS:
         _check_meta_rl_config(config)
         if plot is not None:
@@ -4110,6 +4325,11 @@ NAV_PAPER = {"0": -40.41, "1": -11.68, "2": -3.33, "3": -3.23}
 def run_nav2d(config, json_path=None, save=None, load=None, plot=None):
     """The nav2d command: MAML on the 2D navigation tasks, beside the paper's numbers."""
     return run_meta_rl(nav2d_family(), config, json_path, save, load, plot, paper=NAV_PAPER)
+
+
+def run_pendulum(config, json_path=None, save=None, load=None, plot=None):
+    """The pendulum command: MAML-TRPO on Gymnasium's Pendulum-v1 tasks (pendulum_family)."""
+    return run_meta_rl(pendulum_family(config.horizon), config, json_path, save, load, plot)
 
 
 # ----------------------------------------------------------------------------
@@ -4548,14 +4768,16 @@ def _add_config_flags(parser, cls):
 
 
 EXPERIMENTS = {"cartpole": (CartPoleConfig, run_cartpole), "nav2d": (Nav2DConfig, run_nav2d),
+               "pendulum": (PendulumConfig, run_pendulum),
                "qlearn": (QLearnConfig, run_qlearn), "sine": (SineConfig, run_sine),
                "protonet": (ProtoNetConfig, run_protonet), "bench": (BenchConfig, run_bench)}
-TRAINED = ("cartpole", "nav2d", "qlearn", "sine", "protonet")  # the commands with checkpoints
-PLOTTED = ("cartpole", "nav2d")  # the commands with --plot
+TRAINED = ("cartpole", "nav2d", "pendulum", "qlearn", "sine", "protonet")  # the commands with checkpoints
+PLOTTED = ("cartpole", "nav2d", "pendulum")  # the commands with --plot
 DEFAULT_COMMAND = "cartpole"  # what plain `python metarl_min.py [flags]` runs
 EXAMPLES = {  # one command of each, and its time on a 2-core x86-64 CPU, one BLAS thread
     "cartpole": "python metarl_min.py cartpole --seed 1 --save ck.npz    # 38-57 s (--algorithm rl2: 142-165 s)",
     "nav2d": "python metarl_min.py nav2d --seed 1 --json nav.json      # 165-227 s",
+    "pendulum": "python metarl_min.py pendulum --seed 1 --json pend.json  # about 10 min (needs Gymnasium)",
     "qlearn": "python metarl_min.py qlearn --seed 1                      # about 120 s",
     "sine": "python metarl_min.py sine --seed 1 --json sine.json        # 53-95 s",
     "protonet": "python metarl_min.py protonet --seed 1                    # 7-8 s",
@@ -4768,7 +4990,7 @@ def _needed_memory(command, config):
         envs = 6 * max(c.meta_tasks, c.eval_tasks) * c.seeds
         return 8 * envs * features * 12 + 8 * envs * c.episodes, "--rbf-per-dim, --degree, --bins, --meta-tasks, " \
                                                                "--eval-tasks, --seeds"
-    horizon = 100 if command == "nav2d" else 500  # the families' horizons, without importing cartpole.py
+    horizon = {"nav2d": 100, "pendulum": getattr(c, "horizon", 0)}.get(command, 500)  # without importing cartpole.py
     per_step = 4 * 10 * c.hidden + 8 * 16  # a step's activations in the meta-gradient, its returns and features
     if command == "cartpole" and c.algorithm in ("rl2", "protonet"):
         trials = c.meta_batch * c.rl2_trials * c.trial_episodes * horizon

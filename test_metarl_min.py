@@ -231,6 +231,34 @@ class TestVecCartPole(unittest.TestCase):
         np.testing.assert_array_equal(vec.steps, 0)
         np.testing.assert_array_equal(reward, 1.0)
 
+    def test_autoreset_next_step(self):
+        """Next-step: the ended episode's last observation at its end, and at the next step the new episode's
+        first, drawn from the env's RNG as Gymnasium's uniform(size=(4, k)), its action ignored, reward 0."""
+        import copy
+        tasks = cp.sample_tasks(np.random.default_rng(4), 6)
+        same, vec = cp.VecCartPole(6, **tasks), cp.VecCartPole(6, autoreset_mode="NextStep", max_episode_steps=30,
+                                                            **tasks)
+        self.assertEqual((same.metadata, vec.metadata), ({"autoreset_mode": "SameStep"}, {"autoreset_mode": "NextStep"}))
+        np.testing.assert_array_equal(same.reset(seed=3)[0], vec.reset(seed=3)[0])
+        rng, resets, ended = np.random.default_rng(5), 0, np.zeros(6, bool)
+        for _ in range(300):
+            draws = copy.deepcopy(vec.np_random).uniform(-0.05, 0.05, size=(4, int(ended.sum())))
+            obs, reward, terminated, truncated, info = vec.step(rng.integers(0, 2, 6))
+            self.assertEqual(info, {})
+            np.testing.assert_array_equal(obs, vec.state.astype(np.float32))
+            np.testing.assert_array_equal(vec.state[ended], draws.T)  # the ended envs start anew, nothing else
+            np.testing.assert_array_equal(reward, np.where(ended, 0.0, 1.0))
+            self.assertFalse((terminated | truncated)[ended].any())
+            np.testing.assert_array_equal(vec.steps[ended], 0)
+            resets += int(ended.sum())
+            ended = terminated | truncated
+            fallen = (np.abs(vec.state[:, 0]) > cp.X_THRESHOLD) | (np.abs(vec.state[:, 2]) > cp.THETA_THRESHOLD_RADIANS)
+            np.testing.assert_array_equal(terminated, fallen)  # the last observation stays the ended episode's
+            np.testing.assert_array_equal(truncated, vec.steps >= 30)
+        self.assertGreater(resets, 12)
+        with self.assertRaisesRegex(ValueError, r"autoreset_mode must be one of \('SameStep', 'NextStep'\)"):
+            cp.VecCartPole(2, autoreset_mode="Disabled")
+
     def test_sutton_barto_reward(self):
         vec = cp.VecCartPole(2, sutton_barto_reward=True)
         vec.reset(seed=0)
@@ -436,6 +464,45 @@ class TestGymnasiumAdapters(unittest.TestCase):
         self.assertGreater(ended, 16)
         self.assertEqual(ours.metadata["autoreset_mode"], gym.vector.AutoresetMode.SAME_STEP)
         self.assertEqual(ours.single_observation_space, gym.make("CartPole-v1").observation_space)
+
+    @unittest.skipUnless(_gymnasium(), "needs Gymnasium")
+    def test_next_step_mode_is_gymnasiums_vector_cartpole(self):
+        """Next-step, as Gymnasium's own CartPoleVectorEnv: its observations, rewards, terminations and
+        truncations to the bit through resets; by make_vec's keyword too; and its vector observation
+        wrappers, which refuse same-step, run over it."""
+        gym = _gymnasium()
+        theirs = gym.make_vec("CartPole-v1", num_envs=16, vectorization_mode="vector_entry_point")
+        mode = gym.vector.AutoresetMode.NEXT_STEP
+        ours = [cp.gymnasium_vector_env(16, autoreset_mode="NextStep"),
+                gym.make_vec(cp.register(), num_envs=16, autoreset_mode=mode)]
+        for env in ours:
+            self.assertEqual(env.metadata["autoreset_mode"], mode)
+            np.testing.assert_array_equal(env.reset(seed=3)[0], theirs.reset(seed=3)[0])
+        rng, ended = np.random.default_rng(0), 0
+        for _ in range(400):
+            actions = rng.integers(0, 2, 16)
+            want = theirs.step(actions)
+            for env in ours:
+                for a, b in zip(env.step(actions)[:4], want[:4]):
+                    np.testing.assert_array_equal(a, b)
+            ended += int((want[2] | want[3]).sum())
+        self.assertGreater(ended, 16)
+        wrappers = gym.wrappers.vector
+        inf = np.float32(np.inf)
+        for wrap in (wrappers.NormalizeObservation, wrappers.FlattenObservation,
+                     lambda e: wrappers.DtypeObservation(e, np.float64),
+                     lambda e: wrappers.TransformObservation(e, lambda o: 2 * o),
+                     lambda e: wrappers.RescaleObservation(e, np.array([-1, -inf, -1, -inf], np.float32),
+                                                         np.array([1, inf, 1, inf], np.float32))):
+            env = wrap(cp.gymnasium_vector_env(4, autoreset_mode=mode))
+            env.reset(seed=0)
+            for _ in range(40):
+                obs = env.step(np.ones(4, dtype=np.int64))[0]
+            self.assertEqual(obs.shape, (4, 4))
+            with self.assertRaisesRegex(ValueError, "SAME_STEP"):  # what the issue is: Gymnasium refuses same-step
+                wrap(cp.gymnasium_vector_env(4))
+        with self.assertRaisesRegex(ValueError, "autoreset_mode must be one of"):
+            cp.gymnasium_vector_env(2, autoreset_mode=gym.vector.AutoresetMode.DISABLED)
 
     @unittest.skipUnless(_gymnasium(), "needs Gymnasium")
     def test_record_episode_statistics_counts_our_returns(self):
@@ -850,6 +917,7 @@ class TestMamlContract(unittest.TestCase):
 # ----------------------------------------------------------------------------
 import contextlib  # noqa: E402
 import io  # noqa: E402
+import types  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import pathlib  # noqa: E402
@@ -2347,6 +2415,182 @@ class TestTaskFamily(unittest.TestCase):
             mm.rl2_train(mm.nav2d_family(), mm.RL2Config(iterations=1))
         family = mm.nav2d_family()
         self.assertEqual((family.policy, family.loss, family.n_out, family.bias_outputs), ("gaussian", "gauss", 4, 2))
+
+
+# ----------------------------------------------------------------------------
+# Gymnasium's own environments as task families (skipped without Gymnasium),
+# and the autoreset modes every reader of a batched env checks.
+# ----------------------------------------------------------------------------
+def _register_test_envs(gym):
+    """Two small Gymnasium envs, defined here: ArmsEnv, the two arms of _ArmsEnv (the task's arm a make
+    keyword, a bonus reward an attribute), and TargetEnv, a 1-D torque to match the task's target."""
+    class ArmsEnv(gym.Env):
+        def __init__(self, arm=0):
+            self.arm, self.bonus = arm, 0.0
+            self.observation_space = gym.spaces.Box(0.0, 1.0, (1,), np.float32)
+            self.action_space = gym.spaces.Discrete(2)
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            self.t = 0
+            return np.array([0.0], np.float32), {}
+
+        def step(self, action):
+            self.t += 1
+            reward = float(action == self.arm) + self.bonus
+            return np.array([self.t / 10], np.float32), reward, False, False, {}
+
+    class TargetEnv(gym.Env):
+        def __init__(self):
+            self.target = 0.0
+            self.observation_space = gym.spaces.Box(-1.0, 1.0, (2,), np.float32)
+            self.action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            return self.np_random.uniform(-1, 1, 2).astype(np.float32), {}
+
+        def step(self, action):
+            return np.zeros(2, np.float32), -float((action[0] - self.target) ** 2), False, False, {}
+
+    class MultiEnv(TargetEnv):
+        def __init__(self):
+            super().__init__()
+            self.action_space = gym.spaces.MultiDiscrete([2, 3])
+
+    for name, cls, steps in (("Arms", ArmsEnv, 10), ("Target", TargetEnv, 5), ("Multi", MultiEnv, 5)):
+        if f"metarl_test/{name}-v0" not in gym.registry:
+            gym.register(f"metarl_test/{name}-v0", entry_point=cls, max_episode_steps=steps)
+
+
+def _gym_arms(gym):
+    _register_test_envs(gym)
+    return mm.gymnasium_family("metarl_test/Arms-v0", lambda rng, n: {"arm": rng.integers(0, 2, n),
+                                                                      "bonus": np.zeros(n)}, attributes=("bonus",))
+
+
+class TestGymnasiumFamily(unittest.TestCase):
+    @unittest.skipUnless(_gymnasium(), "needs Gymnasium")
+    def test_a_gymnasium_env_goes_into_every_meta_rl_trainer(self):
+        gym = _gymnasium()
+        family = _gym_arms(gym)
+        self.assertEqual((family.obs_dim, family.horizon, family.n_actions, family.policy), (1, 10, 2, "categorical"))
+        env = family.make_env({"arm": np.array([0, 1]), "bonus": np.array([0.0, 0.5])}, 3)
+        self.assertEqual(env.num_envs, 6)
+        self.assertEqual(env.metadata["autoreset_mode"], gym.vector.AutoresetMode.SAME_STEP)
+        self.assertEqual([(e.unwrapped.arm, e.unwrapped.bonus) for e in env.envs],
+                         [(0, 0.0)] * 3 + [(1, 0.5)] * 3)  # task i's slots: its keyword and its attribute
+        config = mm.MetaRLConfig(iterations=8, meta_batch=8, fast_batch=5, hidden=8, log_every=4, eval_batch=5)
+        with contextlib.redirect_stdout(io.StringIO()):
+            meta, _, extra = mm.meta_rl_train(family, config)
+            again = mm.meta_rl_train(family, config)[0]  # same seed, same numbers
+        pre, post = np.mean([row[1] for row in extra["curve"]]), np.mean([row[2] for row in extra["curve"]])
+        self.assertGreater(post, pre + 1.0)  # as on _ArmsEnv: one policy-gradient step finds the task's arm
+        for a, b in zip(meta, again):
+            np.testing.assert_array_equal(a, b)
+        small = mm.CartPoleConfig(iterations=2, meta_batch=3, rl2_trials=2, hidden=8, es_population=2, es_tasks=2,
+                                  es_perturbations=2, log_every=1, eval_batch=2, proto_ways=2)
+        with contextlib.redirect_stdout(io.StringIO()):
+            for train in (mm.rl2_train, mm.es_train, mm.lstm_rl_train, mm.proto_rl_train):
+                with self.subTest(train=train.__name__):
+                    learner, extra = train(family, small)
+                    self.assertGreater(extra["env_steps"], 0)
+            for overrides in (dict(algorithm="reptile"), dict(outer="trpo"), dict(first_order=True)):
+                with self.subTest(**overrides):
+                    meta, _, extra = mm.meta_rl_train(family, dataclasses.replace(small, **overrides))
+                    self.assertTrue(all(np.isfinite(p).all() for p in meta))
+
+    @unittest.skipUnless(_gymnasium(), "needs Gymnasium")
+    def test_a_box_action_space_gives_a_gaussian_policy(self):
+        gym = _gymnasium()
+        _register_test_envs(gym)
+        family = mm.gymnasium_family("metarl_test/Target-v0", lambda rng, n: {"target": rng.uniform(-1, 1, n)},
+                                     attributes=("target",))
+        self.assertEqual((family.obs_dim, family.action_dim, family.policy, family.horizon), (2, 1, "gaussian", 5))
+        env = family.make_env({"target": np.array([0.5])}, 1)
+        env.reset(seed=0)
+        reward = env.step(np.array([[3.0]], np.float32))[1]  # clipped to the box: (1 - 0.5)^2
+        self.assertEqual(reward.tolist(), [-0.25])
+        config = mm.MetaRLConfig(iterations=2, meta_batch=3, fast_batch=2, hidden=8, log_every=1, outer="trpo")
+        with contextlib.redirect_stdout(io.StringIO()):
+            meta, _, _ = mm.meta_rl_train(family, config)
+        self.assertEqual(meta[-1].shape, (2,))  # [mean, log_std]
+        self.assertEqual(mm.gymnasium_family("metarl_test/Target-v0", lambda rng, n: {}, horizon=3).horizon, 3)
+
+    @unittest.skipUnless(_gymnasium(), "needs Gymnasium")
+    def test_what_it_cannot_run_is_refused_in_one_clear_error(self):
+        gym = _gymnasium()
+        _register_test_envs(gym)
+        none = lambda rng, n: {}
+        with self.assertRaisesRegex(TypeError, r"action space MultiDiscrete\(\[2 3\]\) is neither Discrete \(a "
+                                               r"categorical policy\) nor a 1-D Box \(a Gaussian one\)"):
+            mm.gymnasium_family("metarl_test/Multi-v0", none)
+        with self.assertRaisesRegex(ValueError, "'NoSuchEnv-v0' is not registered with Gymnasium"):
+            mm.gymnasium_family("NoSuchEnv-v0", none)
+        with self.assertRaisesRegex(ValueError, "metarl_test/Target-v0 has no attribute 'mass' to set"):
+            mm.gymnasium_family("metarl_test/Target-v0", lambda rng, n: {"mass": np.ones(n)}, attributes=("mass",))
+        with self.assertRaisesRegex(ValueError, r"does not take the task's keys \['mass'\].*attributes="):
+            mm.gymnasium_family("metarl_test/Target-v0", lambda rng, n: {"mass": np.ones(n)})
+        with self.assertRaisesRegex(TypeError, "attributes must be a sequence of key names"):
+            mm.gymnasium_family("metarl_test/Target-v0", none, attributes="target")
+        with unittest.mock.patch.object(mm, "xp", types.SimpleNamespace()):
+            with self.assertRaisesRegex(ValueError, "needs the CPU backend"):
+                mm.gymnasium_family("metarl_test/Target-v0", none).make_env({"x": np.zeros(1)}, 1)
+        with unittest.mock.patch.dict(sys.modules, {"gymnasium": None}):
+            with self.assertRaisesRegex(ImportError, "needs Gymnasium, which is not installed: pip install gymnasium"):
+                mm.gymnasium_family("CartPole-v1", none)
+
+    def test_each_reader_refuses_an_autoreset_mode_it_would_misrecord(self):
+        """A next-step env would put each reset step into a trial (RL^2's, ProtoNet's) or into the episodes
+        after the first (rollout_min_steps): refused in one line; rollout keeps first episodes alone, the same."""
+        params = mm.init_mlp((4, 8, 2), np.random.default_rng(0))
+        tasks = cp.sample_tasks(np.random.default_rng(1), 4)
+        envs = {mode: cp.VecCartPole(4, autoreset_mode=mode, **tasks) for mode in ("SameStep", "NextStep")}
+        same, nxt = (mm.rollout(params, envs[m], 2, np.random.default_rng(2), 500) for m in ("SameStep", "NextStep"))
+        np.testing.assert_array_equal(same["mask"], nxt["mask"])
+        for k in same:  # each env's first episode, what rollout keeps
+            np.testing.assert_array_equal(same[k][same["mask"]], nxt[k][same["mask"]])
+        gru = mm.init_gru(4 + 2 + 2, 8, 2, np.random.default_rng(0))
+        for call, caller in ((lambda: mm.rollout_trials(gru, envs["NextStep"], np.random.default_rng(0), 2, 2000),
+                              r"a trial \(run_trials\)"),
+                             (lambda: mm.rollout_min_steps(params, envs["NextStep"], 2, np.random.default_rng(0), 50,
+                                                           500), "rollout_min_steps")):
+            with self.assertRaisesRegex(ValueError, caller + " needs a vector env with SameStep autoreset; this one "
+                                        "declares 'NextStep': next-step autoreset would record each env's reset step, "
+                                        "its action ignored and its reward 0, as a step of the next episode"):
+                call()
+        self.assertEqual(mm.rollout_trials(gru, envs["SameStep"], np.random.default_rng(0), 2, 2000)["x"].shape[0], 4)
+        gym = _gymnasium()
+        if gym is None:
+            return
+        disabled = gym.vector.SyncVectorEnv([lambda: gym.make("CartPole-v1")] * 2,
+                                            autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+        with self.assertRaisesRegex(ValueError, "rollout needs a vector env with SameStep or NextStep autoreset; this "
+                                                "one declares 'Disabled'"):
+            mm.rollout(params, disabled, 1, np.random.default_rng(0), 500)
+
+    @unittest.skipUnless(_gymnasium(), "needs Gymnasium")
+    def test_gymnasiums_cartpole_family_is_the_reversed_family(self):
+        """The same tasks as cartpole_family's (the same draws), and from the same states the same steps to the
+        bit: Gymnasium's CartPole-v1, its physics set as attributes, the actuator reversed by the wrapper."""
+        family, ours = mm.gymnasium_cartpole_family(), mm.cartpole_family("reversed")
+        tasks, theirs = family.sample_tasks(np.random.default_rng(7), 12), ours.sample_tasks(np.random.default_rng(7), 12)
+        np.testing.assert_array_equal(np.where(tasks["reversed"], -1.0, 1.0) * tasks["force_mag"], theirs["force_mag"])
+        self.assertGreater(tasks["reversed"].sum(), 0)
+        np.testing.assert_array_equal(family.task_label(tasks), ours.task_label(theirs))
+        env, vec = family.make_env(tasks, 2), ours.make_env(theirs, 2)
+        env.reset(seed=0)
+        vec.reset(seed=0)
+        for i, sub in enumerate(env.envs):
+            sub.unwrapped.state = vec.state[i].copy()
+        rng, alive = np.random.default_rng(8), np.ones(24, bool)
+        for _ in range(200):
+            actions = rng.integers(0, 2, 24)
+            a, b = env.step(actions), vec.step(actions)
+            np.testing.assert_array_equal(a[2][alive], b[2][alive])  # until each env's first episode ends
+            alive &= ~(b[2] | b[3])
+            np.testing.assert_array_equal(a[0][alive], b[0][alive])
+        self.assertLess(alive.sum(), 24)
 
 
 # ----------------------------------------------------------------------------
