@@ -25,8 +25,8 @@ equations, the functions, the training loop, the evaluation, the settings.
   II.0 what the chapters share: the run's machinery (settings, progress, random
        streams, checkpoints, JSON), the TaskFamily every meta-RL trainer takes,
        the RL pieces (rollouts, returns, a baseline, GAE, KL, conjugate
-       gradient), and two task families, CartPole and the MAML paper's 2D
-       navigation;
+       gradient), two task families, CartPole and the MAML paper's 2D
+       navigation, and any registered Gymnasium env as one (gymnasium_family);
   II.1 gradient-based meta-RL: MAML with TRPO as its outer step (Schulman et
        al. 2015, appendix C), first-order MAML and Reptile;
   II.2 memory: RL^2 (Duan et al. 2016) with a GRU and backprop through time;
@@ -52,7 +52,7 @@ Params are a plain list ``[W1, b1, W2, b2, ...]`` with ``W`` of shape
 ``b`` (T, out). Every function here accepts both.
 
 Randomness comes only from a ``numpy.random.Generator`` passed in. cartpole.py is
-imported only by the parts that use CartPole.
+imported only by the parts that use CartPole, Gymnasium only by gymnasium_family.
 
 What it leaves out: convolutional networks, batch norm, and any autograd.
 """

@@ -2540,6 +2540,23 @@ class TestGymnasiumFamily(unittest.TestCase):
             with self.assertRaisesRegex(ImportError, "needs Gymnasium, which is not installed: pip install gymnasium"):
                 mm.gymnasium_family("CartPole-v1", none)
 
+    def test_the_commands_without_gymnasium_say_so_in_one_line(self):
+        with unittest.mock.patch.dict(sys.modules, {"gymnasium": None}):
+            _refused(self, [(["pendulum", "--iterations", "1"], "needs Gymnasium, which is not installed"),
+                            (["cartpole", "--env", "gymnasium", "--iterations", "1"], "pip install gymnasium")])
+
+    @unittest.skipUnless(_gymnasium(), "needs Gymnasium")
+    def test_the_commands_on_gymnasium_run_and_resume_exactly(self):
+        for flags in (["pendulum", "--horizon", "8"], ["cartpole", "--env", "gymnasium"]):
+            with self.subTest(command=flags[0]):
+                flags = flags + ["--meta-batch", "2", "--fast-batch", "2", "--eval-tasks", "2", "--val-tasks", "1",
+                                 "--eval-batch", "2", "--hidden", "8", "--log-every", "1", "--iterations"]
+                straight, resumed, out = _straight_and_resumed(self, flags, "2", "1")
+                self.assertIn("gymnasium", out)
+                for d in (straight, resumed):
+                    d.pop("seconds")
+                self.assertEqual(straight, resumed)
+
     def test_each_reader_refuses_an_autoreset_mode_it_would_misrecord(self):
         """A next-step env would put each reset step into a trial (RL^2's, ProtoNet's) or into the episodes
         after the first (rollout_min_steps): refused in one line; rollout keeps first episodes alone, the same."""
@@ -2939,10 +2956,12 @@ class TestCopying(unittest.TestCase):
             self.assertEqual(proc.stdout, here.stdout)
 
     def test_the_readmes_snippets_run_alone(self):
-        """Each python block of README.md, as written, in a fresh interpreter beside the two files (NumPy only)."""
+        """Each python block of README.md, as written, in a fresh interpreter beside the two files (NumPy only;
+        a block that says it needs Gymnasium runs where Gymnasium is installed)."""
         with open(os.path.join(HERE, "README.md")) as f:
             blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
-        self.assertGreaterEqual(len(blocks), 4)
+        self.assertGreaterEqual(len(blocks), 5)
+        blocks = [b for b in blocks if _gymnasium() or "pip install gymnasium" not in b]
         procs = [subprocess.Popen([sys.executable, "-c", b], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}) for b in blocks]
         for block, proc in zip(blocks, procs):
