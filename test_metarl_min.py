@@ -2609,6 +2609,31 @@ class TestGymnasiumFamily(unittest.TestCase):
             np.testing.assert_array_equal(a[0][alive], b[0][alive])
         self.assertLess(alive.sum(), 24)
 
+    @unittest.skipUnless(_gymnasium(), "needs Gymnasium")
+    def test_a_reversed_pendulum_is_its_mirror_image(self):
+        """The torque reversed (register_reversible) is Pendulum-v1 seen in a mirror: from the mirrored start, a
+        policy even in the state, u(-x) = u(x), earns on the reversed task what it earns on the task (to the
+        last bits of the angle's wrapping), and an odd one, u(-x) = -u(x), does not: why a fixed policy needs no adaptation there."""
+        family = mm.pendulum_family()
+        tasks = family.sample_tasks(np.random.default_rng(3), 6)
+        starts = np.random.default_rng(9).uniform([-np.pi, -1.0], [np.pi, 1.0], (6, 2))  # (theta, theta_dot)
+        even = lambda cos, sin, dot: np.clip(2 * cos + 0.5 * sin * dot, -2, 2)
+        odd = lambda cos, sin, dot: np.clip(-6 * sin - 1.5 * dot, -2, 2)
+
+        def returns(policy, reversed_, flip):
+            env = family.make_env(dict(tasks, reversed=reversed_), 1)
+            obs, _ = env.reset(seed=0)
+            for sub, start in zip(env.envs, starts):
+                sub.unwrapped.state = flip * start
+            obs, total = np.stack([np.cos(flip * starts[:, 0]), np.sin(flip * starts[:, 0]), flip * starts[:, 1]], 1), 0
+            for _ in range(100):
+                obs, reward = env.step(policy(*obs.T)[:, None].astype(np.float32))[:2]
+                total = total + reward
+            return total
+
+        np.testing.assert_allclose(returns(even, tasks["reversed"], 1), returns(even, ~tasks["reversed"], -1), 1e-12)
+        self.assertGreater(np.abs(returns(odd, tasks["reversed"], 1) - returns(odd, ~tasks["reversed"], -1)).max(), 100)
+
 
 # ----------------------------------------------------------------------------
 # The book: its parts, chapters and rules, read off the source.
