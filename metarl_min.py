@@ -1136,7 +1136,7 @@ def load_checkpoint(path, config):
         flags = ", ".join("--" + k.replace("_", "-") for k in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise ValueError(f"{path} was made with settings that {config.command} does not have: {flags}")
     # The settings that leave training as it was.
-    free = ("iterations", "log_every", "eval_tasks", "val_tasks", "eval_batch", "eval_min_steps")
+    free = ("iterations", "log_every", "eval_tasks", "val_tasks", "baseline_lr_scale", "eval_batch", "eval_min_steps")
     # A setting newer than the checkpoint had its default value when the checkpoint was made.
     saved = {**{f.name: f.default for f in dataclasses.fields(config)}, **meta["config"]}
     saved = {k: v for k, v in saved.items() if k not in free}
@@ -2165,6 +2165,9 @@ class MetaRLConfig:
     eval_tasks: int = hparam(40, "held-out tasks for the final evaluation", 2)
     val_tasks: int = hparam(20, "validation tasks, apart from the training and held-out ones, on which each model's "
                             "test-time step sizes are chosen", 1, only=("maml", "reptile"))
+    baseline_lr_scale: float = hparam(1.0, "the baselines' test-time step sizes: this times RL_BASELINE_LRS (0.1, 0.3, "
+                                      "1, 3), the best of them on the validation tasks", above=0.0,
+                                      only=("maml", "reptile"))
     eval_batch: int = hparam(20, "episodes per task for each test-time step (held-out and validation tasks)", 1)
     eval_min_steps: int = hparam(0, "0: each test-time step samples eval_batch episodes per task; N > 0: as the "
                                  "authors' test script (rllab's sampler), the eval_batch envs of a task restart "
@@ -2175,9 +2178,10 @@ class MetaRLConfig:
 
 
 # Test-time step sizes, each chosen on validation tasks. The baselines adapt with the best of
-# RL_BASELINE_LRS at every step. MAML's first step is its trained inner_lr; its later steps use
-# the best of these fractions of it (the authors' test script halves it after the first step:
-# with advantages normalised, a step's size does not shrink as the policy nears the optimum).
+# RL_BASELINE_LRS times config.baseline_lr_scale at every step. MAML's first step is its trained
+# inner_lr; its later steps use the best of these fractions of it (the authors' test script halves
+# it after the first step: with advantages normalised, a step's size does not shrink as the policy
+# nears the optimum).
 RL_BASELINE_LRS = (0.1, 0.3, 1.0, 3.0)
 RL_LATER_LR_FRACTIONS = (1.0, 0.5, 0.25)
 
@@ -2234,7 +2238,7 @@ def run_meta_rl(family, config, json_path=None, save=None, load=None, plot=None,
     models = {name: (meta, config.inner_lr, tuned(meta, [f * config.inner_lr for f in RL_LATER_LR_FRACTIONS],
                                                   config.inner_lr))}
     for label, params in (("pretrained", pretrained), ("random init", random_init)):
-        lr = tuned(params, RL_BASELINE_LRS)
+        lr = tuned(params, [config.baseline_lr_scale * lr for lr in RL_BASELINE_LRS])
         models[label] = (params, lr, lr)
     results = {label: {s: mean_ci95(r) for s, r in meta_rl_evaluate(
         params, family, config, tasks, stream(config.seed, HELD_OUT_DRAWS), first, later).items()}
@@ -4253,6 +4257,9 @@ class PendulumConfig(MetaRLConfig):
                         "Adam on the meta-gradient (meta_lr); the pretrained baseline takes the same",
                         choices=("trpo", "adam"), only=("maml",))
     horizon: int = hparam(PENDULUM_HORIZON, "steps of an episode (Pendulum-v1 registers 200)", 1)
+    baseline_lr_scale: float = hparam(0.01, "the baselines' test-time step sizes: this times RL_BASELINE_LRS (0.1, "
+                                      "0.3, 1, 3): a step of 0.1 costs the TRPO-trained pretrained policy 170-240",
+                                      above=0.0, only=("maml", "reptile"))
     log_every: int = hparam(10, "iterations between progress lines and checkpoints", 1)
 
 
@@ -4488,7 +4495,8 @@ def _time_alternatives(fns, calls, rounds, sync=None):
 def bench_env(config, rng, device="cpu"):
     """Env steps per second of VecCartPole on the backend xp at several N, with random
     actions, so that episodes end and autoreset is part of the figure. On the CPU,
-    beside it: a Python loop of CartPoleEnv, and Gymnasium's CartPoleVectorEnv when installed."""
+    beside it: a Python loop of CartPoleEnv and, when Gymnasium is installed, its
+    CartPoleVectorEnv and (at the smallest N) gymnasium_cartpole_family's env."""
     cartpole = _import_cartpole()
     if device == "gpu":
         sizes = (1 << 16,) if config.quick else (1 << 20, 1 << 24)
@@ -4509,11 +4517,16 @@ def bench_env(config, rng, device="cpu"):
             envs[f"VecCartPole N={n} (gpu, per-task physics)"] = (cartpole.VecCartPole(n, **tasks), device_actions)
         if gym_cartpole is not None:
             envs[f"gymnasium CartPoleVectorEnv N={n}"] = (gym_cartpole.CartPoleVectorEnv(num_envs=n), actions)
+        if gym_cartpole is not None and n == sizes[0]:  # what gymnasium_family steps: one CartPoleEnv an env
+            family = gymnasium_cartpole_family()
+            tasks = family.sample_tasks(np.random.default_rng(config.seed), n)
+            envs[f"gymnasium_family CartPole-v1 (SyncVectorEnv) N={n}"] = (family.make_env(tasks, 1), actions)
         for name, (env, acts) in envs.items():
             env.reset(seed=config.seed)
             counter = iter(range(1 << 62))
             fns[name] = lambda env=env, counter=counter, acts=acts: env.step(acts[next(counter) % 4])
-            calls[name], steps[name] = (20 if config.quick else max(20, 2_000_000 // n // 4)), n
+            slow = config.quick or name.startswith("gymnasium_family")  # a Python step per env: 20 calls suffice
+            calls[name], steps[name] = (20 if slow else max(20, 2_000_000 // n // 4)), n
             sync[name] = lambda: _synchronize(xp)
     if device == "cpu":
         singles = [cartpole.CartPoleEnv() for _ in range(64)]

@@ -1049,6 +1049,8 @@ class TestSine(unittest.TestCase):
         self.assertGreater(result["meta_grad_ms"]["maml_grad second-order, loop over tasks T=5"], 0)
         self.assertEqual(result["devices"], ["cpu"])
         self.assertIn("maml_grad first-order, batched T=5", out)
+        gymnasium_rows = {"gymnasium CartPoleVectorEnv N=256", "gymnasium_family CartPole-v1 (SyncVectorEnv) N=256"}
+        self.assertEqual(gymnasium_rows <= set(result["env_steps_per_second"]), bool(_gymnasium()))
 
     def test_help(self):
         proc = _cli("sine", "--help")
@@ -1835,19 +1837,24 @@ class TestMetaRL(unittest.TestCase):
         self.assertGreater(result["env_steps"], 0)
         self.assertGreater(result["seconds"], 0)
         self.assertGreater(result["return"]["1"], 1.3 * result["return"]["0"])
-        # MAML's later steps: a fraction of its inner_lr, chosen on validation tasks.
+        # MAML's later steps: a fraction of its inner_lr, chosen on validation tasks; the baselines' from the grid.
         self.assertIn(result["later_lr"], [f * 0.5 for f in mm.RL_LATER_LR_FRACTIONS])
+        for lr in result["baseline_lr"].values():
+            self.assertIn(lr, mm.RL_BASELINE_LRS)
 
     def test_resume_ends_where_a_straight_run_ends(self):
         for outer in ("adam", "trpo"):  # TRPO keeps no optimiser state
             with self.subTest(outer=outer), tempfile.TemporaryDirectory() as d:
-                ck, a, b = (os.path.join(d, n) for n in ("ck.npz", "a.json", "b.json"))
+                ck, a, b, c = (os.path.join(d, n) for n in ("ck.npz", "a.json", "b.json", "c.json"))
                 base = ["cartpole", "--meta-batch", "3", "--fast-batch", "3", "--eval-tasks", "3", "--val-tasks", "2",
                         "--eval-batch", "3", "--log-every", "2", "--hidden", "8", "--outer", outer]
                 self.assertEqual(_run_main(base + ["--iterations", "4", "--json", a])[0], 0)
                 self.assertEqual(_run_main(base + ["--iterations", "2", "--save", ck])[0], 0)
                 # The evaluation's settings may change on resuming; training's may not.
-                self.assertEqual(_run_main(base + ["--iterations", "2", "--load", ck, "--val-tasks", "3"])[0], 0)
+                self.assertEqual(_run_main(base + ["--iterations", "2", "--load", ck, "--val-tasks", "3",
+                                                   "--baseline-lr-scale", "0.01", "--json", c])[0], 0)
+                for lr in _read_json(c)["baseline_lr"].values():  # the grid, scaled
+                    self.assertIn(lr, [0.001, 0.003, 0.01, 0.03])
                 status, _, err = _run_main(base + ["--iterations", "2", "--load", ck, "--fast-batch", "4"])
                 self.assertEqual(status, 2)
                 self.assertIn("was made with other hyperparameters: --fast-batch 3 (now 4)", err)
