@@ -4793,7 +4793,7 @@ DEFAULT_COMMAND = "cartpole"  # what plain `python metarl_min.py [flags]` runs
 EXAMPLES = {  # one command of each, and its time on a 2-core x86-64 CPU, one BLAS thread
     "cartpole": "python metarl_min.py cartpole --seed 1 --save ck.npz    # 38-57 s (--algorithm rl2: 142-165 s)",
     "nav2d": "python metarl_min.py nav2d --seed 1 --json nav.json      # 165-227 s",
-    "pendulum": "python metarl_min.py pendulum --seed 1 --json pend.json  # 17-21 min (needs Gymnasium)",
+    "pendulum": "python metarl_min.py pendulum --seed 1 --json pend.json  # 17-22 min (needs Gymnasium)",
     "qlearn": "python metarl_min.py qlearn --seed 1                      # about 120 s",
     "sine": "python metarl_min.py sine --seed 1 --json sine.json        # 53-95 s",
     "protonet": "python metarl_min.py protonet --seed 1                    # 7-8 s",
