@@ -1846,7 +1846,8 @@ def gymnasium_cartpole_family():
 # + 0.001 u^2)) with per-task mass, length and gravity, and on half the tasks the torque reversed.
 # The reversed task is the task seen in a mirror (theta, thetadot, u -> -theta, -thetadot, -u leave the
 # physics and the reward unchanged), so a policy even in the state, u(-s) = u(s), earns the same on both
-# halves: a fixed policy gives up only what evenness costs it (docs/results.md).
+# halves. It cannot pump energy into a mirror-symmetric swing, though: not knowing the sign costs the
+# pretrained policy 259 in return (docs/results.md).
 PENDULUM_RANGES = {"m": (0.5, 1.5), "l": (0.5, 1.5), "g": (8.0, 12.0)}
 PENDULUM_HORIZON = 100
 

@@ -2620,8 +2620,8 @@ class TestGymnasiumFamily(unittest.TestCase):
     def test_a_reversed_pendulum_is_its_mirror_image(self):
         """The torque reversed (register_reversible) is Pendulum-v1 seen in a mirror: from the mirrored start, a
         policy even in the state, u(-x) = u(x), earns on the reversed task what it earns on the task (to the
-        last bits of the angle's wrapping), and an odd one, u(-x) = -u(x), does not: why a fixed policy needs
-        no adaptation there."""
+        last bits of the angle's wrapping), and an odd one, u(-x) = -u(x), does not: why an even policy needs
+        no adaptation there, at whatever evenness costs it."""
         family = mm.pendulum_family()
         tasks = family.sample_tasks(np.random.default_rng(3), 6)
         starts = np.random.default_rng(9).uniform([-np.pi, -1.0], [np.pi, 1.0], (6, 2))  # (theta, theta_dot)
