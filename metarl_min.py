@@ -4505,6 +4505,7 @@ def bench_env(config, rng, device="cpu"):
         sizes = (256,) if config.quick else (1024, 16384)
     gym_cartpole = _optional("gymnasium.envs.classic_control.cartpole") if device == "cpu" else None
     fns, calls, steps, sync = {}, {}, {}, {}
+    python_steps = set()  # envs that step one env at a time in Python: 20 calls suffice
     suffix = "" if device == "cpu" else f" ({device})"
     for n in sizes:
         actions = [rng.integers(0, 2, n) for _ in range(4)]
@@ -4521,13 +4522,15 @@ def bench_env(config, rng, device="cpu"):
         if gym_cartpole is not None and n == sizes[0]:  # what gymnasium_family steps: one CartPoleEnv an env
             family = gymnasium_cartpole_family()
             tasks = family.sample_tasks(np.random.default_rng(config.seed), n)
-            envs[f"gymnasium_family CartPole-v1 (SyncVectorEnv) N={n}"] = (family.make_env(tasks, 1), actions)
+            name = f"gymnasium_family CartPole-v1 (SyncVectorEnv) N={n}"
+            envs[name] = (family.make_env(tasks, 1), actions)
+            python_steps.add(name)
         for name, (env, acts) in envs.items():
             env.reset(seed=config.seed)
             counter = iter(range(1 << 62))
             fns[name] = lambda env=env, counter=counter, acts=acts: env.step(acts[next(counter) % 4])
-            slow = config.quick or name.startswith("gymnasium_family")  # a Python step per env: 20 calls suffice
-            calls[name], steps[name] = (20 if slow else max(20, 2_000_000 // n // 4)), n
+            calls[name] = 20 if config.quick or name in python_steps else max(20, 2_000_000 // n // 4)
+            steps[name] = n
             sync[name] = lambda: _synchronize(xp)
     if device == "cpu":
         singles = [cartpole.CartPoleEnv() for _ in range(64)]
