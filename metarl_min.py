@@ -70,6 +70,7 @@ import signal
 import stat
 import sys
 import tempfile
+import threading
 import time
 from typing import Any, Callable, ClassVar, NamedTuple, Optional
 
@@ -1064,9 +1065,29 @@ def _atomic_write(path, write):
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+    except BaseException:  # Ctrl-C or an error: no temporary file stays (a signal after the rename finds none)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM wait until the block has run, then arrive: a checkpoint and the record of it
+    (RUN, which the stop line reads) are written whole. Outside the main thread, nothing is held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 def means_and_cis(stats):
@@ -1105,8 +1126,9 @@ def save_checkpoint(path, config, iteration, rng, models, optimisers, extra=None
                 iteration=iteration, rng=rng.bit_generator.state, adam_t={k: s["t"] for k, s in optimisers.items()},
                 models={k: len(p) for k, p in models.items()}, extra=extra or {})
     arrays["meta"] = np.array(json.dumps(meta))
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
-    RUN["checkpoint"] = (path, iteration)
+    with _signals_held():
+        _atomic_write(path, lambda f: np.savez(f, **arrays))
+        RUN["checkpoint"] = (path, iteration)
 
 
 def load_checkpoint(path, config):

@@ -2841,6 +2841,50 @@ class TestNothingLost(unittest.TestCase):
                 self.assertEqual([n for n in os.listdir(d) if n != "ck.npz"], [])  # no temporary file, no lock
                 self.assertNotIn("Traceback", err)
 
+    def test_a_signal_in_the_middle_of_a_checkpoint_arrives_after_it_is_written_and_recorded(self):
+        import signal
+        config, params = mm.SineConfig(), [np.arange(6.0).reshape(2, 3), np.ones(3)]
+        real_savez = np.savez
+
+        def savez_then_signal(sig):  # the signal arrives while the file is half-written
+            def savez(f, **arrays):
+                os.kill(os.getpid(), sig)
+                real_savez(f, **arrays)
+            return savez
+
+        for sig, stop in ((signal.SIGINT, KeyboardInterrupt), (signal.SIGTERM, mm._Stopped)):
+            with self.subTest(sig=sig), tempfile.TemporaryDirectory() as d:
+                ck = os.path.join(d, "ck.npz")
+                mm.RUN.clear()
+                previous = signal.signal(signal.SIGTERM, mm._on_sigterm)
+                try:
+                    with unittest.mock.patch.object(mm.np, "savez", savez_then_signal(sig)), self.assertRaises(stop):
+                        mm.save_checkpoint(ck, config, 7, np.random.default_rng(0), {"meta": params},
+                                           {"meta": mm.adam_init(params)})
+                finally:
+                    signal.signal(signal.SIGTERM, previous)
+                self.assertEqual(mm.RUN["checkpoint"], (ck, 7))  # the stop line names the checkpoint on disk
+                self.assertEqual(os.listdir(d), ["ck.npz"])
+                iteration, _, models, _, _ = mm.load_checkpoint(ck, config)
+                self.assertEqual(iteration, 7)
+                np.testing.assert_array_equal(models["meta"][0], params[0])
+        mm.RUN.clear()
+
+    def test_an_interrupt_after_the_rename_leaves_the_file_and_raises_the_interrupt(self):
+        real_replace = os.replace
+
+        def replace_then_interrupt(src, dst):
+            real_replace(src, dst)
+            raise KeyboardInterrupt
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "out.json")
+            with unittest.mock.patch.object(mm.os, "replace", replace_then_interrupt), \
+                    self.assertRaises(KeyboardInterrupt):  # not the FileNotFoundError of removing a renamed file
+                mm.write_json(path, {"a": 1})
+            self.assertEqual(os.listdir(d), ["out.json"])
+            with open(path) as f:
+                self.assertEqual(json.load(f), {"a": 1})
+
     def test_sizes_that_cannot_fit_are_refused_at_once(self):
         for argv, flag in ((["sine", "--hidden", "30000"], "--hidden"), (["sine", "--eval-tasks", "100000000"],
                                                                           "--eval-tasks"),
