@@ -1827,16 +1827,20 @@ def reversible_env(base_id, reversed=False, render_mode=None, **kwargs):
     return gym.wrappers.TransformAction(env, lambda a: mirrored_action(a, env.action_space), env.action_space)
 
 
+def _register(env_id, entry_point, base_id):
+    """Register env_id (once), made by entry_point, with base_id's time limit and reward threshold; returns env_id."""
+    gym = _import_gymnasium()
+    if env_id not in gym.registry:
+        spec = gym.spec(base_id)
+        gym.register(env_id, entry_point=entry_point, max_episode_steps=spec.max_episode_steps,
+                     reward_threshold=spec.reward_threshold)
+    return env_id
+
+
 def register_reversible(base_id):
     """Register "reversible/" + base_id, whose keyword argument reversed=True mirrors the actuator of
     Gymnasium's base_id (the rest go to base_id), with base_id's time limit; returns the new id."""
-    gym = _import_gymnasium()
-    env_id = "reversible/" + base_id
-    if env_id not in gym.registry:
-        spec = gym.spec(base_id)
-        gym.register(env_id, entry_point=functools.partial(reversible_env, base_id),
-                     max_episode_steps=spec.max_episode_steps, reward_threshold=spec.reward_threshold)
-    return env_id
+    return _register("reversible/" + base_id, functools.partial(reversible_env, base_id), base_id)
 
 
 # CartPole's physics, which Gymnasium's CartPoleEnv takes only as attributes (its step reads the two sums too).
@@ -1872,6 +1876,7 @@ def gymnasium_cartpole_family():
 # pretrained policy 259 in return (docs/results.md).
 PENDULUM_RANGES = {"m": (0.5, 1.5), "l": (0.5, 1.5), "g": (8.0, 12.0)}
 PENDULUM_HORIZON = 100
+PENDULUM_OBS_SCALE = np.array([1.0, 1.0, 8.0])  # cos, sin, thetadot (at most 8)
 
 
 def sample_pendulum_tasks(rng, n, reverse_prob=0.5):
@@ -1888,7 +1893,44 @@ def pendulum_family(horizon=PENDULUM_HORIZON):
     controller odd in the state must find out, and one even in it need not (the comment above)."""
     family = gymnasium_family(register_reversible("Pendulum-v1"), sample_pendulum_tasks, horizon, ("m", "l"))
     return dataclasses.replace(family, name="gymnasium Pendulum-v1", task_label=lambda tasks: tasks["reversed"],
-                               obs_scale=np.array([1.0, 1.0, 8.0]))
+                               obs_scale=PENDULUM_OBS_SCALE)
+
+
+# Pendulum-v1 spun one way or the other: the MAML paper's direction task (HalfCheetah run forward or
+# back, sec. 5.3) on a pendulum. The reward is direction * thetadot, the angular velocity after the step
+# (at most 8 either way), in place of the swing-up's cost; mass, length and gravity per task as above.
+# The physics does not depend on the direction, so from the same start the same actions earn on
+# direction -1 exactly minus what they earn on +1: over the two halves every fixed policy's expected
+# return is 0, and only a learner that adapts earns anything.
+def spinning_pendulum(direction=1.0, render_mode=None, **kwargs):
+    """Gymnasium's Pendulum-v1 (its bare env) rewarded for spinning in `direction`, +1 (theta increasing,
+    the way a positive torque turns it) or -1: what register_spinning registers."""
+    gym = _import_gymnasium()
+    env = gym.make("Pendulum-v1", render_mode=render_mode, disable_env_checker=True, **kwargs).unwrapped
+    # TransformReward calls this after env.step, so env.state holds the new (theta, thetadot).
+    return gym.wrappers.TransformReward(env, lambda swing_up_reward: direction * float(env.state[1]))
+
+
+def register_spinning():
+    """Register "spinning/Pendulum-v1", whose keyword argument direction= is spinning_pendulum's (the rest go
+    to Pendulum-v1), with Pendulum-v1's time limit; returns the id."""
+    return _register("spinning/Pendulum-v1", spinning_pendulum, "Pendulum-v1")
+
+
+def sample_spinning_tasks(rng, n):
+    """n spinning tasks, sample_pendulum_tasks's draws with the reversed half spun the other way:
+    {"m", "l", "g", "direction"} (n,) each, direction -1.0 or +1.0; direction and g go to make."""
+    tasks = sample_pendulum_tasks(rng, n)
+    tasks["direction"] = np.where(tasks.pop("reversed"), -1.0, 1.0)
+    return tasks
+
+
+def spinning_pendulum_family(horizon=PENDULUM_HORIZON):
+    """Gymnasium's Pendulum-v1 as a direction family: a Gaussian policy of the torque, which earns only
+    where it finds which way to spin (the comment above)."""
+    family = gymnasium_family(register_spinning(), sample_spinning_tasks, horizon, ("m", "l"))
+    return dataclasses.replace(family, name="gymnasium Pendulum-v1, spinning",
+                               task_label=lambda tasks: tasks["direction"] < 0, obs_scale=PENDULUM_OBS_SCALE)
 
 
 # ============================================================================
@@ -4265,24 +4307,27 @@ class Nav2DConfig(MetaRLConfig):
 
 @dataclasses.dataclass
 class PendulumConfig(MetaRLConfig):
-    """Meta-RL on Gymnasium's Pendulum-v1: per-task mass, length and gravity, the torque reversed on half the tasks
-    (a Gaussian policy, MAML-TRPO; needs Gymnasium)."""
+    """Meta-RL on Gymnasium's Pendulum-v1, per-task mass, length and gravity: spin it one way or the other, or swing it
+    up with the torque reversed on half the tasks (a Gaussian policy, MAML-TRPO; needs Gymnasium)."""
     command: ClassVar[str] = "pendulum"
+    task: str = hparam("spinning", "the tasks: spin the pendulum in the task's direction (spinning_pendulum_family), or "
+                       "swing it up with the torque reversed on half of them (reversed: pendulum_family, run with "
+                       "--inner-lr 0.1 --init-log-std -0.5 --baseline-lr-scale 0.01 --eval-tasks 40)",
+                       choices=("spinning", "reversed"))
     iterations: int = hparam(100, "meta-training iterations (the total, also when resuming)", 1)
-    inner_lr: float = hparam(0.1, "alpha: step size of the inner policy-gradient step", 0.0,
-                             only=("maml", "reptile"))
+    inner_lr: float = hparam(0.3, "alpha: step size of the inner policy-gradient step", 0.0, only=("maml", "reptile"))
     hidden: int = hparam(64, "units in each of the two hidden ReLU layers", 1)
     activation: str = hparam("relu", "the policy's hidden layers' activation", choices=tuple(ACTIVATIONS))
     init_out_scale: float = hparam(0.01, "factor on the policy's last-layer weights at initialisation: small, the "
                                    "initial torque's mean is near 0 everywhere", 0.0, 1.0)
-    init_log_std: float = hparam(-0.5, "log-std of the Gaussian policy's torque at initialisation", -5.0, 2.0)
+    init_log_std: float = hparam(0.0, "log-std of the Gaussian policy's torque at initialisation: rllab's 0 (-0.5 "
+                                 "gives the inner step's episodes less to tell the directions apart)", -5.0, 2.0)
     outer: str = hparam("trpo", "MAML's outer step: TRPO on the meta-objective (max_kl), as in the MAML paper, or "
                         "Adam on the meta-gradient (meta_lr); the pretrained baseline takes the same",
                         choices=("trpo", "adam"), only=("maml",))
     horizon: int = hparam(PENDULUM_HORIZON, "steps of an episode (Pendulum-v1 registers 200)", 1)
-    baseline_lr_scale: float = hparam(0.01, "the baselines' test-time step sizes: this times RL_BASELINE_LRS (0.1, "
-                                      "0.3, 1, 3): a step of 0.1 costs the TRPO-trained pretrained policy 170-240",
-                                      above=0.0, only=("maml", "reptile"))
+    eval_tasks: int = hparam(100, "held-out tasks for the final evaluation: the physics alone spreads a task's return "
+                             "over hundreds", 2)
     log_every: int = hparam(10, "iterations between progress lines and checkpoints", 1)
 
 
@@ -4361,8 +4406,10 @@ def run_nav2d(config, json_path=None, save=None, load=None, plot=None):
 
 
 def run_pendulum(config, json_path=None, save=None, load=None, plot=None):
-    """The pendulum command: MAML-TRPO on Gymnasium's Pendulum-v1 tasks (pendulum_family)."""
-    return run_meta_rl(pendulum_family(config.horizon), config, json_path, save, load, plot)
+    """The pendulum command: MAML-TRPO on Gymnasium's Pendulum-v1 tasks of config.task
+    (spinning_pendulum_family or pendulum_family)."""
+    family = spinning_pendulum_family if config.task == "spinning" else pendulum_family
+    return run_meta_rl(family(config.horizon), config, json_path, save, load, plot)
 
 
 # ----------------------------------------------------------------------------

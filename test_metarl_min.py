@@ -2554,7 +2554,8 @@ class TestGymnasiumFamily(unittest.TestCase):
 
     @unittest.skipUnless(_gymnasium(), "needs Gymnasium")
     def test_the_commands_on_gymnasium_run_and_resume_exactly(self):
-        for flags in (["pendulum", "--horizon", "8"], ["cartpole", "--env", "gymnasium"]):
+        for flags in (["pendulum", "--horizon", "8"], ["pendulum", "--task", "reversed", "--horizon", "8"],
+                      ["cartpole", "--env", "gymnasium"]):
             with self.subTest(command=flags[0]):
                 flags = flags + ["--meta-batch", "2", "--fast-batch", "2", "--eval-tasks", "2", "--val-tasks", "1",
                                  "--eval-batch", "2", "--hidden", "8", "--log-every", "1", "--iterations"]
@@ -2641,6 +2642,38 @@ class TestGymnasiumFamily(unittest.TestCase):
 
         np.testing.assert_allclose(returns(even, tasks["reversed"], 1), returns(even, ~tasks["reversed"], -1), 1e-12)
         self.assertGreater(np.abs(returns(odd, tasks["reversed"], 1) - returns(odd, ~tasks["reversed"], -1)).max(), 100)
+
+    @unittest.skipUnless(_gymnasium(), "needs Gymnasium")
+    def test_a_spinning_pendulum_pays_its_direction_times_its_speed(self):
+        """spinning_pendulum_family: Gymnasium's Pendulum-v1, its physics set per task, rewarded direction * thetadot
+        after each step; from the same start the same actions earn on direction -1 exactly minus what they earn on
+        +1, so over the two directions any fixed policy earns nothing: only adaptation pays."""
+        gym = _gymnasium()
+        family = mm.spinning_pendulum_family(horizon=30)
+        tasks = family.sample_tasks(np.random.default_rng(3), 6)
+        np.testing.assert_array_equal(tasks["direction"] < 0, mm.sample_pendulum_tasks(np.random.default_rng(3),
+                                                                                     6)["reversed"])
+        self.assertEqual(sorted(set(tasks["direction"])), [-1.0, 1.0])
+        np.testing.assert_array_equal(family.task_label(tasks), tasks["direction"] < 0)
+        policy = lambda obs: np.clip(2 * obs[:, 2:] - obs[:, 1:2], -2, 2).astype(np.float32)  # an odd one: it spins
+
+        def returns(direction):
+            env = family.make_env(dict(tasks, direction=direction), 1)
+            obs, total = env.reset(seed=4)[0], 0
+            for t in range(30):
+                obs, reward, terminated, truncated, info = env.step(policy(obs))
+                seen = np.stack(info["final_obs"]) if truncated.all() else obs  # the last step: the obs before reset
+                np.testing.assert_allclose(reward, direction * seen[:, 2], rtol=1e-6)  # direction * thetadot
+                self.assertEqual(truncated.all(), t == 29)
+                total = total + reward
+            return total
+
+        one_way = returns(np.ones(6))
+        np.testing.assert_array_equal(returns(-np.ones(6)), -one_way)
+        self.assertGreater(np.abs(one_way).min(), 1.0)
+        for sub, task in zip(family.make_env(tasks, 1).envs, tasks["m"]):
+            self.assertEqual(sub.unwrapped.m, task)
+        self.assertEqual(gym.spec(mm.register_spinning()).max_episode_steps, gym.spec("Pendulum-v1").max_episode_steps)
 
 
 # ----------------------------------------------------------------------------
