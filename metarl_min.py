@@ -4314,7 +4314,7 @@ class PendulumConfig(MetaRLConfig):
                        "swing it up with the torque reversed on half of them (reversed: pendulum_family, run with "
                        "--iterations 100 --inner-lr 0.1 --init-log-std -0.5 --baseline-lr-scale 0.01 --eval-tasks 40)",
                        choices=("spinning", "reversed"))
-    iterations: int = hparam(80, "meta-training iterations (the total, also when resuming): 13-15 minutes on "
+    iterations: int = hparam(80, "meta-training iterations (the total, also when resuming): 10-16 minutes on "
                              "2 cores", 1)
     inner_lr: float = hparam(0.3, "alpha: step size of the inner policy-gradient step", 0.0, only=("maml", "reptile"))
     hidden: int = hparam(64, "units in each of the two hidden ReLU layers", 1)
