@@ -1746,9 +1746,10 @@ def gymnasium_family(env_id, sample_tasks, horizon=None, attributes=()):
       horizon: the most steps of an episode (None: the env's registered max_episode_steps)
     make_env(tasks, episodes) is Gymnasium's SyncVectorEnv of one gymnasium.make per episode slot,
     with same-step autoreset. A Discrete action space gives a categorical policy, a 1-D Box a
-    Gaussian one (its actions clipped to the box, as CleanRL's ClipAction: the policy gradient is
-    that of the unclipped sample). Other spaces, an unknown env_id, a key the env does not take:
-    one clear error. obs_scale 1 and no task label: dataclasses.replace(family, ...) sets them."""
+    Gaussian one (its actions clipped to the box, as Gymnasium's ClipAction clips each env's, in
+    one np.clip over the batch: the policy gradient is that of the unclipped sample). Other spaces,
+    an unknown env_id, a key the env does not take: one clear error. obs_scale 1 and no task
+    label: dataclasses.replace(family, ...) sets them."""
     gym = _import_gymnasium()
     from gymnasium.vector import AutoresetMode, SyncVectorEnv
     if not isinstance(env_id, str):
@@ -1777,8 +1778,6 @@ def gymnasium_family(env_id, sample_tasks, horizon=None, attributes=()):
             if not hasattr(env.unwrapped, name):
                 raise ValueError(f"{env_id} has no attribute {name!r} to set (attributes=)")
             setattr(env.unwrapped, name, _task_value(task[name]))
-        if isinstance(env.action_space, gym.spaces.Box):
-            env = gym.wrappers.ClipAction(env)
         return env
 
     def make_env(tasks, episodes):
@@ -1787,6 +1786,9 @@ def gymnasium_family(env_id, sample_tasks, horizon=None, attributes=()):
         slots = repeat_tasks(tasks, episodes)
         makers = [functools.partial(make, {k: v[i] for k, v in slots.items()}) for i in range(task_count(slots))]
         env = SyncVectorEnv(makers, autoreset_mode=AutoresetMode.SAME_STEP)
+        space = env.single_action_space  # every env's, as SyncVectorEnv checks
+        if isinstance(space, gym.spaces.Box):  # a Gaussian's actions clipped to the box, all envs in one call
+            env = gym.wrappers.vector.TransformAction(env, lambda action: np.clip(action, space.low, space.high))
         _check_autoreset(env, f"gymnasium_family({env_id!r})")
         return env
 
@@ -4314,7 +4316,7 @@ class PendulumConfig(MetaRLConfig):
                        "swing it up with the torque reversed on half of them (reversed: pendulum_family, run with "
                        "--iterations 100 --inner-lr 0.1 --init-log-std -0.5 --baseline-lr-scale 0.01 --eval-tasks 40)",
                        choices=("spinning", "reversed"))
-    iterations: int = hparam(80, "meta-training iterations (the total, also when resuming): 10-16 minutes on "
+    iterations: int = hparam(80, "meta-training iterations (the total, also when resuming): 10-13 minutes on "
                              "2 cores", 1)
     inner_lr: float = hparam(0.3, "alpha: step size of the inner policy-gradient step", 0.0, only=("maml", "reptile"))
     hidden: int = hparam(64, "units in each of the two hidden ReLU layers", 1)
@@ -4329,7 +4331,7 @@ class PendulumConfig(MetaRLConfig):
     horizon: int = hparam(PENDULUM_HORIZON, "steps of an episode (Pendulum-v1 registers 200)", 1)
     eval_tasks: int = hparam(400, "held-out tasks for the final evaluation: a task's return after a step spreads over "
                              "hundreds (its physics, the way the step spins it), and 400 narrow each model's 95% "
-                             "interval to +-17-29 (10-11 minutes on 2 cores)", 2)
+                             "interval to +-17-29 (about 9 minutes on 2 cores)", 2)
     log_every: int = hparam(10, "iterations between progress lines and checkpoints", 1)
 
 
@@ -4868,7 +4870,7 @@ DEFAULT_COMMAND = "cartpole"  # what plain `python metarl_min.py [flags]` runs
 EXAMPLES = {  # one command of each, and its time on a 2-core x86-64 CPU, one BLAS thread
     "cartpole": "python metarl_min.py cartpole --seed 1 --save ck.npz    # 38-57 s (--algorithm rl2: 142-165 s)",
     "nav2d": "python metarl_min.py nav2d --seed 1 --json nav.json      # 165-227 s",
-    "pendulum": "python metarl_min.py pendulum --seed 1 --json pend.json  # 25-26 min (needs Gymnasium)",
+    "pendulum": "python metarl_min.py pendulum --seed 1 --json pend.json  # 22 min (needs Gymnasium)",
     "qlearn": "python metarl_min.py qlearn --seed 1                      # about 120 s",
     "sine": "python metarl_min.py sine --seed 1 --json sine.json        # 53-95 s",
     "protonet": "python metarl_min.py protonet --seed 1                    # 7-8 s",

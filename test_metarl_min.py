@@ -2514,10 +2514,10 @@ class TestGymnasiumFamily(unittest.TestCase):
         family = mm.gymnasium_family("metarl_test/Target-v0", lambda rng, n: {"target": rng.uniform(-1, 1, n)},
                                      attributes=("target",))
         self.assertEqual((family.obs_dim, family.action_dim, family.policy, family.horizon), (2, 1, "gaussian", 5))
-        env = family.make_env({"target": np.array([0.5])}, 1)
+        env = family.make_env({"target": np.array([0.5, -0.5, 0.25])}, 1)
         env.reset(seed=0)
-        reward = env.step(np.array([[3.0]], np.float32))[1]  # clipped to the box: (1 - 0.5)^2
-        self.assertEqual(reward.tolist(), [-0.25])
+        reward = env.step(np.array([[3.0], [-3.0], [0.75]], np.float32))[1]  # clipped to the box, each env's own
+        self.assertEqual(reward.tolist(), [-0.25, -0.25, -0.25])  # (1 - 0.5)^2, (-1 + 0.5)^2, (0.75 - 0.25)^2
         config = mm.MetaRLConfig(iterations=2, meta_batch=3, fast_batch=2, hidden=8, log_every=1, outer="trpo")
         with contextlib.redirect_stdout(io.StringIO()):
             meta, _, _ = mm.meta_rl_train(family, config)
@@ -2632,7 +2632,7 @@ class TestGymnasiumFamily(unittest.TestCase):
         def returns(policy, reversed_, flip):
             env = family.make_env(dict(tasks, reversed=reversed_), 1)
             env.reset(seed=0)
-            for sub, start in zip(env.envs, starts):
+            for sub, start in zip(env.unwrapped.envs, starts):
                 sub.unwrapped.state = flip * start
             obs, total = np.stack([np.cos(flip * starts[:, 0]), np.sin(flip * starts[:, 0]), flip * starts[:, 1]], 1), 0
             for _ in range(100):
@@ -2671,7 +2671,7 @@ class TestGymnasiumFamily(unittest.TestCase):
         one_way = returns(np.ones(6))
         np.testing.assert_array_equal(returns(-np.ones(6)), -one_way)
         self.assertGreater(np.abs(one_way).min(), 1.0)
-        for sub, task in zip(family.make_env(tasks, 1).envs, tasks["m"]):
+        for sub, task in zip(family.make_env(tasks, 1).unwrapped.envs, tasks["m"]):
             self.assertEqual(sub.unwrapped.m, task)
         self.assertEqual(gym.spec(mm.register_spinning()).max_episode_steps, gym.spec("Pendulum-v1").max_episode_steps)
 
