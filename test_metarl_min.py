@@ -2516,7 +2516,7 @@ class TestGymnasiumFamily(unittest.TestCase):
         self.assertEqual((family.obs_dim, family.action_dim, family.policy, family.horizon), (2, 1, "gaussian", 5))
         env = family.make_env({"target": np.array([0.5, -0.5, 0.25])}, 1)
         env.reset(seed=0)
-        reward = env.step(np.array([[3.0], [-3.0], [0.75]], np.float32))[1]  # clipped to the box, each env's own
+        reward = env.step(np.array([[3.0], [-3.0], [0.75]], np.float32))[1]  # every env clipped to the box in one call
         self.assertEqual(reward.tolist(), [-0.25, -0.25, -0.25])  # (1 - 0.5)^2, (-1 + 0.5)^2, (0.75 - 0.25)^2
         config = mm.MetaRLConfig(iterations=2, meta_batch=3, fast_batch=2, hidden=8, log_every=1, outer="trpo")
         with contextlib.redirect_stdout(io.StringIO()):
