@@ -1158,7 +1158,8 @@ def load_checkpoint(path, config):
         flags = ", ".join("--" + k.replace("_", "-") for k in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise ValueError(f"{path} was made with settings that {config.command} does not have: {flags}")
     # The settings that leave training as it was.
-    free = ("iterations", "log_every", "eval_tasks", "val_tasks", "baseline_lr_scale", "eval_batch", "eval_min_steps")
+    free = ("iterations", "log_every", "eval_tasks", "val_tasks", "baseline_lr_scale", "tune_first_lr", "eval_batch",
+            "eval_min_steps")
     # A setting newer than the checkpoint had its default value when the checkpoint was made.
     saved = {**{f.name: f.default for f in dataclasses.fields(config)}, **meta["config"]}
     saved = {k: v for k, v in saved.items() if k not in free}
@@ -2235,6 +2236,9 @@ class MetaRLConfig:
     baseline_lr_scale: float = hparam(1.0, "the baselines' test-time step sizes: this times RL_BASELINE_LRS (0.1, 0.3, "
                                       "1, 3), the best of them on the validation tasks", above=0.0,
                                       only=("maml", "reptile"))
+    tune_first_lr: bool = hparam(False, "the meta-learned policy's first test-time step: the best of "
+                                 "RL_FIRST_LR_FRACTIONS (1, 1.5, 2) times alpha on the validation tasks, by the return "
+                                 "after it; off: alpha as trained (the authors' test script)", only=("maml", "reptile"))
     eval_batch: int = hparam(20, "episodes per task for each test-time step (held-out and validation tasks)", 1)
     eval_min_steps: int = hparam(0, "0: each test-time step samples eval_batch episodes per task; N > 0: as the "
                                  "authors' test script (rllab's sampler), the eval_batch envs of a task restart "
@@ -2246,10 +2250,12 @@ class MetaRLConfig:
 
 # Test-time step sizes, each chosen on validation tasks. The baselines adapt with the best of
 # RL_BASELINE_LRS times config.baseline_lr_scale at every step. MAML's first step is its trained
-# inner_lr; its later steps use the best of these fractions of it (the authors' test script halves
-# it after the first step: with advantages normalised, a step's size does not shrink as the policy
-# nears the optimum).
+# inner_lr (with config.tune_first_lr, the best of RL_FIRST_LR_FRACTIONS of it, by the return after
+# that step); its later steps use the best of RL_LATER_LR_FRACTIONS of it (the authors' test script
+# halves it after the first step: with advantages normalised, a step's size does not shrink as the
+# policy nears the optimum).
 RL_BASELINE_LRS = (0.1, 0.3, 1.0, 3.0)
+RL_FIRST_LR_FRACTIONS = (1.0, 1.5, 2.0)
 RL_LATER_LR_FRACTIONS = (1.0, 0.5, 0.25)
 
 
@@ -2294,18 +2300,18 @@ def run_meta_rl(family, config, json_path=None, save=None, load=None, plot=None,
     validation = family.sample_tasks(stream(config.seed, VALIDATION_TASKS), config.val_tasks)
     random_init = init_policy(family, config, stream(config.seed, RANDOM_INIT))
 
-    def tuned(params, step_sizes, first=None):
-        """The step size with the best mean validation return after steps 1-3; with `first`
-        given, the size of the later steps, after a first step of `first` (scored on steps 2-3)."""
-        scored = ("1", "2", "3") if first is None else ("2", "3")
+    def tuned(params, step_sizes, scored, first=None):
+        """The step size with the best mean validation return after the steps `scored`, taken at
+        every step; with `first` given, the size of the later steps, after a first step of `first`."""
         score = lambda lr, rng: -np.mean([float(r.mean()) for s, r in meta_rl_evaluate(
             params, family, config, validation, rng, lr if first is None else first, lr).items() if s in scored])
         return best_step_size(score, step_sizes, stream(config.seed, VALIDATION_DRAWS))
 
-    models = {name: (meta, config.inner_lr, tuned(meta, [f * config.inner_lr for f in RL_LATER_LR_FRACTIONS],
-                                                  config.inner_lr))}
+    alpha = config.inner_lr
+    first = tuned(meta, [f * alpha for f in RL_FIRST_LR_FRACTIONS], ("1",)) if config.tune_first_lr else alpha
+    models = {name: (meta, first, tuned(meta, [f * alpha for f in RL_LATER_LR_FRACTIONS], ("2", "3"), first))}
     for label, params in (("pretrained", pretrained), ("random init", random_init)):
-        lr = tuned(params, [config.baseline_lr_scale * lr for lr in RL_BASELINE_LRS])
+        lr = tuned(params, [config.baseline_lr_scale * lr for lr in RL_BASELINE_LRS], ("1", "2", "3"))
         models[label] = (params, lr, lr)
     results = {label: {s: mean_ci95(r) for s, r in meta_rl_evaluate(
         params, family, config, tasks, stream(config.seed, HELD_OUT_DRAWS), first, later).items()}
@@ -2316,7 +2322,7 @@ def run_meta_rl(family, config, json_path=None, save=None, load=None, plot=None,
                 f"{config.eval_batch} episodes")
     print(f"\n{problem}: mean return on {config.eval_tasks} held-out tasks (+- 95% CI) after k policy-gradient "
           f"steps of {per_step} each; seed {config.seed}")
-    step_sizes = lambda first, later: f"lr {first}" + (f", then {later:g}" if later != first else "")
+    step_sizes = lambda first, later: f"lr {first:g}" + (f", then {later:g}" if later != first else "")
     print(f"{'steps':>5}" + "".join(f"  {f'{label} ({step_sizes(*models[label][1:])})':>26}" for label in results)
           + ("  MAML (paper)" if paper else ""))
     for s in map(str, RL_EVAL_STEPS):
@@ -2330,7 +2336,7 @@ def run_meta_rl(family, config, json_path=None, save=None, load=None, plot=None,
     result["random_init_return"], result["random_init_return_ci95"] = means_and_cis(rand)
     result.update(adaptation="policy-gradient steps",
                   baseline_lr={"pretrained": models["pretrained"][1], "random init": models["random init"][1]},
-                  later_lr=models[name][2],
+                  first_lr=models[name][1], later_lr=models[name][2],
                   env_steps=extra["env_steps"], seconds=seconds, config=dataclasses.asdict(config))
     if json_path:
         write_json(json_path, result)
@@ -4329,6 +4335,10 @@ class PendulumConfig(MetaRLConfig):
                         "Adam on the meta-gradient (meta_lr); the pretrained baseline takes the same",
                         choices=("trpo", "adam"), only=("maml",))
     horizon: int = hparam(PENDULUM_HORIZON, "steps of an episode (Pendulum-v1 registers 200)", 1)
+    tune_first_lr: bool = hparam(True, "the meta-learned policy's first test-time step: the best of "
+                                 "RL_FIRST_LR_FRACTIONS (1, 1.5, 2) times alpha on the validation tasks, by the return "
+                                 "after it, as the baselines' steps are chosen; off: alpha as trained",
+                                 only=("maml", "reptile"))
     eval_tasks: int = hparam(400, "held-out tasks for the final evaluation: a task's return after a step spreads over "
                              "hundreds (its physics, the way the step spins it), and 400 narrow each model's 95% "
                              "interval to +-17-29 (about 9 minutes on 2 cores)", 2)

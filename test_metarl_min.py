@@ -1842,6 +1842,30 @@ class TestMetaRL(unittest.TestCase):
         for lr in result["baseline_lr"].values():
             self.assertIn(lr, mm.RL_BASELINE_LRS)
 
+    def test_tune_first_lr_takes_the_best_first_step_on_the_validation_tasks(self):
+        with tempfile.TemporaryDirectory() as d:
+            ck, a, b = (os.path.join(d, n) for n in ("ck.npz", "a.json", "b.json"))
+            flags = self.SHORT[:2] + ["4"] + self.SHORT[3:] + ["--hidden", "8", "--save", ck]
+            self.assertEqual(_run_main(flags + ["--json", a])[0], 0)
+            # Evaluation only: the checkpoint, made without the flag, loads with it.
+            status, _, err = _run_main(flags[:-2] + ["--load", ck, "--tune-first-lr", "--json", b])
+            self.assertEqual(status, 0, err)
+            config = mm.CartPoleConfig(iterations=4, meta_batch=10, fast_batch=10, eval_tasks=10, eval_batch=10,
+                                     val_tasks=5, log_every=4, hidden=8)
+            meta = mm.load_checkpoint(ck, config)[2]["meta"]
+            off, on = _read_json(a), _read_json(b)
+        self.assertEqual(off["first_lr"], 0.5)  # off: alpha as trained
+        self.assertEqual(on["config"]["tune_first_lr"], True)
+        # On: the candidate whose validation return after the first step is the highest, on the same draws.
+        family = mm.cartpole_family("reversed")
+        validation = family.sample_tasks(mm.stream(0, mm.VALIDATION_TASKS), 5)
+        after_one = {f * 0.5: mm.meta_rl_evaluate(meta, family, config, validation, mm.stream(0, mm.VALIDATION_DRAWS),
+                                                  f * 0.5)["1"].mean() for f in mm.RL_FIRST_LR_FRACTIONS}
+        self.assertEqual(on["first_lr"], max(after_one, key=after_one.get))
+        self.assertEqual(on["return"]["0"], off["return"]["0"])  # the same held-out tasks and draws
+        if on["first_lr"] != 0.5:
+            self.assertNotEqual(on["return"]["1"], off["return"]["1"])
+
     def test_resume_ends_where_a_straight_run_ends(self):
         for outer in ("adam", "trpo"):  # TRPO keeps no optimiser state
             with self.subTest(outer=outer), tempfile.TemporaryDirectory() as d:
