@@ -4320,7 +4320,8 @@ class PendulumConfig(MetaRLConfig):
     command: ClassVar[str] = "pendulum"
     task: str = hparam("spinning", "the tasks: spin the pendulum in the task's direction (spinning_pendulum_family), or "
                        "swing it up with the torque reversed on half of them (reversed: pendulum_family, run with "
-                       "--iterations 100 --inner-lr 0.1 --init-log-std -0.5 --baseline-lr-scale 0.01 --eval-tasks 40)",
+                       "--iterations 100 --inner-lr 0.1 --init-log-std -0.5 --baseline-lr-scale 0.01 --eval-tasks 40 "
+                       "--no-tune-first-lr)",
                        choices=("spinning", "reversed"))
     iterations: int = hparam(80, "meta-training iterations (the total, also when resuming): 10-13 minutes on "
                              "2 cores", 1)
