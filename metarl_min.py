@@ -2169,26 +2169,27 @@ def meta_rl_train(family, config, save=None, load=None):
     return models["meta"], models["pretrained"], extra
 
 
-def meta_rl_evaluate(params, family, config, tasks, rng, inner_lr, later_lr=None):
-    """Each task's mean return after 0, 1, 2 and 3 policy-gradient steps from params.
+def meta_rl_evaluate(params, family, config, tasks, rng, inner_lr, later_lr=None, steps=max(RL_EVAL_STEPS)):
+    """Each task's mean return after 0, 1, ..., steps (3) policy-gradient steps from params.
 
       family: a TaskFamily; config: its eval_batch, eval_min_steps, gamma, gae_lambda, activation
       tasks: the family's, a dict of per-task arrays; rng: a numpy.random.Generator
       inner_lr: the first step's size; later_lr: the later steps' (None: inner_lr)
     Each step is on fresh episodes of the current policy, which also give the return at that step:
-    eval_batch of them, or as many as eval_batch envs finish in eval_min_steps steps.
-    Returns {"0": (n_tasks,), ..., "3": (n_tasks,)}."""
+    eval_batch of them, or as many as eval_batch envs finish in eval_min_steps steps. Fewer steps
+    stop early: the returns up to the last are those of all three.
+    Returns {"0": (n_tasks,), ..., str(steps): (n_tasks,)}."""
     later_lr = inner_lr if later_lr is None else later_lr
     act = config.activation
     env = family.make_env(tasks, config.eval_batch)
     n_tasks = env.num_envs // config.eval_batch
     result = {}
-    for s in RL_EVAL_STEPS:
+    for s in range(steps + 1):
         episodes = (rollout_min_steps(params, env, n_tasks, rng, config.eval_min_steps, family.horizon,
                                       family.policy, act) if config.eval_min_steps else
                     rollout(params, env, n_tasks, rng, family.horizon, family.policy, act))
         result[str(s)] = mean_returns(episodes)
-        if s < max(RL_EVAL_STEPS):
+        if s < steps:
             batch = pg_batch(episodes, config.gamma, config.gae_lambda)
             params = adapt(params, batch, family.loss, later_lr if s else inner_lr, 1, act).params
     return result
@@ -2304,7 +2305,8 @@ def run_meta_rl(family, config, json_path=None, save=None, load=None, plot=None,
         """The step size with the best mean validation return after the steps `scored`, taken at
         every step; with `first` given, the size of the later steps, after a first step of `first`."""
         score = lambda lr, rng: -np.mean([float(r.mean()) for s, r in meta_rl_evaluate(
-            params, family, config, validation, rng, lr if first is None else first, lr).items() if s in scored])
+            params, family, config, validation, rng, lr if first is None else first, lr,
+            steps=max(map(int, scored))).items() if s in scored])
         return best_step_size(score, step_sizes, stream(config.seed, VALIDATION_DRAWS))
 
     alpha = config.inner_lr

@@ -1862,6 +1862,10 @@ class TestMetaRL(unittest.TestCase):
         after_one = {f * 0.5: mm.meta_rl_evaluate(meta, family, config, validation, mm.stream(0, mm.VALIDATION_DRAWS),
                                                   f * 0.5)["1"].mean() for f in mm.RL_FIRST_LR_FRACTIONS}
         self.assertEqual(on["first_lr"], max(after_one, key=after_one.get))
+        # The command scores it on one step alone: the first two returns of all three steps, no more.
+        one = mm.meta_rl_evaluate(meta, family, config, validation, mm.stream(0, mm.VALIDATION_DRAWS), 0.5, steps=1)
+        self.assertEqual(set(one), {"0", "1"})
+        self.assertEqual(one["1"].mean(), after_one[0.5])
         self.assertEqual(on["return"]["0"], off["return"]["0"])  # the same held-out tasks and draws
         if on["first_lr"] != 0.5:
             self.assertNotEqual(on["return"]["1"], off["return"]["1"])
